@@ -1,0 +1,192 @@
+"""Typed model configuration with validation at build time.
+
+Every config is a frozen dataclass; `__post_init__` checks the values and
+raises a one-line `ValueError` naming the offending field, so a bad config
+fails when it is built, never deep inside a traced function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+PARTITION_KINDS = ("positional", "topk")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+SELECT_STRATEGIES = ("patch", "full")
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
+def _require_positive(cfg: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        _require(isinstance(value, int) and value > 0, f"{prefix}.{name}", f"must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP-style ViT. The LLaVA feature is the hidden state after `select_layer`."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    num_channels: int = 3
+    width: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 256
+    quick_gelu: bool = True
+    layer_norm_eps: float = 1e-5
+    # Index into the hidden states [embeddings, layer 1, ..., layer depth], as in
+    # Hugging Face `vision_feature_layer`; LLaVA uses -2 (the penultimate layer).
+    select_layer: int = -2
+    # "patch" drops the class token (LLaVA's "default"), "full" keeps it.
+    select_strategy: str = "patch"
+
+    def __post_init__(self):
+        _require_positive(self, "vision", "image_size", "patch_size", "num_channels", "width", "depth", "num_heads", "mlp_dim")
+        _require(self.image_size % self.patch_size == 0, "vision.patch_size", f"{self.patch_size} does not divide image_size {self.image_size}")
+        _require(self.width % self.num_heads == 0, "vision.num_heads", f"{self.num_heads} does not divide width {self.width}")
+        _require(-(self.depth + 1) <= self.select_layer <= self.depth, "vision.select_layer", f"{self.select_layer} is outside [-{self.depth + 1}, {self.depth}]")
+        _require(self.select_strategy in SELECT_STRATEGIES, "vision.select_strategy", f"unknown {self.select_strategy!r}, expected one of {SELECT_STRATEGIES}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_features(self) -> int:
+        """Visual tokens handed to the projector."""
+        return self.num_patches + (1 if self.select_strategy == "full" else 0)
+
+    @property
+    def layers_used(self) -> int:
+        """Encoder layers that must run to produce the selected hidden state."""
+        return self.select_layer % (self.depth + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+    """Where the visual tokens go: `[prefix | kept | q1 | skipped | q2 | text]`."""
+
+    # Text tokens before the visual block (a chat template's fixed prefix).
+    image_offset: int = 0
+    # The first `num_kept` visual tokens are kept; the rest are the fine tokens.
+    num_kept: int = 4
+    # Fine tokens after token merging; None keeps them all.
+    merge_to: int | None = None
+    # Insert the learned summary tokens q1 (after kept) and q2 (after skipped).
+    summary_tokens: bool = True
+
+    def __post_init__(self):
+        _require(isinstance(self.image_offset, int) and self.image_offset >= 0, "layout.image_offset", f"must be >= 0, got {self.image_offset!r}")
+        _require(isinstance(self.num_kept, int) and self.num_kept >= 0, "layout.num_kept", f"must be >= 0, got {self.num_kept!r}")
+        _require(self.merge_to is None or (isinstance(self.merge_to, int) and self.merge_to >= 0), "layout.merge_to", f"must be None or >= 0, got {self.merge_to!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipConfig:
+    """Skip-FFN: which decoder layers skip the FFN for which visual tokens."""
+
+    enabled: bool = True
+    partition: str = "positional"
+    layer_start: int = 0
+    # Exclusive; -1 means through the last layer.
+    layer_end: int = -1
+
+    def __post_init__(self):
+        _require(self.partition in PARTITION_KINDS, "skip.partition", f"unknown partition kind {self.partition!r}, expected one of {PARTITION_KINDS}")
+        _require(self.layer_start >= 0, "skip.layer_start", f"must be >= 0, got {self.layer_start}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """LLaMA-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+    vocab_size: int = 64
+    width: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
+    mlp_dim: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        _require_positive(self, "decoder", "vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
+        if self.head_dim is None:
+            _require(self.width % self.num_heads == 0, "decoder.num_heads", f"{self.num_heads} heads do not divide width {self.width}")
+        else:
+            _require_positive(self, "decoder", "head_dim")
+        _require(self.num_heads % self.num_kv_heads == 0, "decoder.num_kv_heads", f"{self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        _require(self.rope_theta > 0, "decoder.rope_theta", f"must be > 0, got {self.rope_theta}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
+    skip: SkipConfig = dataclasses.field(default_factory=SkipConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    dtype: str = "float32"
+    remat: bool = False
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        num_visual = self.vision.num_features
+        _require(self.layout.num_kept <= num_visual, "layout.num_kept", f"{self.layout.num_kept} kept tokens exceed the {num_visual} visual tokens")
+        num_fine = num_visual - self.layout.num_kept
+        if self.layout.merge_to is not None:
+            _require(self.layout.merge_to <= num_fine, "layout.merge_to", f"{self.layout.merge_to} exceeds the {num_fine} fine tokens")
+        _require(not (self.layout.summary_tokens and self.num_skipped == 0), "layout.summary_tokens", "q2 would pool over an empty skipped set; disable summaries or keep fewer tokens")
+        _require(not (self.layout.summary_tokens and self.layout.num_kept == 0), "layout.summary_tokens", "q1 would pool over an empty kept set")
+        _require(self.dtype in COMPUTE_DTYPES, "dtype", f"unknown {self.dtype!r}, expected one of {COMPUTE_DTYPES}")
+        n = self.decoder.num_layers
+        _require(self.skip.layer_start <= n, "skip.layer_start", f"{self.skip.layer_start} exceeds num_layers {n}")
+        _require(self.skip.layer_end == -1 or self.skip.layer_start <= self.skip.layer_end <= n, "skip.layer_end", f"{self.skip.layer_end} is not -1 or in [layer_start, {n}]")
+
+    @property
+    def num_skipped(self) -> int:
+        """Fine visual tokens after merging: the skipped segment."""
+        num_fine = self.vision.num_features - self.layout.num_kept
+        return num_fine if self.layout.merge_to is None else self.layout.merge_to
+
+    @property
+    def skip_layers(self) -> range:
+        if not self.skip.enabled:
+            return range(0)
+        end = self.decoder.num_layers if self.skip.layer_end == -1 else self.skip.layer_end
+        return range(self.skip.layer_start, end)
+
+
+_SECTIONS = {"vision": VisionConfig, "layout": LayoutConfig, "skip": SkipConfig, "decoder": DecoderConfig}
+
+
+def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
+    """Builds a ModelConfig from nested mappings (e.g. an ml_collections ConfigDict).
+
+    Unknown keys are an error, so a typo in a config file or on the command line
+    never silently falls back to a default.
+    """
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, "model", f"unknown key(s) {unknown}")
+    kwargs = {}
+    for key, value in values.items():
+        section = _SECTIONS.get(key)
+        if section is None:
+            kwargs[key] = value
+            continue
+        fields = {f.name for f in dataclasses.fields(section)}
+        bad = sorted(set(value) - fields)
+        _require(not bad, f"model.{key}", f"unknown key(s) {bad}")
+        kwargs[key] = section(**dict(value))
+    return ModelConfig(**kwargs)

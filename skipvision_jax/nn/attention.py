@@ -1,0 +1,66 @@
+"""Multi-head attention with grouped-query heads and rotary positions.
+
+Keys and values keep their `num_kv_heads` heads; the query heads are grouped
+over them inside the attention op, never materialized as repeated K/V.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from skipvision_jax.nn.layers import apply_rope, dense, rope_tables
+
+
+def causal_mask(key_valid: Bool[Array, "B L"]) -> Bool[Array, "B 1 L L"]:
+    """Query i sees key j iff j <= i and key j is a real token (not padding)."""
+    length = key_valid.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return causal[None, None] & key_valid[:, None, None, :]
+
+
+def attend(q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], v: Float[Array, "B S KV Dh"], mask: Bool[Array, "B 1 T S"] | None) -> Float[Array, "B T H Dh"]:
+    # jax.nn.dot_product_attention handles GQA natively and dispatches to a fused
+    # kernel (cuDNN) where the platform has one.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def attention_probs(q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], mask: Bool[Array, "B 1 T S"]) -> Float[Array, "B H T S"]:
+    """Softmax attention weights, for the cache policies that score keys by attention received."""
+    groups = q.shape[2] // k.shape[2]
+    qg = q.reshape(q.shape[:2] + (k.shape[2], groups, q.shape[3]))
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32)) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    logits = logits.reshape(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+class Attention(nn.Module):
+    width: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float | None = None  # None: no rotary embedding (the ViT)
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        proj = lambda heads, axis, name: dense((heads, self.head_dim), "embed", (axis, "head_dim"), use_bias=self.use_bias, dtype=self.dtype, name=name)
+        self.q_proj = proj(self.num_heads, "heads", "q_proj")
+        self.k_proj = proj(self.num_kv_heads, "kv_heads", "k_proj")
+        self.v_proj = proj(self.num_kv_heads, "kv_heads", "v_proj")
+        self.o_proj = dense(self.width, ("heads", "head_dim"), ("embed",), use_bias=self.use_bias, dtype=self.dtype, name="o_proj", axis=(-2, -1))
+
+    def project(self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None):
+        """q [B, L, H, Dh], k and v [B, L, KV, Dh], rotary positions applied to q and k."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.rope_theta is not None:
+            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def __call__(self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None, mask: Bool[Array, "B 1 L L"] | None) -> Float[Array, "B L D"]:
+        q, k, v = self.project(x, positions)
+        return self.o_proj(attend(q, k, v, mask))

@@ -1,0 +1,113 @@
+"""LLaMA-style decoder whose blocks can skip the FFN for a static share of rows."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from skipvision_jax.config import DecoderConfig
+from skipvision_jax.nn.attention import Attention
+from skipvision_jax.nn.layers import RMSNorm, SwiGLU, dense
+from skipvision_jax.partition import Partition, SequenceLayout, positional_partition, topk_partition
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block. With a `layout`, it is a Skip-FFN block: every row takes
+    part in attention, but only the R retained rows (gathered, `[B, R, D]`) run
+    the FFN; skipped rows leave as `h + attn(norm(h))`."""
+
+    cfg: DecoderConfig
+    layout: SequenceLayout | None = None
+    partition_kind: str = "positional"
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.cfg
+        self.attn_norm = RMSNorm(cfg.norm_eps, self.dtype)
+        self.attn = Attention(cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta, use_bias=False, dtype=self.dtype)
+        self.mlp_norm = RMSNorm(cfg.norm_eps, self.dtype)
+        self.mlp = SwiGLU(cfg.mlp_dim, self.dtype)
+        if self.layout is not None and self.partition_kind == "topk":
+            self.router = dense(1, "embed", (None,), use_bias=False, dtype=jnp.float32)
+
+    def ffn(self, h: Float[Array, "B N D"]) -> Float[Array, "B N D"]:
+        return self.mlp(self.mlp_norm(h))
+
+    def partition(self, h: Float[Array, "B L D"]) -> Partition:
+        layout = self.layout.for_length(h.shape[1])
+        if self.partition_kind == "positional":
+            return positional_partition(layout)
+        routable = h[:, layout.routable_positions()]
+        return topk_partition(layout, self.router(routable)[..., 0])
+
+    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"]) -> Float[Array, "B L D"]:
+        h = h + self.attn(self.attn_norm(h), positions, mask)
+        if self.layout is None:
+            return h + self.ffn(h)
+        partition = self.partition(h)
+        retained = partition.gather(h)  # [B, R, D]
+        update = self.ffn(retained)
+        if partition.gate is not None:
+            update = update * partition.gate[..., None].astype(update.dtype)
+        return partition.scatter(h, retained + update)
+
+
+class _ScanStep(nn.Module):
+    """Adapts DecoderBlock to nn.scan's (carry, *broadcast) -> (carry, out) form."""
+
+    cfg: DecoderConfig
+    layout: SequenceLayout | None
+    partition_kind: str
+    dtype: jnp.dtype
+    remat: bool
+
+    @nn.compact
+    def __call__(self, h, positions, mask):
+        block_cls = nn.remat(DecoderBlock, prevent_cse=False) if self.remat else DecoderBlock
+        return block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")(h, positions, mask), None
+
+
+class DecoderStack(nn.Module):
+    """The layers, in up to three contiguous segments: plain, Skip-FFN, plain.
+
+    `layout` fixes the visual segments; the text length is read off the input.
+
+    With `scan_layers` each segment is one `nn.scan` (weights stacked on a
+    leading `layers` axis, compile time independent of depth); otherwise the
+    layers are unrolled as `layer_{i}`.
+    """
+
+    cfg: DecoderConfig
+    layout: SequenceLayout
+    skip_layers: range
+    partition_kind: str = "positional"
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    scan_layers: bool = False
+
+    def segments(self) -> list[tuple[int, int, bool]]:
+        n = self.cfg.num_layers
+        start, end = (self.skip_layers.start, self.skip_layers.stop) if len(self.skip_layers) else (n, n)
+        candidates = [(0, start, False), (start, end, True), (end, n, False)]
+        return [seg for seg in candidates if seg[1] > seg[0]]
+
+    @nn.compact
+    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"]) -> Float[Array, "B L D"]:
+        for start, end, skip in self.segments():
+            layout = self.layout if skip else None
+            if self.scan_layers:
+                scanned = nn.scan(
+                    _ScanStep,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast),
+                    length=end - start,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                h, _ = scanned(self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=f"layers_{start}_{end}")(h, positions, mask)
+                continue
+            block_cls = nn.remat(DecoderBlock) if self.remat else DecoderBlock
+            for i in range(start, end):
+                h = block_cls(self.cfg, layout, self.partition_kind, self.dtype, name=f"layer_{i}")(h, positions, mask)
+        return h

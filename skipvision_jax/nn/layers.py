@@ -1,0 +1,93 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Every weight carries logical axis names (`embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `vocab`, ...) so that sharding is a table of rules in
+`skipvision_jax.sharding`, not a property of the modules.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def logical(init, axes: Sequence[str | None]):
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features, in_axis: str, out_axes: Sequence[str], *, use_bias: bool, dtype, name: str | None = None, axis=-1) -> nn.DenseGeneral:
+    """DenseGeneral with logical axis names on its kernel and bias."""
+    in_axes = (in_axis,) if isinstance(in_axis, str) else tuple(in_axis)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=logical(default_kernel_init, in_axes + tuple(out_axes)),
+        bias_init=logical(nn.initializers.zeros, tuple(out_axes)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
+        # Normalize in fp32 whatever the compute dtype: bf16 mean-of-squares loses too much.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.LayerNorm(
+            epsilon=self.eps,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            scale_init=logical(nn.initializers.ones, (self.axis_name,)),
+            bias_init=logical(nn.initializers.zeros, (self.axis_name,)),
+            name="norm",
+        )(x)
+
+
+class SwiGLU(nn.Module):
+    """LLaMA FFN: down(silu(gate(x)) * up(x))."""
+
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B N D"]) -> Float[Array, "B N D"]:
+        gate = dense(self.hidden, "embed", ("mlp",), use_bias=False, dtype=self.dtype, name="gate")(x)
+        up = dense(self.hidden, "embed", ("mlp",), use_bias=False, dtype=self.dtype, name="up")(x)
+        return dense(x.shape[-1], "mlp", ("embed",), use_bias=False, dtype=self.dtype, name="down")(nn.silu(gate) * up)
+
+
+def rope_tables(positions: Int[Array, "B L"], head_dim: int, theta: float) -> tuple[Float[Array, "B L 1 Dh"], Float[Array, "B L 1 Dh"]]:
+    """cos/sin for rotary embeddings, Hugging Face Llama convention (halves, not interleaved)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "B L H Dh"], cos, sin) -> Float[Array, "B L H Dh"]:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)

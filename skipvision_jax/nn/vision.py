@@ -1,0 +1,68 @@
+"""CLIP-compatible ViT vision tower (pre-LN, class token, learned positions)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from skipvision_jax.config import VisionConfig
+from skipvision_jax.nn.attention import Attention
+from skipvision_jax.nn.layers import LayerNorm, default_kernel_init, dense, logical
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class VisionBlock(nn.Module):
+    cfg: VisionConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B N W"]) -> Float[Array, "B N W"]:
+        cfg = self.cfg
+        head_dim = cfg.width // cfg.num_heads
+        attn = Attention(cfg.width, cfg.num_heads, cfg.num_heads, head_dim, rope_theta=None, use_bias=True, dtype=self.dtype, name="attn")
+        x = x + attn(LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln1")(x), None, None)
+        act = quick_gelu if cfg.quick_gelu else (lambda y: nn.gelu(y, approximate=False))
+        y = LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln2")(x)
+        y = dense(cfg.mlp_dim, "embed", ("mlp",), use_bias=True, dtype=self.dtype, name="fc1")(y)
+        y = dense(cfg.width, "mlp", ("embed",), use_bias=True, dtype=self.dtype, name="fc2")(act(y))
+        return x + y
+
+
+class VisionTower(nn.Module):
+    """pixels [B, H, W, C] (CLIP-normalized) -> selected hidden state [B, N, W].
+
+    Only the layers up to `select_layer` are built and run: the ones after it
+    cannot change the LLaVA feature.
+    """
+
+    cfg: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixels: Float[Array, "B H W C"]) -> Float[Array, "B N W"]:
+        cfg = self.cfg
+        patches = nn.Conv(
+            cfg.width,
+            (cfg.patch_size, cfg.patch_size),
+            strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical(default_kernel_init, (None, None, None, "embed")),
+            name="patch_embed",
+        )(pixels.astype(self.dtype))
+        batch = patches.shape[0]
+        patches = patches.reshape(batch, -1, cfg.width)
+        cls = self.param("class_embed", logical(default_kernel_init, ("embed",)), (cfg.width,), jnp.float32)
+        pos = self.param("pos_embed", logical(default_kernel_init, (None, "embed")), (cfg.num_patches + 1, cfg.width), jnp.float32)
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.width)), patches], axis=1) + pos.astype(self.dtype)
+        x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_norm")(x)
+        for i in range(cfg.layers_used):
+            x = VisionBlock(cfg, self.dtype, name=f"layer_{i}")(x)
+        return x if cfg.select_strategy == "full" else x[:, 1:]

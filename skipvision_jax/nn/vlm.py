@@ -1,0 +1,98 @@
+"""The LLaVA-style vision-language model with Skip-FFN."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from skipvision_jax.config import ModelConfig
+from skipvision_jax.nn.attention import causal_mask
+from skipvision_jax.nn.decoder import DecoderStack
+from skipvision_jax.nn.layers import RMSNorm, default_kernel_init, dense, logical
+from skipvision_jax.nn.projector import VisualTokens
+from skipvision_jax.nn.vision import VisionTower
+from skipvision_jax.partition import SequenceLayout
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+class SkipVisionVLM(nn.Module):
+    """vision tower -> projector (+ merge, summaries) -> decoder with Skip-FFN.
+
+    The visual block is inserted after the first `layout.image_offset` text
+    tokens; the sequence layout is static, so every partition is too.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg, dtype = self.cfg, compute_dtype(self.cfg)
+        self.vision = VisionTower(cfg.vision, dtype)
+        self.visual_tokens = VisualTokens(cfg, dtype)
+        self.embed = nn.Embed(
+            cfg.decoder.vocab_size,
+            cfg.decoder.width,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=logical(default_kernel_init, ("vocab", "embed")),
+        )
+        self.decoder = DecoderStack(
+            cfg.decoder,
+            self.layout(cfg.layout.image_offset),
+            cfg.skip_layers,
+            cfg.skip.partition,
+            dtype,
+            remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
+        )
+        self.final_norm = RMSNorm(cfg.decoder.norm_eps, dtype)
+        if not cfg.decoder.tie_embeddings:
+            self.lm_head = dense(cfg.decoder.vocab_size, "embed", ("vocab",), use_bias=False, dtype=dtype, name="lm_head")
+
+    def layout(self, num_text: int) -> SequenceLayout:
+        return SequenceLayout.from_config(self.cfg, num_text)
+
+    def encode_images(self, pixels: Float[Array, "B H W C"]) -> Float[Array, "B N W"]:
+        return self.vision(pixels)
+
+    def embed_sequence(self, input_ids: Int[Array, "B T"], text_mask: Bool[Array, "B T"], features: Float[Array, "B N W"]):
+        """Builds the decoder input `[prefix | visual block | rest of text]`.
+
+        Returns h [B, L, D] and key_valid [B, L] (False on text padding).
+        """
+        layout = self.layout(input_ids.shape[1])
+        visual = self.visual_tokens(features)  # [B, V, D]
+        text = self.embed(input_ids)
+        p = layout.prefix
+        h = jnp.concatenate([text[:, :p], visual, text[:, p:]], axis=1)
+        visual_valid = jnp.ones(visual.shape[:2], dtype=bool)
+        key_valid = jnp.concatenate([text_mask[:, :p], visual_valid, text_mask[:, p:]], axis=1)
+        return h, key_valid
+
+    def logits(self, h: Float[Array, "B N D"]) -> Float[Array, "B N V"]:
+        h = self.final_norm(h)
+        if self.cfg.decoder.tie_embeddings:
+            return self.embed.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "B T"],
+        text_mask: Bool[Array, "B T"],
+        pixels: Float[Array, "B H W C"] | None = None,
+        vision_features: Float[Array, "B N W"] | None = None,
+    ) -> Float[Array, "B T V"]:
+        """Logits at the text positions only (visual rows carry no labels).
+
+        Pass `pixels`, or precomputed `vision_features` to bypass the tower.
+        """
+        if (pixels is None) == (vision_features is None):
+            raise ValueError("pass exactly one of pixels or vision_features")
+        features = self.encode_images(pixels) if vision_features is None else vision_features
+        h, key_valid = self.embed_sequence(input_ids, text_mask, features)
+        positions = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
+        h = self.decoder(h, positions, causal_mask(key_valid))
+        return self.logits(h[:, self.layout(input_ids.shape[1]).text_positions()])

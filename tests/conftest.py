@@ -1,0 +1,55 @@
+"""Tiny random configs and inputs shared by the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
+from skipvision_jax.nn import SkipVisionVLM
+
+TINY_VISION = VisionConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)  # 16 patches
+TINY_DECODER = DecoderConfig(vocab_size=97, width=48, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=96)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = ModelConfig(
+        vision=TINY_VISION,
+        layout=LayoutConfig(image_offset=2, num_kept=6, merge_to=5, summary_tokens=True),
+        skip=SkipConfig(enabled=True),
+        decoder=TINY_DECODER,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def tiny_batch(cfg: ModelConfig, batch: int = 2, num_text: int = 7, seed: int = 0) -> dict[str, jax.Array]:
+    k_ids, k_px = jax.random.split(jax.random.key(seed))
+    input_ids = jax.random.randint(k_ids, (batch, num_text), 1, cfg.decoder.vocab_size)
+    text_mask = jnp.ones((batch, num_text), bool).at[-1, -2:].set(False)  # last example right-padded
+    loss_mask = jnp.zeros((batch, num_text), bool).at[:, -3:].set(True) & text_mask
+    pixels = jax.random.normal(k_px, (batch, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels))
+    return {"input_ids": input_ids, "text_mask": text_mask, "loss_mask": loss_mask, "pixels": pixels}
+
+
+@functools.lru_cache(maxsize=None)
+def init_params(cfg: ModelConfig, seed: int = 0):
+    """(model, params); cached, since compiling `init` dominates a tiny test."""
+    model = SkipVisionVLM(cfg)
+    batch = tiny_batch(cfg, batch=1)
+    variables = jax.jit(model.init)(jax.random.key(seed), batch["input_ids"], batch["text_mask"], batch["pixels"])
+    return model, nn.unbox(variables["params"])
+
+
+def logits_of(model: SkipVisionVLM, params, batch: dict[str, jax.Array]) -> jax.Array:
+    return jax.jit(model.apply)({"params": params}, batch["input_ids"], batch["text_mask"], batch["pixels"])
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    with jax.default_matmul_precision("float32"):
+        yield
