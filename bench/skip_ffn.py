@@ -22,6 +22,7 @@ import optax
 from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
 from skipvision_jax.flops import train_step_flops
 from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.train.optim import TRAINABLE_PRESETS
 from skipvision_jax.train.step import init_train_state, make_train_step
 
 # LLaVA-1.5 layout (336 px / 14 = 24 x 24 = 576 visual tokens) with a scaled-down decoder.
@@ -46,7 +47,7 @@ def compiled_step(cfg: ModelConfig, batch_size: int):
     }
     init = jax.jit(lambda k: nn.unbox(model.init(k, batch["input_ids"], batch["text_mask"], vision_features=batch["vision_features"]))["params"])
     optimizer = optax.adamw(1e-4)
-    state = init_train_state(init(key), optimizer)
+    state = init_train_state(init(key), optimizer, TRAINABLE_PRESETS["all"], seed=0)
     step = jax.jit(make_train_step(model, optimizer), donate_argnums=0).lower(state, batch).compile()
     cost = step.cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
@@ -66,8 +67,8 @@ def main():
     for i in range(args.steps + 2):
         for name, (step, _, batch, _) in compiled.items():
             start = time.perf_counter()
-            states[name], loss = step(states[name], batch)
-            jax.block_until_ready(loss)
+            states[name], metrics = step(states[name], batch)
+            jax.block_until_ready(metrics)
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
 

@@ -44,6 +44,10 @@ class VisionConfig:
     select_layer: int = -2
     # "patch" drops the class token (LLaVA's "default"), "full" keeps it.
     select_strategy: str = "patch"
+    # Multi-scale layout: for each g, g x g average-pooled copies of the patch
+    # grid go before the patch tokens (coarse first, as in the paper's
+    # 16 + 256 + 1024 layout: pooled_grids=(4, 16) over 32 x 32 patches).
+    pooled_grids: tuple[int, ...] = ()
 
     def __post_init__(self):
         _require_positive(self, "vision", "image_size", "patch_size", "num_channels", "width", "depth", "num_heads", "mlp_dim")
@@ -51,15 +55,23 @@ class VisionConfig:
         _require(self.width % self.num_heads == 0, "vision.num_heads", f"{self.num_heads} does not divide width {self.width}")
         _require(-(self.depth + 1) <= self.select_layer <= self.depth, "vision.select_layer", f"{self.select_layer} is outside [-{self.depth + 1}, {self.depth}]")
         _require(self.select_strategy in SELECT_STRATEGIES, "vision.select_strategy", f"unknown {self.select_strategy!r}, expected one of {SELECT_STRATEGIES}")
+        object.__setattr__(self, "pooled_grids", tuple(self.pooled_grids))
+        for grid in self.pooled_grids:
+            _require(isinstance(grid, int) and grid > 0 and self.patch_grid % grid == 0, "vision.pooled_grids", f"{grid} does not divide the {self.patch_grid} x {self.patch_grid} patch grid")
+
+    @property
+    def patch_grid(self) -> int:
+        return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.patch_grid**2
 
     @property
     def num_features(self) -> int:
         """Visual tokens handed to the projector."""
-        return self.num_patches + (1 if self.select_strategy == "full" else 0)
+        pooled = sum(grid * grid for grid in self.pooled_grids)
+        return pooled + self.num_patches + (1 if self.select_strategy == "full" else 0)
 
     @property
     def layers_used(self) -> int:

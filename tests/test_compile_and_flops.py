@@ -9,6 +9,7 @@ import pytest
 
 from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
 from skipvision_jax.flops import train_step_flops
+from skipvision_jax.train.optim import TRAINABLE_PRESETS
 from skipvision_jax.train.step import init_train_state, make_train_step
 from tests.conftest import init_params, tiny_batch, tiny_config
 
@@ -38,15 +39,15 @@ def test_repeated_train_steps_compile_once(compile_counter):
     cfg = tiny_config()
     model, params = init_params(cfg)
     optimizer = optax.adamw(1e-3)
-    state = init_train_state(params, optimizer)
+    state = init_train_state(params, optimizer, TRAINABLE_PRESETS["all"], seed=0)
     step = jax.jit(make_train_step(model, optimizer))
     batches = [tiny_batch(cfg, seed=s) for s in range(4)]
     jax.block_until_ready(batches)
     before = compile_counter.count
     losses = []
     for batch in batches:
-        state, loss = step(state, batch)
-        losses.append(float(loss))
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
     assert compile_counter.count - before == 1
     assert len(set(losses)) == 4  # real steps on different data, not a cached result
     assert int(state.step) == 4
@@ -70,7 +71,7 @@ def _compiled_train_step_flops(cfg: ModelConfig, num_text: int, batch: int) -> f
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs["input_ids"], inputs["text_mask"], vision_features=inputs["vision_features"]))["params"]
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), __import__("flax").linen.unbox(params))
     optimizer = optax.sgd(1e-3)
-    state = jax.eval_shape(lambda p: init_train_state(p, optimizer), params)
+    state = jax.eval_shape(lambda p: init_train_state(p, optimizer, TRAINABLE_PRESETS["all"], seed=0), params)
     cost = jax.jit(make_train_step(model, optimizer)).lower(state, inputs).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 

@@ -6,9 +6,15 @@ import pytest
 from skipvision_jax.nn.token_merge import merge_schedule, merge_tokens
 
 
-def test_schedule_reaches_the_target_in_rounds_of_at_most_half():
-    assert merge_schedule(476, 156) == [238, 82]
-    assert merge_schedule(1024, 256) == [512, 256]
+def test_schedule_reaches_the_target_in_rounds_of_at_most_a_quarter():
+    for start, target in [(476, 156), (1024, 256), (16, 8), (3, 1)]:
+        rounds = merge_schedule(start, target)
+        assert sum(rounds) == start - target
+        remaining = start
+        for removed in rounds:
+            assert 1 <= removed <= max(remaining // 4, 1)
+            remaining -= removed
+    assert merge_schedule(16, 8) == [4, 3, 1]
     assert merge_schedule(10, 10) == []
     with pytest.raises(ValueError):
         merge_schedule(10, 11)

@@ -27,11 +27,20 @@ def attend(q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], v: Float[A
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
+def attend_with_probs(probs: Float[Array, "B H T S"], v: Float[Array, "B S KV Dh"]) -> Float[Array, "B T H Dh"]:
+    """probs @ v with query heads grouped over the KV heads."""
+    b, h, t, _ = probs.shape
+    kv = v.shape[2]
+    grouped = probs.reshape(b, kv, h // kv, t, -1)
+    out = jnp.einsum("bkgts,bskd->btkgd", grouped, v.astype(jnp.float32))
+    return out.reshape(b, t, h, v.shape[-1]).astype(v.dtype)
+
+
 def attention_probs(q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], mask: Bool[Array, "B 1 T S"]) -> Float[Array, "B H T S"]:
     """Softmax attention weights, for the cache policies that score keys by attention received."""
     groups = q.shape[2] // k.shape[2]
     qg = q.reshape(q.shape[:2] + (k.shape[2], groups, q.shape[3]))
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32)) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(q.shape[-1]))
     logits = logits.reshape(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1)
@@ -64,3 +73,6 @@ class Attention(nn.Module):
     def __call__(self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None, mask: Bool[Array, "B 1 L L"] | None) -> Float[Array, "B L D"]:
         q, k, v = self.project(x, positions)
         return self.o_proj(attend(q, k, v, mask))
+
+    def output(self, o: Float[Array, "B L H Dh"]) -> Float[Array, "B L D"]:
+        return self.o_proj(o)

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from skipvision_jax.config import DecoderConfig
-from skipvision_jax.nn.attention import Attention
+from skipvision_jax import kvcache
+from skipvision_jax.kvcache import KVPolicy, LayerCache
+from skipvision_jax.nn.attention import Attention, attend, attend_with_probs, attention_probs
 from skipvision_jax.nn.layers import RMSNorm, SwiGLU, dense
 from skipvision_jax.partition import Partition, SequenceLayout, positional_partition, topk_partition
 
@@ -41,8 +43,18 @@ class DecoderBlock(nn.Module):
         routable = h[:, layout.routable_positions()]
         return topk_partition(layout, self.router(routable)[..., 0])
 
-    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"]) -> Float[Array, "B L D"]:
-        h = h + self.attn(self.attn_norm(h), positions, mask)
+    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"], query_weights: Float[Array, "B L"] | None = None) -> Float[Array, "B L D"]:
+        q, k, v = self.attn.project(self.attn_norm(h), positions)
+        if self.is_mutable_collection("prefill"):
+            # Prefill for decoding: hand the keys and values (RoPE applied) to the
+            # KV cache, and the attention each key received from the weighted
+            # queries, but only for the policies that rank by it.
+            self.sow("prefill", "k", k)
+            self.sow("prefill", "v", v)
+            if query_weights is not None:
+                probs = attention_probs(q, k, mask)  # [B, H, L, L]
+                self.sow("prefill", "key_scores", jnp.einsum("bhts,bt->bs", probs, query_weights))
+        h = h + self.attn.output(attend(q, k, v, mask))
         if self.layout is None:
             return h + self.ffn(h)
         partition = self.partition(h)
@@ -51,6 +63,21 @@ class DecoderBlock(nn.Module):
         if partition.gate is not None:
             update = update * partition.gate[..., None].astype(update.dtype)
         return partition.scatter(h, retained + update)
+
+
+    def decode(self, h: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], cache: LayerCache, policy: KVPolicy) -> tuple[Float[Array, "B 1 D"], LayerCache]:
+        """One new token per row against the layer's fixed-budget cache."""
+        q, k, v = self.attn.project(self.attn_norm(h), positions)
+        cache = kvcache.insert(cache, policy, k[:, 0], v[:, 0], positions[:, 0])
+        mask = cache.valid[:, None, None, :]
+        if policy.decode_scores:
+            probs = attention_probs(q, cache.k, mask)  # [B, H, 1, S]
+            cache = cache.replace(score=cache.score + probs.sum(axis=(1, 2)))
+            o = attend_with_probs(probs, cache.v)
+        else:
+            o = attend(q, cache.k, cache.v, mask)
+        h = h + self.attn.output(o)
+        return h + self.ffn(h), cache
 
 
 class _ScanStep(nn.Module):
@@ -93,7 +120,9 @@ class DecoderStack(nn.Module):
         return [seg for seg in candidates if seg[1] > seg[0]]
 
     @nn.compact
-    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"]) -> Float[Array, "B L D"]:
+    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"], query_weights: Float[Array, "B L"] | None = None) -> Float[Array, "B L D"]:
+        if self.scan_layers and self.is_mutable_collection("prefill"):
+            raise ValueError("model.scan_layers: decoding needs unrolled layers; load the params with scan_layers=False (see skipvision_jax.generate.unstack_layers)")
         for start, end, skip in self.segments():
             layout = self.layout if skip else None
             if self.scan_layers:
@@ -109,5 +138,5 @@ class DecoderStack(nn.Module):
                 continue
             block_cls = nn.remat(DecoderBlock) if self.remat else DecoderBlock
             for i in range(start, end):
-                h = block_cls(self.cfg, layout, self.partition_kind, self.dtype, name=f"layer_{i}")(h, positions, mask)
+                h = block_cls(self.cfg, layout, self.partition_kind, self.dtype, name=f"layer_{i}")(h, positions, mask, query_weights)
         return h

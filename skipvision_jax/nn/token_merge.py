@@ -2,9 +2,11 @@
 
 Bipartite soft matching: the tokens alternate into sets A and B, every A token
 finds its most similar B token (cosine), and the r A tokens with the most
-similar partners are averaged into them. One round can remove at most half
-the tokens, so larger reductions run several rounds; the schedule depends on
-shapes only, so the output count is static under jit. Each token carries the
+similar partners are averaged into them. Rounds remove at most a quarter of
+the tokens each: a round that removed half would have to merge every A token,
+distinct ones included, while gradual rounds merge the redundant pairs first
+(as ToMe's small per-layer r does). The schedule depends on shapes only, so
+the output count is static under jit. Each token carries the
 number of original tokens it stands for, and merges are size-weighted, which
 keeps the token-weighted mean exact.
 """
@@ -24,7 +26,7 @@ def merge_schedule(num_tokens: int, target: int) -> list[int]:
         raise ValueError("merge target must be >= 1 when there are tokens to merge")
     rounds = []
     while num_tokens > target:
-        removed = min(num_tokens - target, num_tokens // 2)
+        removed = min(num_tokens - target, max(num_tokens // 4, 1))
         rounds.append(removed)
         num_tokens -= removed
     return rounds

@@ -65,4 +65,16 @@ class VisionTower(nn.Module):
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_norm")(x)
         for i in range(cfg.layers_used):
             x = VisionBlock(cfg, self.dtype, name=f"layer_{i}")(x)
-        return x if cfg.select_strategy == "full" else x[:, 1:]
+        cls, patches = x[:, :1], x[:, 1:]
+        tokens = [pool_grid(patches, cfg.patch_grid, grid) for grid in cfg.pooled_grids] + [patches]
+        if cfg.select_strategy == "full":
+            tokens.insert(0, cls)
+        return jnp.concatenate(tokens, axis=1)
+
+
+def pool_grid(patches: Float[Array, "B N W"], side: int, grid: int) -> Float[Array, "B G W"]:
+    """Average-pools the side x side patch grid to grid x grid tokens (row-major)."""
+    batch, _, width = patches.shape
+    block = side // grid
+    x = patches.reshape(batch, grid, block, grid, block, width)
+    return x.mean(axis=(2, 4)).reshape(batch, grid * grid, width)

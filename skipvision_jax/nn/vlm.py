@@ -78,21 +78,41 @@ class SkipVisionVLM(nn.Module):
             return self.embed.attend(h).astype(jnp.float32)
         return self.lm_head(h).astype(jnp.float32)
 
+    def hidden_states(self, input_ids, text_mask, pixels, vision_features, extra_mask=None, query_weights=None):
+        """Final hidden states [B, L, D] (before the norm) and key_valid [B, L]."""
+        if (pixels is None) == (vision_features is None):
+            raise ValueError("pass exactly one of pixels or vision_features")
+        features = self.encode_images(pixels) if vision_features is None else vision_features
+        h, key_valid = self.embed_sequence(input_ids, text_mask, features)
+        positions = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
+        mask = causal_mask(key_valid)
+        if extra_mask is not None:
+            mask = mask & extra_mask[:, None]
+        return self.decoder(h, positions, mask, query_weights), key_valid
+
     def __call__(
         self,
         input_ids: Int[Array, "B T"],
         text_mask: Bool[Array, "B T"],
         pixels: Float[Array, "B H W C"] | None = None,
         vision_features: Float[Array, "B N W"] | None = None,
+        extra_mask: Bool[Array, "B L L"] | None = None,
     ) -> Float[Array, "B T V"]:
         """Logits at the text positions only (visual rows carry no labels).
 
         Pass `pixels`, or precomputed `vision_features` to bypass the tower.
+        `extra_mask` (query, key) is AND-ed with the causal mask: a hook for
+        reference computations such as decoding without the skipped keys.
         """
-        if (pixels is None) == (vision_features is None):
-            raise ValueError("pass exactly one of pixels or vision_features")
-        features = self.encode_images(pixels) if vision_features is None else vision_features
-        h, key_valid = self.embed_sequence(input_ids, text_mask, features)
-        positions = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
-        h = self.decoder(h, positions, causal_mask(key_valid))
+        h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, extra_mask)
         return self.logits(h[:, self.layout(input_ids.shape[1]).text_positions()])
+
+    def prefill(self, input_ids, text_mask, pixels=None, vision_features=None, query_weights=None):
+        """Prompt forward for decoding (Skip-FFN path, as trained). Apply with
+        mutable=["prefill"] to collect each layer's keys, values and key scores.
+
+        Returns the logits after each row's last real token [B, V] and key_valid [B, L]."""
+        h, key_valid = self.hidden_states(input_ids, text_mask, pixels, vision_features, query_weights=query_weights)
+        text_pos = jnp.asarray(self.layout(input_ids.shape[1]).text_positions())
+        last = text_pos[text_mask.sum(axis=1) - 1]  # [B]
+        return self.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]), key_valid

@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic task, LLaVA-format sources, tokenizers, grain pipelines."""

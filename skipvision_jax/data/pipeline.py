@@ -1,0 +1,94 @@
+"""grain pipelines: the embedded task or LLaVA-format data, sharded by process."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterator
+
+import grain
+import numpy as np
+
+from skipvision_jax.data.llava import BadRecord, LlavaSource, LlavaTransform
+from skipvision_jax.data.synthetic import KINDS, SyntheticVQA
+
+log = logging.getLogger(__name__)
+
+
+class SkipBadRecords:
+    """Wraps a transform: a BadRecord becomes None (filtered out and counted) or,
+    with `strict`, stops the run with the record's one-line message."""
+
+    def __init__(self, transform: Callable, strict: bool):
+        self.transform, self.strict, self.skipped = transform, strict, 0
+
+    def __call__(self, record):
+        try:
+            return self.transform(record)
+        except BadRecord as err:
+            if self.strict:
+                raise
+            self.skipped += 1
+            log.warning("skipping %s", err)
+            return None
+
+
+class DataSpec:
+    """The sources and transform of one experiment's data config (`cfg.data`)."""
+
+    def __init__(self, data_cfg, image_size: int):
+        self.cfg = data_cfg
+        if data_cfg.kind == "synthetic":
+            self.train_source = SyntheticVQA("train", data_cfg.train_size, data_cfg.seed, data_cfg.text_len)
+            self.val_source = SyntheticVQA("val", data_cfg.val_size, data_cfg.seed, data_cfg.text_len)
+            self.transform = None
+            self.image_offset = SyntheticVQA.image_offset
+            self.vocab_size = len(SyntheticVQA.tokenizer)
+            self.question_kinds = KINDS
+        elif data_cfg.kind == "llava":
+            from tokenizers import Tokenizer
+
+            try:
+                tokenizer = Tokenizer.from_file(data_cfg.tokenizer)
+            except Exception as err:  # tokenizers raises a bare Exception on a bad file
+                raise ValueError(f"data.tokenizer: cannot load {data_cfg.tokenizer!r} ({err})") from None
+            self.train_source = LlavaSource(data_cfg.json_path, data_cfg.on_bad_record)
+            self.val_source = LlavaSource(data_cfg.val_json_path, data_cfg.on_bad_record) if data_cfg.val_json_path else None
+            self.transform = SkipBadRecords(LlavaTransform(tokenizer, data_cfg.image_dir, image_size, data_cfg.text_len), strict=data_cfg.on_bad_record == "raise")
+            self.image_offset = self.transform.transform.image_offset
+            self.vocab_size = tokenizer.get_vocab_size()
+            self.question_kinds = ()
+            if len(self.train_source) == 0:
+                raise ValueError(f"data.json_path: no usable record in {data_cfg.json_path}")
+        else:
+            raise ValueError(f"data.kind: unknown {data_cfg.kind!r}, expected 'synthetic' or 'llava'")
+
+    @property
+    def skipped_records(self) -> int:
+        malformed = len(getattr(self.train_source, "skipped", []))
+        return malformed + (self.transform.skipped if self.transform else 0)
+
+    def _mapped(self, dataset: grain.MapDataset) -> grain.MapDataset:
+        if self.transform is None:
+            return dataset
+        return dataset.map(self.transform).filter(lambda example: example is not None)
+
+    def train_iterator(self, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+        """Endless shuffled batches of this process's shard; checkpointable
+        (`get_state`/`set_state`)."""
+        dataset = grain.MapDataset.source(self.train_source)[process_index::process_count]
+        dataset = self._mapped(dataset.repeat(None).shuffle(seed=seed))
+        return iter(dataset.to_iter_dataset().batch(batch_size, drop_remainder=True))
+
+    def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The validation set in order; the last batch is padded with examples
+        that have no answer tokens (they count for nothing)."""
+        if self.val_source is None:
+            return
+        dataset = self._mapped(grain.MapDataset.source(self.val_source))
+        for i, batch in enumerate(dataset.to_iter_dataset().batch(batch_size)):
+            if max_batches is not None and i >= max_batches:
+                return
+            short = batch_size - len(batch["input_ids"])
+            if short:
+                batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+            yield batch

@@ -1,0 +1,142 @@
+"""The embedded default task: procedurally generated visual question answering.
+
+Each image is a 4 x 4 grid of 8-pixel cells holding 1 to 4 objects, every one
+of a distinct shape and a distinct colour. Questions come in four kinds:
+
+    colour    what color is the ring ?                     -> red | green | blue | yellow
+    shape     what shape is the red object ?               -> square | ring | dot | cross
+    count     how many objects are there ?                 -> one | two | three | four
+    position  is the red ring left of the blue square ?    -> yes | no   (or "above")
+
+14 distinct answers. Example i of a split is a pure function of (seed, split, i),
+so the source is random-access (grain `MapDataset.source`) and needs no files.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from skipvision_jax.data.images import normalize
+from skipvision_jax.data.tokenizer import WordTokenizer
+
+COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.9, 0.1)}
+SHAPES = ("square", "ring", "dot", "cross")
+COUNTS = ("one", "two", "three", "four")
+KINDS = ("colour", "shape", "count", "position")
+GRID, CELL = 4, 8
+IMAGE_SIZE = GRID * CELL
+SPLITS = {"train": 0, "val": 1}
+WORDS = ("what color is the shape object how many objects are there ? left of above yes no".split() + list(COLOURS) + list(SHAPES) + list(COUNTS))
+
+
+def shape_mask(shape: str) -> np.ndarray:
+    """[CELL, CELL] bool footprint of a shape, with a 1-pixel margin."""
+    y, x = np.abs(np.mgrid[0:CELL, 0:CELL] - (CELL - 1) / 2)
+    if shape == "square":
+        return (x <= 2.5) & (y <= 2.5)
+    if shape == "ring":
+        return (np.maximum(x, y) <= 2.5) & (np.maximum(x, y) >= 1.5)
+    if shape == "dot":
+        return (x <= 0.5) & (y <= 0.5)
+    if shape == "cross":
+        return (x <= 3) & (y <= 3) & ((x <= 0.5) | (y <= 0.5))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+MASKS = {s: shape_mask(s) for s in SHAPES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    objects: tuple[tuple[str, str, int, int], ...]  # (colour, shape, row, col)
+
+    def render(self, rng: np.random.Generator) -> np.ndarray:
+        """[32, 32, 3] float in [0, 1]: dark noisy background, flat-coloured shapes."""
+        image = rng.uniform(0.0, 0.15, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+        for colour, shape, row, col in self.objects:
+            cell = image[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
+            cell[MASKS[shape]] = COLOURS[colour]
+        return image
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    count = int(rng.integers(1, len(COUNTS) + 1))
+    colours = rng.permutation(list(COLOURS))[:count]
+    shapes = rng.permutation(list(SHAPES))[:count]
+    cells = rng.choice(GRID * GRID, size=count, replace=False)
+    return Scene(tuple((str(c), str(s), int(cell) // GRID, int(cell) % GRID) for c, s, cell in zip(colours, shapes, cells)))
+
+
+def sample_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(kind, question, answer), the kind uniform over those the scene allows."""
+    kinds = list(KINDS) if len(scene.objects) >= 2 else list(KINDS[:3])
+    kind = kinds[int(rng.integers(len(kinds)))]
+    target = scene.objects[int(rng.integers(len(scene.objects)))]
+    if kind == "colour":
+        return kind, f"what color is the {target[1]} ?", target[0]
+    if kind == "shape":
+        return kind, f"what shape is the {target[0]} object ?", target[1]
+    if kind == "count":
+        return kind, "how many objects are there ?", COUNTS[len(scene.objects) - 1]
+    a, b = (scene.objects[i] for i in rng.choice(len(scene.objects), size=2, replace=False))
+    relations = [("left of", 3)] if a[3] != b[3] else []
+    relations += [("above", 2)] if a[2] != b[2] else []
+    relation, axis = relations[int(rng.integers(len(relations)))]
+    answer = "yes" if a[axis] < b[axis] else "no"
+    return kind, f"is the {a[0]} {a[1]} {relation} the {b[0]} {b[1]} ?", answer
+
+
+class SyntheticVQA:
+    """grain random-access source: index -> example dict of fixed-shape arrays.
+
+    Text layout: `<bos> question answer <eos> <pad>...`; the image goes after
+    `<bos>` (layout.image_offset = 1); the loss covers the answer and `<eos>`.
+    """
+
+    tokenizer = WordTokenizer(WORDS)
+    image_offset = 1
+
+    def __init__(self, split: str, size: int, seed: int = 0, text_len: int = 16):
+        if split not in SPLITS:
+            raise ValueError(f"data.split: unknown {split!r}, expected one of {tuple(SPLITS)}")
+        self.split, self.size, self.seed, self.text_len = split, size, seed, text_len
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, index: int) -> tuple[Scene, str, str, str, np.random.Generator]:
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+        scene = sample_scene(rng)
+        kind, question, answer = sample_question(scene, rng)
+        return scene, kind, question, answer, rng
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        scene, kind, question, answer, rng = self.sample(index)
+        tok = self.tokenizer
+        prompt = [tok.bos_id] + tok.encode(question)
+        target = tok.encode(answer) + [tok.eos_id]
+        ids = prompt + target
+        if len(ids) > self.text_len:
+            raise ValueError(f"data.text_len: {self.text_len} is shorter than example {index} ({len(ids)} tokens)")
+        pad = self.text_len - len(ids)
+        return {
+            "pixels": normalize(scene.render(rng)),
+            "input_ids": np.array(ids + [tok.pad_id] * pad, np.int32),
+            "text_mask": np.array([True] * len(ids) + [False] * pad),
+            "loss_mask": np.array([False] * len(prompt) + [True] * len(target) + [False] * pad),
+            "kind": np.int32(KINDS.index(kind)),
+        }
+
+
+def chance_accuracy(source: SyntheticVQA) -> float:
+    """Exact-match of always answering the most common answer of each question kind."""
+    by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for i in range(len(source)):
+        _, kind, _, answer, _ = source.sample(i)
+        by_kind[kind][answer] += 1
+    return sum(c.most_common(1)[0][1] for c in by_kind.values()) / len(source)

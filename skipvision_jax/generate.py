@@ -1,0 +1,171 @@
+"""Jitted prefill and a single jitted decode loop over fixed-budget KV caches.
+
+    generator = Generator(model_cfg, policy, max_new_tokens=16, sampling=Sampling())
+    state = generator.prefill(params, batch)          # jitted: prompt -> caches + first token
+    state = generator.decode(params, state)           # jitted: one lax.while_loop
+    state.tokens                                      # [B, max_new_tokens]
+
+Prompts of different lengths share a batch: the text is right-padded and
+masked; each row decodes at its own positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from skipvision_jax import kvcache
+from skipvision_jax.config import ModelConfig
+from skipvision_jax.kvcache import KVPolicy, LayerCache
+from skipvision_jax.nn.decoder import DecoderBlock
+from skipvision_jax.nn.vlm import SkipVisionVLM, compute_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"sampling.temperature: must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p: must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> Int[Array, "B"]:
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # The smallest set whose mass reaches top_p: keep a token if the mass before it is < top_p.
+        cutoff_index = jnp.sum(cumulative - jax.nn.softmax(sorted_logits, axis=-1) < sampling.top_p, axis=-1) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None], axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class DecodeState:
+    step: Int[Array, ""]  # tokens generated so far
+    tokens: Int[Array, "B N"]  # N = max_new_tokens; pad_id after a stop token
+    done: Bool[Array, "B"]
+    next_pos: Int[Array, "B"]  # position of the token in tokens[:, step - 1]
+    caches: tuple[LayerCache, ...]
+    rng: jax.Array
+    logits: Float[Array, "B N V"] | None = None  # kept only with record_logits (tests)
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Scanned-decoder params (`layers_a_b/block`, leading layer axis) -> `layer_i`."""
+    decoder = {}
+    for name, value in params["decoder"].items():
+        if not name.startswith("layers_"):
+            decoder[name] = value
+            continue
+        start, end = map(int, name.split("_")[1:])
+        for i in range(start, end):
+            decoder[f"layer_{i}"] = jax.tree.map(lambda x: x[i - start], value["block"])
+    assert len([k for k in decoder if k.startswith("layer_")]) == num_layers
+    return {**params, "decoder": decoder}
+
+
+class Generator:
+    """Prefill and decode for one (model, policy, sampling, length) setting.
+
+    Both functions are jitted once per input shape: repeated prompts of the
+    same padded length never recompile, and the decode loop is one
+    `lax.while_loop`, so steps never do either."""
+
+    def __init__(self, cfg: ModelConfig, policy: KVPolicy, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = (), pad_id: int = 0, record_logits: bool = False):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        self.cfg = dataclasses.replace(cfg, scan_layers=False, remat=False)
+        self.model = SkipVisionVLM(self.cfg)
+        self.policy, self.max_new_tokens, self.sampling = policy, max_new_tokens, sampling
+        self.stop_ids, self.pad_id, self.record_logits = tuple(stop_ids), pad_id, record_logits
+        self.prefill = jax.jit(self._prefill)
+        self.decode = jax.jit(self._decode, donate_argnums=1)
+
+    def budget(self, num_text: int) -> int:
+        layout = self.model.layout(num_text)
+        return self.policy.resolve_budget(layout.length, layout.skipped, self.max_new_tokens)
+
+    def _is_stop(self, tokens):
+        return jnp.isin(tokens, jnp.asarray(self.stop_ids, jnp.int32)) if self.stop_ids else jnp.zeros(tokens.shape, bool)
+
+    def _prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
+        input_ids, text_mask = batch["input_ids"], batch["text_mask"]
+        layout = self.model.layout(input_ids.shape[1])
+        budget = self.budget(input_ids.shape[1])
+        length = layout.length
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (input_ids.shape[0], length))
+        # Real tokens are contiguous from 0 (text is right-padded), so a row's
+        # prompt length is its count of valid rows.
+        image = {"pixels": batch["pixels"]} if "pixels" in batch else {"vision_features": batch["vision_features"]}
+        key_valid = jnp.concatenate([text_mask[:, : layout.prefix], jnp.ones((text_mask.shape[0], layout.visual_length), bool), text_mask[:, layout.prefix :]], axis=1)
+        prompt_lens = key_valid.sum(axis=1).astype(jnp.int32)
+        query_weights = None
+        if self.policy.name == "h2o":
+            query_weights = key_valid.astype(jnp.float32)
+        elif self.policy.name == "snapkv":
+            query_weights = (key_valid & (positions >= prompt_lens[:, None] - self.policy.obs_window)).astype(jnp.float32)
+        (logits, _), captured = self.model.apply({"params": params}, input_ids, text_mask, **image, query_weights=query_weights, method=SkipVisionVLM.prefill, mutable=["prefill"])
+        captured = captured["prefill"]["decoder"]
+        num_slots = self.policy.prompt_slots(budget, length, self.max_new_tokens)
+        caches = []
+        for i in range(self.cfg.decoder.num_layers):
+            layer = captured[f"layer_{i}"]
+            scores = layer["key_scores"][0] if "key_scores" in layer else None
+            priority = kvcache.prompt_priority(self.policy, positions, key_valid, prompt_lens, (layout.skipped_start, layout.skipped_end), scores)
+            caches.append(kvcache.compact(layer["k"][0], layer["v"][0], positions, key_valid, priority, scores, num_slots, budget))
+        rng, first_rng = jax.random.split(rng)
+        first = sample(logits, first_rng, self.sampling)
+        batch_size = input_ids.shape[0]
+        tokens = jnp.full((batch_size, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(first)
+        recorded = None
+        if self.record_logits:
+            recorded = jnp.zeros((batch_size, self.max_new_tokens, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+        return DecodeState(step=jnp.ones((), jnp.int32), tokens=tokens, done=self._is_stop(first), next_pos=prompt_lens, caches=tuple(caches), rng=rng, logits=recorded)
+
+    def _decode_step(self, params, state: DecodeState) -> DecodeState:
+        last = jnp.take_along_axis(state.tokens, (state.step - 1)[None, None].repeat(state.tokens.shape[0], 0), axis=1)  # [B, 1]
+        h = self.model.apply({"params": params}, last, method=lambda m, t: m.embed(t))
+        positions = state.next_pos[:, None]
+        caches = []
+        block = DecoderBlock(self.cfg.decoder, None, dtype=compute_dtype(self.cfg))
+        for i, cache in enumerate(state.caches):
+            h, cache = block.apply({"params": params["decoder"][f"layer_{i}"]}, h, positions, cache, self.policy, method=DecoderBlock.decode)
+            caches.append(cache)
+        logits = self.model.apply({"params": params}, h[:, 0], method=SkipVisionVLM.logits)
+        rng, step_rng = jax.random.split(state.rng)
+        token = jnp.where(state.done, self.pad_id, sample(logits, step_rng, self.sampling))
+        recorded = state.logits.at[:, state.step].set(logits) if self.record_logits else None
+        return DecodeState(
+            step=state.step + 1,
+            tokens=state.tokens.at[:, state.step].set(token),
+            done=state.done | self._is_stop(token),
+            next_pos=state.next_pos + 1,
+            caches=tuple(caches),
+            rng=rng,
+            logits=recorded,
+        )
+
+    def _decode(self, params, state: DecodeState) -> DecodeState:
+        keep_going = lambda s: (s.step < self.max_new_tokens) & ~jnp.all(s.done)
+        return jax.lax.while_loop(keep_going, lambda s: self._decode_step(params, s), state)
+
+    def __call__(self, params, batch: dict, rng: jax.Array | None = None) -> DecodeState:
+        return self.decode(params, self.prefill(params, batch, jax.random.key(0) if rng is None else rng))

@@ -1,0 +1,184 @@
+"""The trainer: model, input, update and bookkeeping sections, in that order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+from skipvision_jax.config import ModelConfig, model_config_from_dict
+from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.train.checkpoint import Checkpointer
+from skipvision_jax.train.optim import make_optimizer, trainable_names
+from skipvision_jax.train.step import TrainState, init_train_state, make_eval_step, make_train_step, model_inputs
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class MetricsLog:
+    """`metrics.jsonl` (one object per logged step) and TensorBoard events, written by process 0."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._drop_entries_after(resume_step)
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def _drop_entries_after(self, step: int) -> None:
+        """On resume from an older checkpoint, lines past it would be logged twice."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+
+
+class StopOnSigterm:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit 0)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def build_model_config(cfg, data: DataSpec) -> ModelConfig:
+    model_cfg = model_config_from_dict(cfg.model.to_dict())
+    if model_cfg.layout.image_offset != data.image_offset:
+        raise ValueError(f"model.layout.image_offset: {model_cfg.layout.image_offset}, but the data puts the image after {data.image_offset} text tokens")
+    if model_cfg.decoder.vocab_size < data.vocab_size:
+        raise ValueError(f"model.decoder.vocab_size: {model_cfg.decoder.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
+    return model_cfg
+
+
+def init_state(model: SkipVisionVLM, model_cfg: ModelConfig, cfg, optimizer, trainable) -> TrainState:
+    batch = 1
+    text = jnp.zeros((batch, cfg.data.text_len), jnp.int32)
+    pixels = jnp.zeros((batch, model_cfg.vision.image_size, model_cfg.vision.image_size, model_cfg.vision.num_channels))
+
+    def init(seed_key):
+        params = nn.unbox(model.init(seed_key, text, text > 0, pixels)["params"])
+        return init_train_state(params, optimizer, trainable, cfg.train.seed)
+
+    return jax.jit(init)(jax.random.key(cfg.train.seed))
+
+
+def evaluate(eval_step, params, data: DataSpec, cfg) -> dict[str, float]:
+    max_batches = None if cfg.train.eval_batches < 0 else cfg.train.eval_batches
+    totals: dict[str, np.ndarray] = {}
+    for batch in data.val_batches(cfg.train.batch_size, max_batches):
+        for key, value in eval_step(params, batch).items():
+            totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+    if not totals:
+        return {}
+    results = {
+        "val_exact_match": float(totals["exact"] / max(totals["examples"], 1)),
+        "val_token_accuracy": float(totals["correct_tokens"] / max(totals["tokens"], 1)),
+        "val_loss": float(totals["loss_sum"] / max(totals["tokens"], 1)),
+    }
+    for kind, exact, count in zip(data.question_kinds, totals.get("exact_by_kind", []), totals.get("examples_by_kind", [])):
+        results[f"val_exact_match_{kind}"] = float(exact / max(count, 1))
+    return results
+
+
+def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
+    """Trains `cfg` in `workdir`, resuming from its newest good checkpoint.
+    Returns the last logged metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    # ---- input
+    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    if cfg.train.batch_size % (cfg.train.grad_accum * jax.process_count()):
+        raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by grad_accum x processes ({cfg.train.grad_accum} x {jax.process_count()})")
+    # ---- model
+    model_cfg = build_model_config(cfg, data)
+    model = SkipVisionVLM(model_cfg)
+    optimizer = make_optimizer(cfg)
+    trainable = trainable_names(cfg.optimizer.trainable)
+    state = init_state(model, model_cfg, cfg, optimizer, trainable)
+    # ---- checkpoints and resume
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
+    train_iter = data.train_iterator(cfg.train.batch_size // jax.process_count(), cfg.data.seed, jax.process_index(), jax.process_count())
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        state, data_state = restored
+        train_iter.set_state(data_state)
+        log.info("resumed from step %d", int(state.step))
+    start = int(state.step)
+    # ---- update
+    train_step = jax.jit(make_train_step(model, optimizer, cfg.train.grad_accum), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, len(data.question_kinds)))
+    metrics_log = MetricsLog(workdir, start)
+    sigterm = StopOnSigterm()
+    tokens_per_example = cfg.data.text_len + model_cfg.vision.num_features
+    last: dict[str, float] = {}
+    progress = tqdm.tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train", disable=jax.process_index() != 0, mininterval=2.0)
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        for _ in progress:
+            state, metrics = train_step(state, next(train_iter))
+            step, window_steps = int(state.step), window_steps + 1
+            is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+            is_save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or sigterm.requested
+            if step % cfg.train.log_every == 0 or is_eval or is_save:
+                loss = float(metrics["loss"])
+                # NaN propagates into the parameters, so checking before every
+                # save keeps each saved checkpoint good.
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(f"loss is {loss} at step {step}; the last good checkpoint (step {checkpointer.steps()[-1] if checkpointer.steps() else 'none'}) is kept")
+                elapsed = time.perf_counter() - window_start
+                values = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": window_steps * cfg.train.batch_size * tokens_per_example / elapsed}
+                if is_eval:
+                    values.update(evaluate(eval_step, state.params, data, cfg))
+                if data.skipped_records:
+                    values["skipped_records"] = data.skipped_records
+                metrics_log.write(step, values)
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_s']:.0f}", **({"val_em": f"{values['val_exact_match']:.3f}"} if "val_exact_match" in values else {}))
+                last = {"step": step, **values}
+                window_start, window_steps = time.perf_counter(), 0
+            if is_save:
+                checkpointer.save(step, state, train_iter.get_state())
+            if sigterm.requested:
+                log.warning("SIGTERM: saved step %d, exiting", step)
+                break
+    finally:
+        sigterm.restore()
+        progress.close()
+        metrics_log.close()
+        checkpointer.close()
+    return last

@@ -1,0 +1,132 @@
+"""Data: the embedded task, LLaVA-format records, images, bad records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+from PIL import Image
+
+from skipvision_jax.data.images import CLIP_MEAN, CLIP_STD, pad_to_square, preprocess
+from skipvision_jax.data.llava import BadRecord, LlavaSource, LlavaTransform
+from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.data.synthetic import KINDS, SyntheticVQA, chance_accuracy
+
+
+def test_synthetic_task_is_deterministic_with_enough_kinds_and_answers():
+    a, b = SyntheticVQA("train", 500, seed=3), SyntheticVQA("train", 500, seed=3)
+    for i in (0, 7, 499):
+        for key in a[i]:
+            np.testing.assert_array_equal(a[i][key], b[i][key])
+    assert not np.array_equal(a[0]["pixels"], SyntheticVQA("val", 500, seed=3)[0]["pixels"])
+    answers, kinds = set(), set()
+    for i in range(500):
+        _, kind, _, answer, _ = a.sample(i)
+        answers.add(answer)
+        kinds.add(kind)
+    assert kinds == set(KINDS) and len(answers) >= 8
+    assert 0.25 < chance_accuracy(SyntheticVQA("val", 500)) < 0.45
+    example = a[0]
+    loss_ids = example["input_ids"][example["loss_mask"]]
+    assert loss_ids[-1] == a.tokenizer.eos_id and example["text_mask"][example["loss_mask"]].all()
+
+
+@pytest.fixture
+def tokenizer_path(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "<unk> <s> </s> a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed polite answers to 's questions USER : ASSISTANT what is in image ? cat dog red".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+def _write_image(path, size=(20, 12), colour=(255, 0, 0)):
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture
+def llava_dir(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    _write_image(images / "good1.png")
+    _write_image(images / "good2.png", colour=(0, 0, 255))
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    turn = lambda q, a: [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+    records = [
+        {"id": "good-1", "image": "good1.png", "conversations": turn("what is in the image ?", "a cat")},
+        {"id": "missing", "image": "nope.png", "conversations": turn("what is in the image ?", "a dog")},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": turn("what is in the image ?", "a dog")},
+        {"id": "malformed", "image": "good1.png", "conversations": [{"from": "gpt", "value": "a cat"}]},
+        {"id": "good-2", "image": "good2.png", "conversations": turn("what is in the image ?", "red") + [{"from": "human", "value": "what is it ?"}, {"from": "gpt", "value": "a dog"}]},
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return str(path), str(images)
+
+
+def _llava_cfg(json_path, image_dir, tokenizer, on_bad_record="skip"):
+    return ConfigDict({"kind": "llava", "json_path": json_path, "val_json_path": json_path, "image_dir": image_dir, "tokenizer": tokenizer, "text_len": 64, "on_bad_record": on_bad_record, "seed": 0})
+
+
+def test_bad_records_are_counted_and_skipped(llava_dir, tokenizer_path):
+    spec = DataSpec(_llava_cfg(*llava_dir, tokenizer_path), image_size=8)
+    assert len(spec.train_source) == 4 and "malformed" in spec.train_source.skipped[0]
+    batches = list(spec.val_batches(batch_size=2))
+    assert spec.skipped_records == 3  # malformed at build, missing + corrupt image at load
+    good = np.concatenate([b["loss_mask"].any(axis=1) for b in batches])
+    assert good.sum() == 2
+    iterator = spec.train_iterator(batch_size=2, seed=0)
+    for _ in range(3):  # endless: bad records keep being skipped, never a crash
+        assert next(iterator)["pixels"].shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize("record_id", ["missing", "corrupt"])
+def test_bad_image_raises_with_record_id_in_strict_mode(llava_dir, tokenizer_path, record_id):
+    json_path, image_dir = llava_dir
+    records = [r for r in json.load(open(json_path)) if r["id"] in ("good-1", record_id)]
+    strict_path = json_path.replace("data.json", f"{record_id}.json")
+    json.dump(records, open(strict_path, "w"))
+    spec = DataSpec(_llava_cfg(strict_path, image_dir, tokenizer_path, "raise"), image_size=8)
+    with pytest.raises(BadRecord, match=f"record {record_id}: "):
+        list(spec.val_batches(batch_size=2))
+
+
+def test_malformed_record_raises_in_strict_mode(llava_dir):
+    with pytest.raises(BadRecord, match="record malformed: .conversations. must be"):
+        LlavaSource(llava_dir[0], on_bad_record="raise")
+
+
+def test_llava_transform_masks_answers_and_fixes_the_image_offset(llava_dir, tokenizer_path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    source = LlavaSource(llava_dir[0])
+    transform = LlavaTransform(tok, llava_dir[1], image_size=8, text_len=64)
+    examples = [transform(source[i]) for i in (0, 3)]
+    for example in examples:
+        assert example["input_ids"][0] == tok.token_to_id("<s>")
+        decoded_prefix = tok.decode(example["input_ids"][: transform.image_offset].tolist())
+        assert decoded_prefix.endswith("USER :")
+    answers = [tok.decode(e["input_ids"][e["loss_mask"]].tolist(), skip_special_tokens=False) for e in examples]
+    assert answers[0] == "a cat </s>" and answers[1] == "red </s> a dog </s>"
+
+
+def test_pad_to_square_and_clip_normalization():
+    image = Image.new("RGB", (20, 10), (255, 255, 255))
+    square = pad_to_square(image)
+    assert square.size == (20, 20)
+    pixels = preprocess(image, 16)
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.float32
+    np.testing.assert_allclose(pixels[8, 8], (1.0 - CLIP_MEAN) / CLIP_STD, rtol=1e-5)
+    np.testing.assert_allclose(pixels[0, 8], (np.round(CLIP_MEAN * 255) / 255 - CLIP_MEAN) / CLIP_STD, atol=0.02)
+
+
+def test_missing_json_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="data.json_path: no such file"):
+        LlavaSource(str(tmp_path / "none.json"))

@@ -1,0 +1,190 @@
+"""Training: exact resume, SIGTERM, NaN, corrupt checkpoints, accumulation, frozen parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs.default import get_config
+from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.train.checkpoint import CheckpointError, Checkpointer
+from skipvision_jax.train.loop import TrainingDiverged, build_model_config, init_state, train_and_evaluate
+from skipvision_jax.train.optim import make_optimizer, trainable_names
+from skipvision_jax.train.step import make_train_step
+from skipvision_jax.data.pipeline import DataSpec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_OVERRIDES = {
+    "model.vision.width": 32, "model.vision.depth": 1, "model.vision.num_heads": 2, "model.vision.mlp_dim": 32, "model.vision.patch_size": 8,
+    "model.vision.pooled_grids": (2,), "model.layout.num_kept": 4, "model.layout.merge_to": 6,
+    "model.decoder.width": 32, "model.decoder.num_layers": 2, "model.decoder.mlp_dim": 64,
+    "data.train_size": 256, "data.val_size": 16, "train.batch_size": 8, "train.steps": 12,
+    "train.log_every": 1, "train.eval_every": 6, "train.checkpoint_every": 6, "optimizer.warmup_steps": 2,
+}
+
+
+def tiny_train_config(**overrides):
+    cfg = get_config()
+    for key, value in {**TINY_OVERRIDES, **overrides}.items():
+        section, *path, leaf = key.split(".")
+        node = cfg[section]
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return cfg
+
+
+def override_flags(**overrides) -> list[str]:
+    flags = []
+    for key, value in {**TINY_OVERRIDES, **overrides}.items():
+        flags.append(f"--config.{key}={value}")
+    return flags
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def restore_params(workdir, cfg):
+    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    model_cfg = build_model_config(cfg, data)
+    target = init_state(SkipVisionVLM(model_cfg), model_cfg, cfg, make_optimizer(cfg), trainable_names(cfg.optimizer.trainable))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), 3)
+    try:
+        return checkpointer.restore_latest(target)
+    finally:
+        checkpointer.close()
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_and_evaluate(tiny_train_config(), straight)
+    train_and_evaluate(tiny_train_config(**{"train.steps": 6}), resumed)
+    assert [m["step"] for m in read_metrics(resumed)] == list(range(1, 7))
+    train_and_evaluate(tiny_train_config(), resumed)
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 13))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert a[-1]["val_exact_match"] == b[-1]["val_exact_match"]
+    state_a, data_a = restore_params(straight, tiny_train_config())
+    state_b, data_b = restore_params(resumed, tiny_train_config())
+    assert int(state_a.step) == int(state_b.step) == 12 and data_a == data_b
+    for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    train_and_evaluate(tiny_train_config(**{"train.steps": 6}), workdir)
+    before, _ = restore_params(workdir, tiny_train_config())
+    with pytest.raises(TrainingDiverged, match="loss is (nan|inf)"):
+        train_and_evaluate(tiny_train_config(**{"optimizer.lr": 1e30, "optimizer.warmup_steps": 0}), workdir)
+    after, _ = restore_params(workdir, tiny_train_config())
+    assert int(after.step) == 6
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _truncate_files(directory):
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            with open(path, "r+b") as f:
+                f.truncate(size // 2)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    workdir = str(tmp_path)
+    train_and_evaluate(tiny_train_config(), workdir)  # checkpoints at 6 and 12
+    _truncate_files(os.path.join(workdir, "checkpoints", "12", "state"))
+    with caplog.at_level("WARNING"):
+        last = train_and_evaluate(tiny_train_config(**{"train.steps": 14}), workdir)
+    assert "checkpoint at step 12 is unreadable" in caplog.text
+    assert os.listdir(os.path.join(workdir, "checkpoints", "corrupt"))
+    steps = [m["step"] for m in read_metrics(workdir)]
+    assert steps == list(range(1, 15)) and last["step"] == 14  # resumed at 6, not 0; no step logged twice
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
+    workdir = str(tmp_path)
+    train_and_evaluate(tiny_train_config(**{"train.steps": 6}), workdir)
+    _truncate_files(os.path.join(workdir, "checkpoints", "6", "state"))
+    with pytest.raises(CheckpointError, match="refusing to restart from step 0"):
+        train_and_evaluate(tiny_train_config(), workdir)
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+    workdir = str(tmp_path)
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}"] + override_flags(**{"train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 100000})
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = json.loads(out.strip().splitlines()[-1])["step"]
+    assert 3 <= saved < 100000
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(saved)))
+    last = train_and_evaluate(tiny_train_config(**{"train.steps": saved + 2}), workdir)
+    assert last["step"] == saved + 2
+    assert [m["step"] for m in read_metrics(workdir)] == list(range(1, saved + 3))
+
+
+def test_bad_config_override_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--workdir=/tmp/unused", "--config.train.stepz=3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: bad config override") and "steps" in lines[0]
+
+
+def _one_step(cfg, batch, grad_accum):
+    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    model_cfg = build_model_config(cfg, data)
+    model, optimizer = SkipVisionVLM(model_cfg), make_optimizer(cfg)
+    state = init_state(model, model_cfg, cfg, optimizer, trainable_names(cfg.optimizer.trainable))
+    before = state.params
+    new_state, metrics = jax.jit(make_train_step(model, optimizer, grad_accum))(state, batch)
+    return before, new_state, metrics
+
+
+def _batch(cfg):
+    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    return next(data.train_iterator(cfg.train.batch_size, seed=0))
+
+
+def test_gradient_accumulation_matches_the_full_batch_update():
+    cfg = tiny_train_config()
+    batch = _batch(cfg)
+    with jax.default_matmul_precision("float32"):
+        _, full, m_full = _one_step(cfg, batch, 1)
+        _, accumulated, m_acc = _one_step(cfg, batch, 4)
+    np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(accumulated.params), jax.tree.leaves(full.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_parts_get_no_optimizer_state_and_do_not_move():
+    cfg = tiny_train_config(**{"optimizer.trainable": "projector"})
+    before, after, _ = _one_step(cfg, _batch(cfg), 1)
+    adam_state = after.opt_state[1][0]
+    assert set(adam_state.mu) == {"visual_tokens"}
+    for name in ("vision", "decoder", "embed", "lm_head"):
+        for x, y in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after.params[name])):
+            np.testing.assert_array_equal(x, y)
+    moved = [np.any(x != y) for x, y in zip(jax.tree.leaves(before["visual_tokens"]), jax.tree.leaves(after.params["visual_tokens"]))]
+    assert all(moved)
