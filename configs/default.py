@@ -3,10 +3,15 @@
     python train.py --workdir runs/default
     python train.py --workdir runs/noskip --config.model.skip.enabled=False
 
-Layout: 32 x 32 images, 4-pixel patches (8 x 8 = 64 fine tokens) plus a
-4 x 4 average-pooled grid (16 coarse tokens) first, as the paper's multi-scale
-layout; the 16 coarse tokens are kept, the 64 fine ones are merged to 16 and
-skip the FFN in every decoder layer.
+Layout: 32 x 32 images, 8-pixel patches (4 x 4 = 16 fine tokens, one per
+grid cell) plus a 2 x 2 average-pooled grid (4 coarse tokens) first, as the
+paper's multi-scale layout; the 4 coarse tokens are kept, the 16 fine ones are
+merged to 8 and skip the FFN in every decoder layer.
+
+The vision tower runs no transformer layer here (select_layer=0: patch and
+position embeddings, pre-LN): trained from scratch on 2 CPU cores, extra ViT
+layers slowed learning (59% val exact-match after 1000 steps with two layers
+against 72% with none). Real LLaVA configs use a pretrained tower and -2.
 """
 
 from ml_collections import ConfigDict
@@ -18,8 +23,8 @@ def get_config() -> ConfigDict:
     cfg = ConfigDict()
     cfg.model = ConfigDict(
         {
-            "vision": {"image_size": IMAGE_SIZE, "patch_size": 4, "width": 96, "depth": 2, "num_heads": 4, "mlp_dim": 192, "select_layer": -1, "pooled_grids": (4,)},
-            "layout": {"image_offset": SyntheticVQA.image_offset, "num_kept": 16, "merge_to": 16, "summary_tokens": True},
+            "vision": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 96, "depth": 1, "num_heads": 4, "mlp_dim": 192, "select_layer": 0, "pooled_grids": (2,)},
+            "layout": {"image_offset": SyntheticVQA.image_offset, "num_kept": 4, "merge_to": 8, "summary_tokens": True},
             "skip": {"enabled": True, "partition": "positional", "layer_start": 0, "layer_end": -1},
             "decoder": {"vocab_size": len(SyntheticVQA.tokenizer), "width": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 384},
             "dtype": "float32",
@@ -44,12 +49,12 @@ def get_config() -> ConfigDict:
     )
     cfg.train = ConfigDict(
         {
-            "steps": 1500,
+            "steps": 2500,
             "seed": 0,
             "batch_size": 64,
             "grad_accum": 1,
             "log_every": 25,
-            "eval_every": 250,
+            "eval_every": 500,
             "eval_batches": -1,  # -1: the whole validation set
             "checkpoint_every": 500,
             "keep_checkpoints": 3,
@@ -57,8 +62,9 @@ def get_config() -> ConfigDict:
     )
     cfg.optimizer = ConfigDict(
         {
-            "lr": 1e-3,
-            "warmup_steps": 100,
+            "lr": 5e-4,
+            "warmup_steps": 200,
+            "decay_steps": 0,  # cosine length; 0: train.steps (set it to stop early and resume on the same schedule)
             "final_lr_fraction": 0.05,
             "weight_decay": 0.01,
             "b1": 0.9,

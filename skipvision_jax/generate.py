@@ -112,10 +112,10 @@ class Generator:
         budget = self.budget(input_ids.shape[1])
         length = layout.length
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (input_ids.shape[0], length))
+        image = {"pixels": batch["pixels"]} if "pixels" in batch else {"vision_features": batch["vision_features"]}
+        key_valid = layout.key_valid(text_mask)
         # Real tokens are contiguous from 0 (text is right-padded), so a row's
         # prompt length is its count of valid rows.
-        image = {"pixels": batch["pixels"]} if "pixels" in batch else {"vision_features": batch["vision_features"]}
-        key_valid = jnp.concatenate([text_mask[:, : layout.prefix], jnp.ones((text_mask.shape[0], layout.visual_length), bool), text_mask[:, layout.prefix :]], axis=1)
         prompt_lens = key_valid.sum(axis=1).astype(jnp.int32)
         query_weights = None
         if self.policy.name == "h2o":

@@ -18,7 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from skipvision_jax.config import ModelConfig
 
@@ -78,6 +78,11 @@ class SequenceLayout:
     @property
     def num_retained(self) -> int:
         return self.length - self.skipped
+
+    def key_valid(self, text_mask: Bool[Array, "B T"]) -> Bool[Array, "B L"]:
+        """Which sequence rows are real tokens: visual rows always, text rows per `text_mask`."""
+        visual = jnp.ones((text_mask.shape[0], self.visual_length), bool)
+        return jnp.concatenate([text_mask[:, : self.prefix], visual, text_mask[:, self.prefix :]], axis=1)
 
     def text_positions(self) -> np.ndarray:
         """Sequence index of every text token, in text order. [T]"""

@@ -130,3 +130,16 @@ def test_pad_to_square_and_clip_normalization():
 def test_missing_json_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="data.json_path: no such file"):
         LlavaSource(str(tmp_path / "none.json"))
+
+
+def test_each_epoch_is_a_fresh_permutation_and_processes_get_disjoint_shards():
+    spec = DataSpec(ConfigDict({"kind": "synthetic", "seed": 0, "train_size": 16, "val_size": 4, "text_len": 16}), image_size=32)
+    key = lambda batch: [bytes(p.tobytes()) for p in batch["pixels"]]
+    iterator = spec.train_iterator(batch_size=4, seed=0)
+    epochs = [[k for _ in range(4) for k in key(next(iterator))] for _ in range(2)]
+    assert len(set(epochs[0])) == 16 and set(epochs[0]) == set(epochs[1]) and epochs[0] != epochs[1]
+    shards = []
+    for process in range(2):
+        shard_iterator = spec.train_iterator(batch_size=4, seed=0, process_index=process, process_count=2)
+        shards.append({k for _ in range(2) for k in key(next(shard_iterator))})
+    assert len(shards[0]) == len(shards[1]) == 8 and not shards[0] & shards[1]

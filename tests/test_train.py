@@ -30,6 +30,7 @@ TINY_OVERRIDES = {
     "model.decoder.width": 32, "model.decoder.num_layers": 2, "model.decoder.mlp_dim": 64,
     "data.train_size": 256, "data.val_size": 16, "train.batch_size": 8, "train.steps": 12,
     "train.log_every": 1, "train.eval_every": 6, "train.checkpoint_every": 6, "optimizer.warmup_steps": 2,
+    "optimizer.decay_steps": 12,  # one schedule whether a run stops at 6 or goes on to 12
 }
 
 
@@ -168,18 +169,19 @@ def _batch(cfg):
 
 
 def test_gradient_accumulation_matches_the_full_batch_update():
-    cfg = tiny_train_config()
+    cfg = tiny_train_config(**{"optimizer.warmup_steps": 0})  # a non-zero first learning rate
     batch = _batch(cfg)
     with jax.default_matmul_precision("float32"):
-        _, full, m_full = _one_step(cfg, batch, 1)
+        before, full, m_full = _one_step(cfg, batch, 1)
         _, accumulated, m_acc = _one_step(cfg, batch, 4)
     np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
     for x, y in zip(jax.tree.leaves(accumulated.params), jax.tree.leaves(full.params)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert any(np.any(x != y) for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(before)))
 
 
 def test_frozen_parts_get_no_optimizer_state_and_do_not_move():
-    cfg = tiny_train_config(**{"optimizer.trainable": "projector"})
+    cfg = tiny_train_config(**{"optimizer.trainable": "projector", "optimizer.warmup_steps": 0})
     before, after, _ = _one_step(cfg, _batch(cfg), 1)
     adam_state = after.opt_state[1][0]
     assert set(adam_state.mu) == {"visual_tokens"}

@@ -127,6 +127,10 @@ class LlavaTransform:
                 mask += [True] * len(piece)
         return ids, mask
 
+    def prompt_ids(self, question: str) -> list[int]:
+        """Ids of a one-turn prompt ending where the answer starts (for generation)."""
+        return self.prefix_ids + self._encode("\n" + question.strip() + self.template.assistant)
+
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         rid = record["id"]
         try:

@@ -9,7 +9,7 @@ import grain
 import numpy as np
 
 from skipvision_jax.data.llava import BadRecord, LlavaSource, LlavaTransform
-from skipvision_jax.data.synthetic import KINDS, SyntheticVQA
+from skipvision_jax.data.synthetic import KINDS, SyntheticVQA, chance_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,10 @@ class SkipBadRecords:
 
 
 class DataSpec:
-    """The sources and transform of one experiment's data config (`cfg.data`)."""
+    """The sources, transform and tokenizer of one experiment's data config (`cfg.data`).
+
+    `encode_prompt(text)` gives the text ids of a question (the image goes after
+    the first `image_offset` of them), `decode(ids)` the answer text."""
 
     def __init__(self, data_cfg, image_size: int):
         self.cfg = data_cfg
@@ -44,6 +47,11 @@ class DataSpec:
             self.image_offset = SyntheticVQA.image_offset
             self.vocab_size = len(SyntheticVQA.tokenizer)
             self.question_kinds = KINDS
+            self.chance_exact_match = chance_accuracy(self.val_source)
+            tok = SyntheticVQA.tokenizer
+            self.encode_prompt = lambda text: [tok.bos_id] + tok.encode(text)
+            self.decode = tok.decode
+            self.stop_ids, self.pad_id = (tok.eos_id,), tok.pad_id
         elif data_cfg.kind == "llava":
             from tokenizers import Tokenizer
 
@@ -57,6 +65,11 @@ class DataSpec:
             self.image_offset = self.transform.transform.image_offset
             self.vocab_size = tokenizer.get_vocab_size()
             self.question_kinds = ()
+            self.chance_exact_match = None
+            transform = self.transform.transform
+            self.encode_prompt = transform.prompt_ids
+            self.decode = lambda ids: tokenizer.decode([i for i in ids if i != transform.eos_id])
+            self.stop_ids, self.pad_id = (transform.eos_id,), 0
             if len(self.train_source) == 0:
                 raise ValueError(f"data.json_path: no usable record in {data_cfg.json_path}")
         else:
@@ -76,7 +89,8 @@ class DataSpec:
         """Endless shuffled batches of this process's shard; checkpointable
         (`get_state`/`set_state`)."""
         dataset = grain.MapDataset.source(self.train_source)[process_index::process_count]
-        dataset = self._mapped(dataset.repeat(None).shuffle(seed=seed))
+        # shuffle-then-repeat: each epoch is a fresh permutation of the shard.
+        dataset = self._mapped(dataset.shuffle(seed=seed).repeat(None))
         return iter(dataset.to_iter_dataset().batch(batch_size, drop_remainder=True))
 
     def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:

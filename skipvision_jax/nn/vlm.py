@@ -68,9 +68,7 @@ class SkipVisionVLM(nn.Module):
         text = self.embed(input_ids)
         p = layout.prefix
         h = jnp.concatenate([text[:, :p], visual, text[:, p:]], axis=1)
-        visual_valid = jnp.ones(visual.shape[:2], dtype=bool)
-        key_valid = jnp.concatenate([text_mask[:, :p], visual_valid, text_mask[:, p:]], axis=1)
-        return h, key_valid
+        return h, layout.key_valid(text_mask)
 
     def logits(self, h: Float[Array, "B N D"]) -> Float[Array, "B N V"]:
         h = self.final_norm(h)

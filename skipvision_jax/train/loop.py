@@ -114,6 +114,8 @@ def evaluate(eval_step, params, data: DataSpec, cfg) -> dict[str, float]:
     }
     for kind, exact, count in zip(data.question_kinds, totals.get("exact_by_kind", []), totals.get("examples_by_kind", [])):
         results[f"val_exact_match_{kind}"] = float(exact / max(count, 1))
+    if data.chance_exact_match is not None:
+        results["val_chance_exact_match"] = data.chance_exact_match
     return results
 
 
@@ -121,6 +123,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     """Trains `cfg` in `workdir`, resuming from its newest good checkpoint.
     Returns the last logged metrics."""
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # infer.py rebuilds the model and tokenizer from it
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json(indent=2))
     # ---- input
     data = DataSpec(cfg.data, cfg.model.vision.image_size)
     if cfg.train.batch_size % (cfg.train.grad_accum * jax.process_count()):
@@ -154,7 +159,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
             state, metrics = train_step(state, next(train_iter))
             step, window_steps = int(state.step), window_steps + 1
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
-            is_save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or sigterm.requested
+            stop = sigterm.requested  # read once: a signal arriving later waits for the next step
+            is_save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop
             if step % cfg.train.log_every == 0 or is_eval or is_save:
                 loss = float(metrics["loss"])
                 # NaN propagates into the parameters, so checking before every
@@ -173,7 +179,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                 window_start, window_steps = time.perf_counter(), 0
             if is_save:
                 checkpointer.save(step, state, train_iter.get_state())
-            if sigterm.requested:
+            if stop:
                 log.warning("SIGTERM: saved step %d, exiting", step)
                 break
     finally:

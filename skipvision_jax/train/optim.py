@@ -33,7 +33,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
         init_value=0.0,
         peak_value=cfg.optimizer.lr,
         warmup_steps=cfg.optimizer.warmup_steps,
-        decay_steps=max(cfg.train.steps, cfg.optimizer.warmup_steps + 1),
+        decay_steps=max(cfg.optimizer.decay_steps or cfg.train.steps, cfg.optimizer.warmup_steps + 1),
         end_value=cfg.optimizer.lr * cfg.optimizer.final_lr_fraction,
     )
 

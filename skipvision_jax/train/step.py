@@ -75,7 +75,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum: 
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
         updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
         params = {**optax.apply_updates(trainable, updates), **frozen}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

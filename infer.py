@@ -1,0 +1,63 @@
+"""Answer a question about an image with a trained Skip-Vision model.
+
+    python infer.py --checkpoint DIR --image IMG --prompt TEXT [--kv-policy skip_vision] [--json]
+    python infer.py --checkpoint DIR --image IMG --prompt TEXT --compare-policies
+
+DIR is a train.py workdir. Bad input (missing or corrupt image, empty or too
+long prompt, impossible budget, unknown policy, missing checkpoint) exits
+non-zero with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+
+from skipvision_jax import cli
+from skipvision_jax.data.images import ImageError
+from skipvision_jax.generate import Sampling
+from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.train.checkpoint import CheckpointError
+
+flags.DEFINE_string("checkpoint", None, "A train.py workdir.", required=True)
+flags.DEFINE_string("image", None, "Image file.", required=True)
+flags.DEFINE_string("prompt", None, "The question.", required=True)
+flags.DEFINE_string("kv_policy", "full", "full | skip_vision | h2o | snapkv | streaming")
+flags.DEFINE_integer("kv_budget", None, "KV slots per layer (required by h2o, snapkv, streaming).")
+flags.DEFINE_integer("sink_tokens", 4, "Attention sinks kept by streaming and h2o.")
+flags.DEFINE_integer("recent_window", 16, "Recent tokens kept by streaming and h2o.")
+flags.DEFINE_integer("obs_window", 8, "SnapKV observation window.")
+flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate at most.")
+flags.DEFINE_bool("greedy", True, "Greedy decoding; --nogreedy samples.")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature (with --nogreedy).")
+flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_bool("json", False, "Print one JSON object.")
+flags.DEFINE_bool("compare_policies", False, "Run every KV policy on the same input and print a table.")
+
+
+def main() -> None:
+    from skipvision_jax.inference import answer, compare_policies, load_trained, prompt_batch
+
+    f = flags.FLAGS
+    policy = KVPolicy(f.kv_policy, f.kv_budget, f.sink_tokens, f.recent_window, f.obs_window)
+    sampling = Sampling(greedy=f.greedy and f.temperature == 1.0, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
+    loaded = load_trained(f.checkpoint)
+    batch = prompt_batch(loaded, f.image, f.prompt)
+    if f.compare_policies:
+        rows = compare_policies(loaded, batch, policy, f.max_new_tokens, sampling, f.seed)
+        if f.json:
+            print(json.dumps(rows))
+            return
+        print(f"{'policy':<12} {'answer':<24} {'prefill ms':>10} {'decode ms/tok':>13} {'kv slots':>8} {'kv KiB':>8}  agrees")
+        for row in rows:
+            print(f"{row['policy']:<12} {row['text'][:24]:<24} {row['prefill_ms']:>10.2f} {row['decode_ms_per_token']:>13.3f} {row['kv_slots']:>8} {row['kv_bytes'] / 1024:>8.1f}  {row['agrees_with_full']}")
+        return
+    result = answer(loaded, batch, policy, f.max_new_tokens, sampling, f.seed)
+    print(json.dumps(result) if f.json else result["text"])
+
+
+if __name__ == "__main__":
+    cli.run(main, (ValueError, ImageError, CheckpointError))

@@ -1,0 +1,108 @@
+"""Load a trained model from a workdir and answer questions about images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from skipvision_jax.data.images import load_image, preprocess
+from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.generate import Generator, Sampling
+from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes
+from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
+from skipvision_jax.train.loop import build_model_config, init_state
+from skipvision_jax.train.optim import make_optimizer, trainable_names
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ml_collections.ConfigDict
+    model_cfg: object
+    data: DataSpec
+    params: dict
+
+
+def load_trained(workdir: str) -> LoadedModel:
+    """The params of the newest good checkpoint in a train.py workdir."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"no checkpoint at {workdir} (missing config.json)")
+    with open(config_path) as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
+    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    model_cfg = build_model_config(cfg, data)
+    abstract = jax.eval_shape(lambda: init_state(SkipVisionVLM(model_cfg), model_cfg, cfg, make_optimizer(cfg), trainable_names(cfg.optimizer.trainable)))
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
+    try:
+        restored = checkpointer.restore_latest(abstract)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"no checkpoint at {workdir}/checkpoints")
+    params = restored[0].params
+    if model_cfg.scan_layers:
+        from skipvision_jax.generate import unstack_layers
+
+        params = unstack_layers(params, model_cfg.decoder.num_layers)
+    return LoadedModel(cfg, model_cfg, data, params)
+
+
+def prompt_batch(loaded: LoadedModel, image_path: str, prompt: str) -> dict:
+    if not prompt.strip():
+        raise ValueError("prompt: empty")
+    ids = loaded.data.encode_prompt(prompt)
+    limit = loaded.cfg.data.text_len - 1
+    if len(ids) > limit:
+        raise ValueError(f"prompt: {len(ids)} tokens exceed the model's text length ({limit} + 1 answer token at least)")
+    pixels = preprocess(load_image(image_path), loaded.model_cfg.vision.image_size)
+    return {"input_ids": jnp.asarray([ids], jnp.int32), "text_mask": jnp.ones((1, len(ids)), bool), "pixels": jnp.asarray(pixels[None])}
+
+
+def answer(loaded: LoadedModel, batch: dict, policy: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0, repeats: int = 3) -> dict:
+    """Generates, timing prefill and decode on compiled functions (first call compiles)."""
+    generator = Generator(loaded.model_cfg, policy, max_new_tokens, sampling, stop_ids=loaded.data.stop_ids, pad_id=loaded.data.pad_id)
+    generator.budget(batch["input_ids"].shape[1])  # validate before compiling
+    rng = jax.random.key(seed)
+    jax.block_until_ready(generator(loaded.params, batch, rng).tokens)  # compile both
+    prefill_s, decode_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = jax.block_until_ready(generator.prefill(loaded.params, batch, rng))
+        prefill_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        state = jax.block_until_ready(generator.decode(loaded.params, state))
+        decode_s.append(time.perf_counter() - start)
+    tokens = np.asarray(state.tokens[0])
+    steps = int(state.step)
+    stop = next((i for i, t in enumerate(tokens[:steps]) if t in loaded.data.stop_ids), steps)
+    return {
+        "text": loaded.data.decode(tokens[:stop].tolist()),
+        "tokens": tokens[:steps].tolist(),
+        "prefill_ms": 1000 * float(np.median(prefill_s)),
+        "decode_ms_per_token": 1000 * float(np.median(decode_s)) / max(steps - 1, 1),
+        "kv_slots": int(state.caches[0].k.shape[1]),
+        "kv_bytes": cache_bytes(state.caches),
+        "policy": policy.name,
+    }
+
+
+def compare_policies(loaded: LoadedModel, batch: dict, base: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0) -> list[dict]:
+    """Every policy on one input; pruning policies get `base.budget`, or half of
+    the full cache (at least sinks + window + 1) when it is unset."""
+    full_slots = Generator(loaded.model_cfg, KVPolicy("full"), max_new_tokens).budget(batch["input_ids"].shape[1])
+    budget = base.budget or max(full_slots // 2, base.sink_tokens + base.recent_window + 1, base.obs_window + max_new_tokens)
+    rows = []
+    for name in POLICIES:
+        policy = dataclasses.replace(base, name=name, budget=None if name in ("full", "skip_vision") else budget)
+        rows.append(answer(loaded, batch, policy, max_new_tokens, sampling, seed))
+    for row in rows:
+        row["agrees_with_full"] = row["tokens"] == rows[0]["tokens"]
+    return rows
