@@ -57,4 +57,15 @@ def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ..
         except expected_errors as err:
             fail(one_line(err))
 
-    app.run(wrapped)
+    app.run(wrapped, argv=dashes_to_underscores(sys.argv))
+
+
+def dashes_to_underscores(argv: list[str]) -> list[str]:
+    """Accepts `--kv-policy` for absl's `--kv_policy` (config overrides keep their dots)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and not arg.startswith("--config"):
+            name, sep, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + sep + value
+        out.append(arg)
+    return out
