@@ -12,7 +12,6 @@ masked; each row decodes at its own positions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.struct
 import jax

@@ -7,6 +7,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.monitoring
 import jax.numpy as jnp
 import pytest
 
@@ -53,3 +54,27 @@ def logits_of(model: SkipVisionVLM, params, batch: dict[str, jax.Array]) -> jax.
 def _float32_matmuls():
     with jax.default_matmul_precision("float32"):
         yield
+
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (jax.monitoring events) while alive."""
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, duration, **kwargs):
+        self.count += name == BACKEND_COMPILE
+
+    def close(self):
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+@pytest.fixture
+def compile_counter():
+    counter = CompileCounter()
+    yield counter
+    counter.close()

@@ -1,39 +1,15 @@
 """Compilation counts and compiled FLOPs of the train step."""
 
 import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
 from skipvision_jax.flops import train_step_flops
 from skipvision_jax.train.optim import TRAINABLE_PRESETS
 from skipvision_jax.train.step import init_train_state, make_train_step
 from tests.conftest import init_params, tiny_batch, tiny_config
-
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-
-
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, name, duration, **kwargs):
-        self.count += name == BACKEND_COMPILE
-
-    def close(self):
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
-
-
-@pytest.fixture
-def compile_counter():
-    counter = CompileCounter()
-    yield counter
-    counter.close()
-
 
 def test_repeated_train_steps_compile_once(compile_counter):
     cfg = tiny_config()

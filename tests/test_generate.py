@@ -10,7 +10,6 @@ import pytest
 from skipvision_jax.generate import Generator, Sampling, sample
 from skipvision_jax.kvcache import KVPolicy
 from tests.conftest import init_params, tiny_batch, tiny_config
-from tests.test_compile_and_flops import compile_counter  # noqa: F401  (fixture)
 
 MAX_NEW = 5
 CFG = tiny_config()

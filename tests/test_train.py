@@ -11,7 +11,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from configs.default import get_config

@@ -13,7 +13,6 @@ keeps the token-weighted mean exact.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 

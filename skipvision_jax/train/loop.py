@@ -21,7 +21,7 @@ from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.train.checkpoint import Checkpointer
 from skipvision_jax.train.optim import make_optimizer, trainable_names
-from skipvision_jax.train.step import TrainState, init_train_state, make_eval_step, make_train_step, model_inputs
+from skipvision_jax.train.step import TrainState, init_train_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
