@@ -152,12 +152,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     sigterm = StopOnSigterm()
     tokens_per_example = cfg.data.text_len + model_cfg.vision.num_features
     last: dict[str, float] = {}
-    progress = tqdm.tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train", disable=jax.process_index() != 0, mininterval=2.0)
+    progress = tqdm.tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc="train", disable=jax.process_index() != 0, mininterval=2.0)
     window_start, window_steps = time.perf_counter(), 0
     try:
-        for _ in progress:
+        # `step` counts on the host: reading state.step would wait for the
+        # device every step and stall asynchronous dispatch.
+        for step in progress:
             state, metrics = train_step(state, next(train_iter))
-            step, window_steps = int(state.step), window_steps + 1
+            window_steps += 1
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
             stop = sigterm.requested  # read once: a signal arriving later waits for the next step
             is_save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop
