@@ -121,7 +121,7 @@ class Generator:
             query_weights = key_valid.astype(jnp.float32)
         elif self.policy.name == "snapkv":
             query_weights = (key_valid & (positions >= prompt_lens[:, None] - self.policy.obs_window)).astype(jnp.float32)
-        (logits, _), captured = self.model.apply({"params": params}, input_ids, text_mask, **image, query_weights=query_weights, method=SkipVisionVLM.prefill, mutable=["prefill"])
+        logits, captured = self.model.apply({"params": params}, input_ids, text_mask, **image, query_weights=query_weights, method=SkipVisionVLM.prefill, mutable=["prefill"])
         captured = captured["prefill"]["decoder"]
         num_slots = self.policy.prompt_slots(budget, length, self.max_new_tokens)
         caches = []

@@ -14,7 +14,7 @@ import numpy as np
 
 from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.generate import Generator, Sampling
+from skipvision_jax.generate import Generator, Sampling, unstack_layers
 from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes
 from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
@@ -49,8 +49,6 @@ def load_trained(workdir: str) -> LoadedModel:
         raise CheckpointError(f"no checkpoint at {workdir}/checkpoints")
     params = restored[0].params
     if model_cfg.scan_layers:
-        from skipvision_jax.generate import unstack_layers
-
         params = unstack_layers(params, model_cfg.decoder.num_layers)
     return LoadedModel(cfg, model_cfg, data, params)
 

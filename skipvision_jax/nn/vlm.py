@@ -109,8 +109,8 @@ class SkipVisionVLM(nn.Module):
         """Prompt forward for decoding (Skip-FFN path, as trained). Apply with
         mutable=["prefill"] to collect each layer's keys, values and key scores.
 
-        Returns the logits after each row's last real token [B, V] and key_valid [B, L]."""
-        h, key_valid = self.hidden_states(input_ids, text_mask, pixels, vision_features, query_weights=query_weights)
+        Returns the logits after each row's last real token [B, V]."""
+        h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, query_weights=query_weights)
         text_pos = jnp.asarray(self.layout(input_ids.shape[1]).text_positions())
         last = text_pos[text_mask.sum(axis=1) - 1]  # [B]
-        return self.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]), key_valid
+        return self.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])
