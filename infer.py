@@ -36,6 +36,8 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("json", False, "Print one JSON object.")
 flags.DEFINE_bool("compare_policies", False, "Run every KV policy on the same input and print a table.")
+flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
+cli.define_distributed_flags()
 
 
 def main() -> None:
@@ -44,7 +46,7 @@ def main() -> None:
     f = flags.FLAGS
     policy = KVPolicy(f.kv_policy, f.kv_budget, f.sink_tokens, f.recent_window, f.obs_window)
     sampling = Sampling(greedy=f.greedy and f.temperature == 1.0, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
-    loaded = load_trained(f.checkpoint)
+    loaded = load_trained(f.checkpoint, cli.parse_mesh(f.mesh))
     batch = prompt_batch(loaded, f.image, f.prompt)
     if f.compare_policies:
         rows = compare_policies(loaded, batch, policy, f.max_new_tokens, sampling, f.seed)

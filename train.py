@@ -19,6 +19,7 @@ from skipvision_jax.train.checkpoint import CheckpointError
 from skipvision_jax.train.loop import TrainingDiverged, train_and_evaluate
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard events.", required=True)
+cli.define_distributed_flags()
 cli.define_config_flag(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"))
 
 

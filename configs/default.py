@@ -73,4 +73,15 @@ def get_config() -> ConfigDict:
             "trainable": "all",  # "projector" (LLaVA stage 1), "projector+decoder" (stage 2), "all"
         }
     )
+    cfg.mesh = ConfigDict(
+        {
+            # Devices per mesh axis; -1 takes the rest. See skipvision_jax/sharding.py.
+            "data": -1,
+            "fsdp": 1,
+            "tensor": 1,
+            # Extra (logical axis, mesh axes) rules, ahead of sharding.DEFAULT_RULES,
+            # e.g. (("mlp", "fsdp"),); a mesh axis of None replicates.
+            "rules": (),
+        }
+    )
     return cfg

@@ -10,6 +10,8 @@ from typing import Callable, NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
+from skipvision_jax import sharding
+
 
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).replace("\\n", " ").split())
@@ -38,6 +40,17 @@ def load_config():
         fail(f"cannot load --config: {one_line(err).split(' Attempted')[0]}", code=2)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data,fsdp,tensor" sizes, e.g. "1,1,-1"."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != len(sharding.MESH_AXES):
+        raise ValueError(f"--mesh: expected {len(sharding.MESH_AXES)} comma-separated sizes (data,fsdp,tensor), got {text!r}")
+    return dict(zip(sharding.MESH_AXES, sizes))
+
+
 def quiet_library_logs() -> None:
     # absl routes every library's INFO chatter (orbax logs each file it writes)
     # to the root logger: keep warnings from libraries, INFO from this project.
@@ -45,14 +58,25 @@ def quiet_library_logs() -> None:
     logging.getLogger("skipvision_jax").setLevel(logging.INFO)
 
 
+def define_distributed_flags() -> None:
+    """Multi-host start-up (see README, "Several hosts")."""
+    flags.DEFINE_string("coordinator", None, "host:port of process 0, for jax.distributed.initialize.")
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with its cluster auto-detection (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).")
+
+
 def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ...]) -> None:
-    """app.run(main), with the expected errors printed as one line, exit 1."""
+    """app.run(main), with the expected errors printed as one line, exit 1.
+    Joins the multi-host job first when the distributed flags ask for it."""
 
     def wrapped(argv):
         if len(argv) > 1:
             fail(f"unexpected arguments {argv[1:]}", code=2)
         quiet_library_logs()
         try:
+            f = flags.FLAGS
+            sharding.initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.distributed)
             main()
         except expected_errors as err:
             fail(one_line(err))

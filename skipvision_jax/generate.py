@@ -11,14 +11,17 @@ masked; each row decodes at its own positions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from skipvision_jax import kvcache
+from skipvision_jax import kvcache, sharding
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.kvcache import KVPolicy, LayerCache
 from skipvision_jax.nn.decoder import DecoderBlock
@@ -88,15 +91,33 @@ class Generator:
     same padded length never recompile, and the decode loop is one
     `lax.while_loop`, so steps never do either."""
 
-    def __init__(self, cfg: ModelConfig, policy: KVPolicy, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = (), pad_id: int = 0, record_logits: bool = False):
+    def __init__(self, cfg: ModelConfig, policy: KVPolicy, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = (), pad_id: int = 0, record_logits: bool = False, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
         self.cfg = dataclasses.replace(cfg, scan_layers=False, remat=False)
         self.model = SkipVisionVLM(self.cfg)
         self.policy, self.max_new_tokens, self.sampling = policy, max_new_tokens, sampling
         self.stop_ids, self.pad_id, self.record_logits = tuple(stop_ids), pad_id, record_logits
-        self.prefill = jax.jit(self._prefill)
-        self.decode = jax.jit(self._decode, donate_argnums=1)
+        # On a mesh: batch rows over the data axes, KV heads over `tensor`
+        # (params are expected already placed, see sharding.tree_shardings).
+        self.mesh, self.rules = mesh, rules
+        self._prefill_jit = jax.jit(self._prefill)
+        self._decode_jit = jax.jit(self._decode, donate_argnums=1)
+
+    def _sharded(self):
+        return contextlib.nullcontext() if self.mesh is None else sharding.activate(self.mesh, self.rules)
+
+    def prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
+        """Prompt -> caches and the first token (jitted)."""
+        if self.mesh is not None:
+            batch = {k: jax.device_put(np.asarray(v), sharding.rows_sharding(self.mesh, np.shape(v))) for k, v in batch.items()}
+        with self._sharded():
+            return self._prefill_jit(params, batch, rng)
+
+    def decode(self, params, state: DecodeState) -> DecodeState:
+        """The rest of the answer in one jitted `lax.while_loop`."""
+        with self._sharded():
+            return self._decode_jit(params, state)
 
     def budget(self, num_text: int) -> int:
         layout = self.model.layout(num_text)
@@ -164,7 +185,9 @@ class Generator:
 
     def _decode(self, params, state: DecodeState) -> DecodeState:
         keep_going = lambda s: (s.step < self.max_new_tokens) & ~jnp.all(s.done)
-        return jax.lax.while_loop(keep_going, lambda s: self._decode_step(params, s), state)
+        final = jax.lax.while_loop(keep_going, lambda s: self._decode_step(params, s), state)
+        # Every process reads the answer: tokens end replicated.
+        return final.replace(tokens=sharding.constrain(final.tokens, (None, None)))
 
     def __call__(self, params, batch: dict, rng: jax.Array | None = None) -> DecodeState:
         return self.decode(params, self.prefill(params, batch, jax.random.key(0) if rng is None else rng))

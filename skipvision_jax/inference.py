@@ -11,15 +11,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
+from skipvision_jax import sharding
 from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.generate import Generator, Sampling, unstack_layers
 from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes
-from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
-from skipvision_jax.train.loop import build_model_config, init_state
-from skipvision_jax.train.optim import make_optimizer, trainable_names
+from skipvision_jax.train.loop import build_model_config, build_state_plan
+
+
+# Decoding is bound by reading weights and cache: tensor parallelism splits
+# both; one prompt leaves nothing for data parallelism to split.
+INFERENCE_MESH = {"data": 1, "fsdp": 1, "tensor": -1}
 
 
 @dataclasses.dataclass
@@ -28,10 +33,14 @@ class LoadedModel:
     model_cfg: object
     data: DataSpec
     params: dict
+    mesh: Mesh
+    rules: tuple
 
 
-def load_trained(workdir: str) -> LoadedModel:
-    """The params of the newest good checkpoint in a train.py workdir."""
+def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
+    """The params of the newest good checkpoint in a train.py workdir, restored
+    onto a mesh (`mesh_cfg`: data/fsdp/tensor sizes; default: every device on
+    `tensor`), whatever mesh trained them."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"no checkpoint at {workdir} (missing config.json)")
@@ -39,7 +48,9 @@ def load_trained(workdir: str) -> LoadedModel:
         cfg = ml_collections.ConfigDict(json.load(f))
     data = DataSpec(cfg.data, cfg.model.vision.image_size)
     model_cfg = build_model_config(cfg, data)
-    abstract = jax.eval_shape(lambda: init_state(SkipVisionVLM(model_cfg), model_cfg, cfg, make_optimizer(cfg), trainable_names(cfg.optimizer.trainable)))
+    mesh = sharding.make_mesh(mesh_cfg or INFERENCE_MESH)
+    rules = sharding.logical_rules(cfg.get("mesh"))
+    abstract = build_state_plan(cfg, model_cfg, mesh, rules)[2].abstract
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
     try:
         restored = checkpointer.restore_latest(abstract)
@@ -50,7 +61,7 @@ def load_trained(workdir: str) -> LoadedModel:
     params = restored[0].params
     if model_cfg.scan_layers:
         params = unstack_layers(params, model_cfg.decoder.num_layers)
-    return LoadedModel(cfg, model_cfg, data, params)
+    return LoadedModel(cfg, model_cfg, data, params, mesh, rules)
 
 
 def prompt_batch(loaded: LoadedModel, image_path: str, prompt: str) -> dict:
@@ -66,7 +77,7 @@ def prompt_batch(loaded: LoadedModel, image_path: str, prompt: str) -> dict:
 
 def answer(loaded: LoadedModel, batch: dict, policy: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0, repeats: int = 3) -> dict:
     """Generates, timing prefill and decode on compiled functions (first call compiles)."""
-    generator = Generator(loaded.model_cfg, policy, max_new_tokens, sampling, stop_ids=loaded.data.stop_ids, pad_id=loaded.data.pad_id)
+    generator = Generator(loaded.model_cfg, policy, max_new_tokens, sampling, stop_ids=loaded.data.stop_ids, pad_id=loaded.data.pad_id, mesh=loaded.mesh, rules=loaded.rules)
     generator.budget(batch["input_ids"].shape[1])  # validate before compiling
     rng = jax.random.key(seed)
     jax.block_until_ready(generator(loaded.params, batch, rng).tokens)  # compile both

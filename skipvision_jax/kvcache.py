@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from skipvision_jax.sharding import KV_ACTIVATION, constrain
+
 POLICIES = ("full", "skip_vision", "h2o", "snapkv", "streaming")
 _PROTECTED = 1e30  # priority of tokens a policy never drops
 
@@ -87,6 +89,17 @@ class LayerCache:
     score: Float[Array, "B S"]  # accumulated attention received (h2o), else zeros
 
 
+def constrain_cache(cache: LayerCache) -> LayerCache:
+    """Batch over the data axes, KV heads over `tensor` (under sharding.activate)."""
+    return LayerCache(
+        k=constrain(cache.k, KV_ACTIVATION),
+        v=constrain(cache.v, KV_ACTIVATION),
+        pos=constrain(cache.pos, ("batch", None)),
+        valid=constrain(cache.valid, ("batch", None)),
+        score=constrain(cache.score, ("batch", None)),
+    )
+
+
 def _pool(scores: Float[Array, "B L"], kernel: int) -> Float[Array, "B L"]:
     """SnapKV's max-pooling along the keys, so that neighbours of a hit survive too."""
     if kernel <= 1:
@@ -125,13 +138,13 @@ def compact(k, v, positions, key_valid, priority, scores, num_slots: int, budget
     take = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
     pad = budget - num_slots
     pad_rows = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
-    return LayerCache(
+    return constrain_cache(LayerCache(
         k=pad_rows(take(k), 0),
         v=pad_rows(take(v), 0),
         pos=pad_rows(take(positions), -1),
         valid=pad_rows(take(key_valid & (priority > -jnp.inf)), False),
         score=pad_rows(take(scores if scores is not None else jnp.zeros(positions.shape)), 0.0),
-    )
+    ))
 
 
 def insert_slot(cache: LayerCache, policy: KVPolicy, new_pos: Int[Array, "B"]) -> Int[Array, "B"]:
@@ -149,13 +162,13 @@ def insert_slot(cache: LayerCache, policy: KVPolicy, new_pos: Int[Array, "B"]) -
 def insert(cache: LayerCache, policy: KVPolicy, k_new: Float[Array, "B KV Dh"], v_new: Float[Array, "B KV Dh"], new_pos: Int[Array, "B"]) -> LayerCache:
     slot = insert_slot(cache, policy, new_pos)
     rows = jnp.arange(slot.shape[0])
-    return LayerCache(
+    return constrain_cache(LayerCache(
         k=cache.k.at[rows, slot].set(k_new.astype(cache.k.dtype)),
         v=cache.v.at[rows, slot].set(v_new.astype(cache.v.dtype)),
         pos=cache.pos.at[rows, slot].set(new_pos),
         valid=cache.valid.at[rows, slot].set(True),
         score=cache.score.at[rows, slot].set(0.0),
-    )
+    ))
 
 
 def cache_bytes(caches) -> int:

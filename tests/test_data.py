@@ -76,11 +76,11 @@ def _llava_cfg(json_path, image_dir, tokenizer, on_bad_record="skip"):
 def test_bad_records_are_counted_and_skipped(llava_dir, tokenizer_path):
     spec = DataSpec(_llava_cfg(*llava_dir, tokenizer_path), image_size=8)
     assert len(spec.train_source) == 4 and "malformed" in spec.train_source.skipped[0]
-    batches = list(spec.val_batches(batch_size=2))
+    batches = list(spec.val_batches(global_batch=2))
     assert spec.skipped_records == 3  # malformed at build, missing + corrupt image at load
     good = np.concatenate([b["loss_mask"].any(axis=1) for b in batches])
     assert good.sum() == 2
-    iterator = spec.train_iterator(batch_size=2, seed=0)
+    iterator = spec.train_iterator(global_batch=2, seed=0)
     for _ in range(3):  # endless: bad records keep being skipped, never a crash
         assert next(iterator)["pixels"].shape == (2, 8, 8, 3)
 
@@ -93,7 +93,7 @@ def test_bad_image_raises_with_record_id_in_strict_mode(llava_dir, tokenizer_pat
     json.dump(records, open(strict_path, "w"))
     spec = DataSpec(_llava_cfg(strict_path, image_dir, tokenizer_path, "raise"), image_size=8)
     with pytest.raises(BadRecord, match=f"record {record_id}: "):
-        list(spec.val_batches(batch_size=2))
+        list(spec.val_batches(global_batch=2))
 
 
 def test_malformed_record_raises_in_strict_mode(llava_dir):
@@ -131,14 +131,14 @@ def test_missing_json_is_a_clear_error(tmp_path):
         LlavaSource(str(tmp_path / "none.json"))
 
 
-def test_each_epoch_is_a_fresh_permutation_and_processes_get_disjoint_shards():
+def test_each_epoch_is_a_fresh_permutation_and_process_rows_rebuild_the_global_batch():
     spec = DataSpec(ConfigDict({"kind": "synthetic", "seed": 0, "train_size": 16, "val_size": 4, "text_len": 16}), image_size=32)
     key = lambda batch: [bytes(p.tobytes()) for p in batch["pixels"]]
-    iterator = spec.train_iterator(batch_size=4, seed=0)
+    iterator = spec.train_iterator(global_batch=4, seed=0)
     epochs = [[k for _ in range(4) for k in key(next(iterator))] for _ in range(2)]
     assert len(set(epochs[0])) == 16 and set(epochs[0]) == set(epochs[1]) and epochs[0] != epochs[1]
-    shards = []
-    for process in range(2):
-        shard_iterator = spec.train_iterator(batch_size=4, seed=0, process_index=process, process_count=2)
-        shards.append({k for _ in range(2) for k in key(next(shard_iterator))})
-    assert len(shards[0]) == len(shards[1]) == 8 and not shards[0] & shards[1]
+    # Two processes holding rows [0, 2) and [2, 4) of each global batch see
+    # disjoint halves that concatenate to the single-process batches, in order.
+    halves = [spec.train_iterator(global_batch=4, seed=0, rows=rows) for rows in ((0, 2), (2, 4))]
+    rebuilt = [k for _ in range(8) for half in halves for k in key(next(half))]
+    assert rebuilt == epochs[0] + epochs[1]

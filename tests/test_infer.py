@@ -13,7 +13,7 @@ from PIL import Image
 
 from skipvision_jax.data.synthetic import SyntheticVQA
 from skipvision_jax.train.loop import train_and_evaluate
-from tests.test_train import REPO, tiny_train_config
+from tests.helpers import REPO, tiny_train_config
 
 
 @pytest.fixture(scope="module")

@@ -13,59 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs.default import get_config
-from skipvision_jax.nn import SkipVisionVLM
-from skipvision_jax.train.checkpoint import CheckpointError, Checkpointer
-from skipvision_jax.train.loop import TrainingDiverged, build_model_config, init_state, train_and_evaluate
-from skipvision_jax.train.optim import make_optimizer, trainable_names
+from skipvision_jax.train.checkpoint import CheckpointError
+from skipvision_jax.train.loop import TrainingDiverged, train_and_evaluate
 from skipvision_jax.train.step import make_train_step
 from skipvision_jax.data.pipeline import DataSpec
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY_OVERRIDES = {
-    "model.vision.width": 32, "model.vision.depth": 1, "model.vision.num_heads": 2, "model.vision.mlp_dim": 32, "model.vision.patch_size": 8,
-    "model.vision.pooled_grids": (2,), "model.layout.num_kept": 4, "model.layout.merge_to": 6,
-    "model.decoder.width": 32, "model.decoder.num_layers": 2, "model.decoder.mlp_dim": 64,
-    "data.train_size": 256, "data.val_size": 16, "train.batch_size": 8, "train.steps": 12,
-    "train.log_every": 1, "train.eval_every": 6, "train.checkpoint_every": 6, "optimizer.warmup_steps": 2,
-    "optimizer.decay_steps": 12,  # one schedule whether a run stops at 6 or goes on to 12
-}
-
-
-def tiny_train_config(**overrides):
-    cfg = get_config()
-    for key, value in {**TINY_OVERRIDES, **overrides}.items():
-        section, *path, leaf = key.split(".")
-        node = cfg[section]
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return cfg
-
-
-def override_flags(**overrides) -> list[str]:
-    flags = []
-    for key, value in {**TINY_OVERRIDES, **overrides}.items():
-        flags.append(f"--config.{key}={value}")
-    return flags
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def restore_params(workdir, cfg):
-    data = DataSpec(cfg.data, cfg.model.vision.image_size)
-    model_cfg = build_model_config(cfg, data)
-    target = init_state(SkipVisionVLM(model_cfg), model_cfg, cfg, make_optimizer(cfg), trainable_names(cfg.optimizer.trainable))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), 3)
-    try:
-        return checkpointer.restore_latest(target)
-    finally:
-        checkpointer.close()
-
+from tests.helpers import REPO, override_flags, read_metrics, restore_params, state_plan, tiny_train_config
 
 def test_resume_is_bitwise_exact(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -153,10 +105,8 @@ def test_bad_config_override_is_a_one_line_error():
 
 
 def _one_step(cfg, batch, grad_accum):
-    data = DataSpec(cfg.data, cfg.model.vision.image_size)
-    model_cfg = build_model_config(cfg, data)
-    model, optimizer = SkipVisionVLM(model_cfg), make_optimizer(cfg)
-    state = init_state(model, model_cfg, cfg, optimizer, trainable_names(cfg.optimizer.trainable))
+    model, optimizer, plan = state_plan(cfg)
+    state = plan.create()
     before = state.params
     new_state, metrics = jax.jit(make_train_step(model, optimizer, grad_accum))(state, batch)
     return before, new_state, metrics

@@ -1,4 +1,4 @@
-"""grain pipelines: the embedded task or LLaVA-format data, sharded by process."""
+"""grain pipelines: the embedded task or LLaVA-format data, split by process."""
 
 from __future__ import annotations
 
@@ -85,24 +85,32 @@ class DataSpec:
             return dataset
         return dataset.map(self.transform).filter(lambda example: example is not None)
 
-    def train_iterator(self, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-        """Endless shuffled batches of this process's shard; checkpointable
-        (`get_state`/`set_state`)."""
-        dataset = grain.MapDataset.source(self.train_source)[process_index::process_count]
-        # shuffle-then-repeat: each epoch is a fresh permutation of the shard.
-        dataset = self._mapped(dataset.shuffle(seed=seed).repeat(None))
-        return iter(dataset.to_iter_dataset().batch(batch_size, drop_remainder=True))
+    def train_iterator(self, global_batch: int, seed: int, rows: tuple[int, int] | None = None) -> grain.DatasetIterator:
+        """Endless shuffled batches; checkpointable (`get_state`/`set_state`).
 
-    def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """The validation set in order; the last batch is padded with examples
-        that have no answer tokens (they count for nothing)."""
+        One global order for any number of processes: each process reads only
+        its `rows` [start, stop) of every global batch (see
+        `sharding.process_rows`), so the global batches, and the training run,
+        do not depend on how many processes assemble them."""
+        start, stop = rows or (0, global_batch)
+        # shuffle-then-repeat: each epoch is a fresh permutation.
+        ordered = grain.MapDataset.source(self.train_source).shuffle(seed=seed).repeat(None)
+        local = stop - start
+        own_rows = grain.MapDataset.range(len(ordered) // global_batch * local).map(lambda i: ordered[(i // local) * global_batch + start + i % local])
+        return iter(self._mapped(own_rows).to_iter_dataset().batch(local, drop_remainder=True))
+
+    def val_batches(self, global_batch: int, max_batches: int | None = None, rows: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The validation set in order, this process's `rows` of each global
+        batch; the last batch is padded with examples that have no answer
+        tokens (they count for nothing)."""
         if self.val_source is None:
             return
+        start, stop = rows or (0, global_batch)
         dataset = self._mapped(grain.MapDataset.source(self.val_source))
-        for i, batch in enumerate(dataset.to_iter_dataset().batch(batch_size)):
+        for i, batch in enumerate(dataset.to_iter_dataset().batch(global_batch)):
             if max_batches is not None and i >= max_batches:
                 return
-            short = batch_size - len(batch["input_ids"])
+            short = global_batch - len(batch["input_ids"])
             if short:
                 batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-            yield batch
+            yield {k: v[start:stop] for k, v in batch.items()}

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from skipvision_jax.nn.layers import apply_rope, dense, rope_tables
+from skipvision_jax.sharding import HEADS_ACTIVATION, KV_ACTIVATION, constrain
 
 
 def causal_mask(key_valid: Bool[Array, "B L"]) -> Bool[Array, "B 1 L L"]:
@@ -68,7 +69,7 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q, k, v
+        return constrain(q, HEADS_ACTIVATION), constrain(k, KV_ACTIVATION), constrain(v, KV_ACTIVATION)
 
     def __call__(self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None, mask: Bool[Array, "B 1 L L"] | None) -> Float[Array, "B L D"]:
         q, k, v = self.project(x, positions)

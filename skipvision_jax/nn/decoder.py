@@ -6,12 +6,23 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from skipvision_jax.config import DecoderConfig
 from skipvision_jax import kvcache
+from skipvision_jax.config import DecoderConfig
 from skipvision_jax.kvcache import KVPolicy, LayerCache
-from skipvision_jax.nn.attention import Attention, attend, attend_with_probs, attention_probs
+from skipvision_jax.nn.attention import (
+    Attention,
+    attend,
+    attend_with_probs,
+    attention_probs,
+)
 from skipvision_jax.nn.layers import RMSNorm, SwiGLU, dense
-from skipvision_jax.partition import Partition, SequenceLayout, positional_partition, topk_partition
+from skipvision_jax.partition import (
+    Partition,
+    SequenceLayout,
+    positional_partition,
+    topk_partition,
+)
+from skipvision_jax.sharding import HIDDEN_ACTIVATION, constrain
 
 
 class DecoderBlock(nn.Module):
@@ -92,7 +103,7 @@ class _ScanStep(nn.Module):
     @nn.compact
     def __call__(self, h, positions, mask):
         block_cls = nn.remat(DecoderBlock, prevent_cse=False) if self.remat else DecoderBlock
-        return block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")(h, positions, mask), None
+        return constrain(block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")(h, positions, mask), HIDDEN_ACTIVATION), None
 
 
 class DecoderStack(nn.Module):
@@ -139,4 +150,5 @@ class DecoderStack(nn.Module):
             block_cls = nn.remat(DecoderBlock) if self.remat else DecoderBlock
             for i in range(start, end):
                 h = block_cls(self.cfg, layout, self.partition_kind, self.dtype, name=f"layer_{i}")(h, positions, mask, query_weights)
+                h = constrain(h, HIDDEN_ACTIVATION)
         return h

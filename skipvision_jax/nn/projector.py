@@ -20,8 +20,9 @@ class Projector(nn.Module):
 
     @nn.compact
     def __call__(self, features: Float[Array, "B N W"]) -> Float[Array, "B N D"]:
-        x = dense(self.width, "vision_embed", ("embed",), use_bias=True, dtype=self.dtype, name="linear_1")(features)
-        return dense(self.width, "embed", ("embed",), use_bias=True, dtype=self.dtype, name="linear_2")(nn.gelu(x, approximate=False))
+        # Column- then row-parallel under tensor parallelism (the hidden is `mlp`).
+        x = dense(self.width, "vision_embed", ("mlp",), use_bias=True, dtype=self.dtype, name="linear_1")(features)
+        return dense(self.width, "mlp", ("embed",), use_bias=True, dtype=self.dtype, name="linear_2")(nn.gelu(x, approximate=False))
 
 
 class SummaryPool(nn.Module):

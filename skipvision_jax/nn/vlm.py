@@ -13,6 +13,7 @@ from skipvision_jax.nn.layers import RMSNorm, default_kernel_init, dense, logica
 from skipvision_jax.nn.projector import VisualTokens
 from skipvision_jax.nn.vision import VisionTower
 from skipvision_jax.partition import SequenceLayout
+from skipvision_jax.sharding import HIDDEN_ACTIVATION, constrain, logits_axes
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -68,13 +69,12 @@ class SkipVisionVLM(nn.Module):
         text = self.embed(input_ids)
         p = layout.prefix
         h = jnp.concatenate([text[:, :p], visual, text[:, p:]], axis=1)
-        return h, layout.key_valid(text_mask)
+        return constrain(h, HIDDEN_ACTIVATION), layout.key_valid(text_mask)
 
     def logits(self, h: Float[Array, "B N D"]) -> Float[Array, "B N V"]:
         h = self.final_norm(h)
-        if self.cfg.decoder.tie_embeddings:
-            return self.embed.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
+        logits = self.embed.attend(h) if self.cfg.decoder.tie_embeddings else self.lm_head(h)
+        return constrain(logits.astype(jnp.float32), logits_axes(logits.ndim))
 
     def hidden_states(self, input_ids, text_mask, pixels, vision_features, extra_mask=None, query_weights=None):
         """Final hidden states [B, L, D] (before the norm) and key_valid [B, L]."""

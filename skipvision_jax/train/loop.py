@@ -8,20 +8,27 @@ import math
 import os
 import signal
 import time
+from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tqdm
 from tensorboardX import SummaryWriter
 
+from skipvision_jax import sharding
 from skipvision_jax.config import ModelConfig, model_config_from_dict
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.train.checkpoint import Checkpointer
 from skipvision_jax.train.optim import make_optimizer, trainable_names
-from skipvision_jax.train.step import TrainState, init_train_state, make_eval_step, make_train_step
+from skipvision_jax.train.step import (
+    TrainState,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +94,31 @@ def build_model_config(cfg, data: DataSpec) -> ModelConfig:
     return model_cfg
 
 
-def init_state(model: SkipVisionVLM, model_cfg: ModelConfig, cfg, optimizer, trainable) -> TrainState:
+def state_initializer(model: SkipVisionVLM, model_cfg: ModelConfig, cfg, optimizer, trainable) -> Callable[[], TrainState]:
+    """Builds the train state from the seed, its weights (and their optimizer
+    moments) still boxed with logical axis names."""
     batch = 1
     text = jnp.zeros((batch, cfg.data.text_len), jnp.int32)
     pixels = jnp.zeros((batch, model_cfg.vision.image_size, model_cfg.vision.image_size, model_cfg.vision.num_channels))
 
-    def init(seed_key):
-        params = nn.unbox(model.init(seed_key, text, text > 0, pixels)["params"])
+    def init() -> TrainState:
+        params = model.init(jax.random.key(cfg.train.seed), text, text > 0, pixels)["params"]
         return init_train_state(params, optimizer, trainable, cfg.train.seed)
 
-    return jax.jit(init)(jax.random.key(cfg.train.seed))
+    return init
 
 
-def evaluate(eval_step, params, data: DataSpec, cfg) -> dict[str, float]:
+def build_state_plan(cfg, model_cfg: ModelConfig, mesh, rules) -> tuple[SkipVisionVLM, optax.GradientTransformation, sharding.ShardedInit]:
+    model, optimizer = SkipVisionVLM(model_cfg), make_optimizer(cfg)
+    plan = sharding.plan_init(state_initializer(model, model_cfg, cfg, optimizer, trainable_names(cfg.optimizer.trainable)), mesh, rules)
+    return model, optimizer, plan
+
+
+def evaluate(eval_step, params, data: DataSpec, cfg, mesh, rows: tuple[int, int]) -> dict[str, float]:
     max_batches = None if cfg.train.eval_batches < 0 else cfg.train.eval_batches
     totals: dict[str, np.ndarray] = {}
-    for batch in data.val_batches(cfg.train.batch_size, max_batches):
-        for key, value in eval_step(params, batch).items():
+    for batch in data.val_batches(cfg.train.batch_size, max_batches, rows):
+        for key, value in eval_step(params, sharding.global_batch(batch, mesh, cfg.train.batch_size)).items():
             totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
     if not totals:
         return {}
@@ -119,6 +134,13 @@ def evaluate(eval_step, params, data: DataSpec, cfg) -> dict[str, float]:
     return results
 
 
+def describe_params(params, mesh) -> dict[str, int]:
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    on_device = sharding.per_device_bytes(params)
+    log.info("mesh %s: params %.2f MiB, %.2f MiB on the most loaded device (%.2fx smaller)", dict(mesh.shape), total / 2**20, on_device / 2**20, total / max(on_device, 1))
+    return {"param_bytes": total, "param_bytes_per_device": on_device}
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     """Trains `cfg` in `workdir`, resuming from its newest good checkpoint.
     Returns the last logged metrics."""
@@ -126,28 +148,32 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     if jax.process_index() == 0:  # infer.py rebuilds the model and tokenizer from it
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json(indent=2))
+    # ---- mesh
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.logical_rules(cfg.mesh)
+    rows = sharding.process_rows(mesh, cfg.train.batch_size)
     # ---- input
     data = DataSpec(cfg.data, cfg.model.vision.image_size)
-    if cfg.train.batch_size % (cfg.train.grad_accum * jax.process_count()):
-        raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by grad_accum x processes ({cfg.train.grad_accum} x {jax.process_count()})")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by train.grad_accum ({cfg.train.grad_accum})")
+    train_iter = data.train_iterator(cfg.train.batch_size, cfg.data.seed, rows)
     # ---- model
     model_cfg = build_model_config(cfg, data)
-    model = SkipVisionVLM(model_cfg)
-    optimizer = make_optimizer(cfg)
-    trainable = trainable_names(cfg.optimizer.trainable)
-    state = init_state(model, model_cfg, cfg, optimizer, trainable)
-    # ---- checkpoints and resume
+    model, optimizer, plan = build_state_plan(cfg, model_cfg, mesh, rules)
+    # ---- checkpoints and resume (onto this mesh, whichever mesh wrote them)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
-    train_iter = data.train_iterator(cfg.train.batch_size // jax.process_count(), cfg.data.seed, jax.process_index(), jax.process_count())
-    restored = checkpointer.restore_latest(state)
+    restored = checkpointer.restore_latest(plan.abstract)
     if restored is not None:
         state, data_state = restored
         train_iter.set_state(data_state)
         log.info("resumed from step %d", int(state.step))
+    else:
+        state = plan.create()
     start = int(state.step)
+    param_info = describe_params(state.params, mesh)
     # ---- update
-    train_step = jax.jit(make_train_step(model, optimizer, cfg.train.grad_accum), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, len(data.question_kinds)))
+    train_step = jax.jit(make_train_step(model, optimizer, cfg.train.grad_accum), out_shardings=(plan.shardings, sharding.replicated(mesh)), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model, len(data.question_kinds)), out_shardings=sharding.replicated(mesh))
     metrics_log = MetricsLog(workdir, start)
     sigterm = StopOnSigterm()
     tokens_per_example = cfg.data.text_len + model_cfg.vision.num_features
@@ -158,7 +184,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
         # `step` counts on the host: reading state.step would wait for the
         # device every step and stall asynchronous dispatch.
         for step in progress:
-            state, metrics = train_step(state, next(train_iter))
+            with sharding.activate(mesh, rules):
+                state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh, cfg.train.batch_size))
             window_steps += 1
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
             stop = sigterm.requested  # read once: a signal arriving later waits for the next step
@@ -172,12 +199,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                 elapsed = time.perf_counter() - window_start
                 values = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": window_steps * cfg.train.batch_size * tokens_per_example / elapsed}
                 if is_eval:
-                    values.update(evaluate(eval_step, state.params, data, cfg))
+                    with sharding.activate(mesh, rules):
+                        values.update(evaluate(eval_step, state.params, data, cfg, mesh, rows))
                 if data.skipped_records:
                     values["skipped_records"] = data.skipped_records
                 metrics_log.write(step, values)
                 progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_s']:.0f}", **({"val_em": f"{values['val_exact_match']:.3f}"} if "val_exact_match" in values else {}))
-                last = {"step": step, **values}
+                last = {"step": step, **values, **param_info}
                 window_start, window_steps = time.perf_counter(), 0
             if is_save:
                 checkpointer.save(step, state, train_iter.get_state())
