@@ -2,6 +2,7 @@
 
     python infer.py --checkpoint DIR --image IMG --prompt TEXT [--kv-policy skip_vision] [--json]
     python infer.py --checkpoint DIR --image IMG --prompt TEXT --compare-policies
+    python infer.py --hf-checkpoint HF_DIR --image IMG --prompt TEXT [--kv-policy skip_vision --visual-kept 64]
 
 DIR is a train.py workdir. Bad input (missing or corrupt image, empty or too
 long prompt, impossible budget, unknown policy, missing checkpoint) exits
@@ -20,7 +21,9 @@ from skipvision_jax.generate import Sampling
 from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.train.checkpoint import CheckpointError
 
-flags.DEFINE_string("checkpoint", None, "A train.py workdir.", required=True)
+flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
+flags.DEFINE_string("hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory (weights, tokenizer, processor).")
+flags.DEFINE_integer("visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all).")
 flags.DEFINE_string("image", None, "Image file.", required=True)
 flags.DEFINE_string("prompt", None, "The question.", required=True)
 flags.DEFINE_string("kv_policy", "full", "full | skip_vision | h2o | snapkv | streaming")
@@ -41,15 +44,18 @@ cli.define_distributed_flags()
 
 
 def main() -> None:
-    from skipvision_jax.inference import answer, compare_policies, load_trained, prompt_batch
+    from skipvision_jax.inference import answer, compare_policies, load_hf, load_trained
 
     f = flags.FLAGS
     policy = KVPolicy(f.kv_policy, f.kv_budget, f.sink_tokens, f.recent_window, f.obs_window)
     sampling = Sampling(greedy=f.greedy and f.temperature == 1.0, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
-    loaded = load_trained(f.checkpoint, cli.parse_mesh(f.mesh))
-    batch = prompt_batch(loaded, f.image, f.prompt)
+    if (f.checkpoint is None) == (f.hf_checkpoint is None):
+        raise ValueError("give exactly one of --checkpoint (a train.py workdir) and --hf-checkpoint")
+    mesh = cli.parse_mesh(f.mesh)
+    loaded = load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
+    batch, model_cfg = loaded.make_batch(f.image, f.prompt)
     if f.compare_policies:
-        rows = compare_policies(loaded, batch, policy, f.max_new_tokens, sampling, f.seed)
+        rows = compare_policies(loaded, batch, model_cfg, policy, f.max_new_tokens, sampling, f.seed)
         if f.json:
             print(json.dumps(rows))
             return
@@ -57,9 +63,9 @@ def main() -> None:
         for row in rows:
             print(f"{row['policy']:<12} {row['text'][:24]:<24} {row['prefill_ms']:>10.2f} {row['decode_ms_per_token']:>13.3f} {row['kv_slots']:>8} {row['kv_bytes'] / 1024:>8.1f}  {row['agrees_with_full']}")
         return
-    result = answer(loaded, batch, policy, f.max_new_tokens, sampling, f.seed)
+    result = answer(loaded, batch, model_cfg, policy, f.max_new_tokens, sampling, f.seed)
     print(json.dumps(result) if f.json else result["text"])
 
 
 if __name__ == "__main__":
-    cli.run(main, (ValueError, ImageError, CheckpointError))
+    cli.run(main, (ValueError, ImageError, CheckpointError))  # HFCheckpointError is a ValueError

@@ -19,7 +19,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
+from skipvision_jax.config import (
+    DecoderConfig,
+    LayoutConfig,
+    ModelConfig,
+    SkipConfig,
+    VisionConfig,
+)
 from skipvision_jax.flops import train_step_flops
 from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.train.optim import TRAINABLE_PRESETS

@@ -73,6 +73,11 @@ def get_config() -> ConfigDict:
             "trainable": "all",  # "projector" (LLaVA stage 1), "projector+decoder" (stage 2), "all"
         }
     )
+    # A Hugging Face LlavaForConditionalGeneration directory: its tower and
+    # decoder (sizes and weights) replace model.vision / model.decoder; the
+    # layout and skip sections still apply (use data.kind="llava" with its
+    # tokenizer.json). "" trains from scratch.
+    cfg.init_from_hf = ""
     cfg.mesh = ConfigDict(
         {
             # Devices per mesh axis; -1 takes the rest. See skipvision_jax/sharding.py.

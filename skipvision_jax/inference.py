@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +15,17 @@ import numpy as np
 from jax.sharding import Mesh
 
 from skipvision_jax import sharding
+from skipvision_jax.config import LayoutConfig, ModelConfig
 from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.generate import Generator, Sampling, unstack_layers
 from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes
 from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
-from skipvision_jax.train.loop import build_model_config, build_state_plan
-
+from skipvision_jax.train.loop import (
+    build_model_config,
+    build_state_plan,
+    model_image_size,
+)
 
 # Decoding is bound by reading weights and cache: tensor parallelism splits
 # both; one prompt leaves nothing for data parallelism to split.
@@ -29,12 +34,19 @@ INFERENCE_MESH = {"data": 1, "fsdp": 1, "tensor": -1}
 
 @dataclasses.dataclass
 class LoadedModel:
-    cfg: ml_collections.ConfigDict
-    model_cfg: object
-    data: DataSpec
+    """A model ready to answer: params on a mesh, and its prompt/answer codecs."""
+
+    model_cfg: ModelConfig
     params: dict
     mesh: Mesh
     rules: tuple
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    decode: Callable[[list[int]], str]
+    # (image path, question) -> (batch of 1, the model config for its layout)
+    make_batch: Callable[[str, str], tuple[dict, ModelConfig]]
+    cfg: ml_collections.ConfigDict | None = None  # train.py's config (trained models)
+    data: DataSpec | None = None
 
 
 def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
@@ -46,7 +58,7 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
         raise CheckpointError(f"no checkpoint at {workdir} (missing config.json)")
     with open(config_path) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    data = DataSpec(cfg.data, model_image_size(cfg))
     model_cfg = build_model_config(cfg, data)
     mesh = sharding.make_mesh(mesh_cfg or INFERENCE_MESH)
     rules = sharding.logical_rules(cfg.get("mesh"))
@@ -61,23 +73,50 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
     params = restored[0].params
     if model_cfg.scan_layers:
         params = unstack_layers(params, model_cfg.decoder.num_layers)
-    return LoadedModel(cfg, model_cfg, data, params, mesh, rules)
+
+    def make_batch(image_path: str, prompt: str) -> tuple[dict, ModelConfig]:
+        if not prompt.strip():
+            raise ValueError("prompt: empty")
+        ids = data.encode_prompt(prompt)
+        limit = cfg.data.text_len - 1
+        if len(ids) > limit:
+            raise ValueError(f"prompt: {len(ids)} tokens exceed the model's text length ({limit} + 1 answer token at least)")
+        pixels = preprocess(load_image(image_path), model_cfg.vision.image_size)
+        return {"input_ids": jnp.asarray([ids], jnp.int32), "text_mask": jnp.ones((1, len(ids)), bool), "pixels": jnp.asarray(pixels[None])}, model_cfg
+
+    return LoadedModel(model_cfg, params, mesh, rules, data.stop_ids, data.pad_id, data.decode, make_batch, cfg, data)
 
 
-def prompt_batch(loaded: LoadedModel, image_path: str, prompt: str) -> dict:
-    if not prompt.strip():
-        raise ValueError("prompt: empty")
-    ids = loaded.data.encode_prompt(prompt)
-    limit = loaded.cfg.data.text_len - 1
-    if len(ids) > limit:
-        raise ValueError(f"prompt: {len(ids)} tokens exceed the model's text length ({limit} + 1 answer token at least)")
-    pixels = preprocess(load_image(image_path), loaded.model_cfg.vision.image_size)
-    return {"input_ids": jnp.asarray([ids], jnp.int32), "text_mask": jnp.ones((1, len(ids)), bool), "pixels": jnp.asarray(pixels[None])}
+def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel:
+    """A Hugging Face LLaVA directory. `visual_kept` >= 0 keeps only the first
+    that many visual tokens in the cache under `skip_vision` (the rest form the
+    skipped segment; the prefill itself stays exactly transformers')."""
+    from skipvision_jax.interop import hf_llava, hf_model
+
+    mesh = sharding.make_mesh(mesh_cfg or INFERENCE_MESH)
+    hf_config = hf_llava.read_config(directory)
+    layout = None
+    if visual_kept >= 0:
+        num_visual = hf_llava.model_config_from_hf(hf_config).vision.num_features
+        layout = LayoutConfig(num_kept=min(visual_kept, num_visual), merge_to=None, summary_tokens=False)
+    hf = hf_model.load(directory, mesh, layout=layout)
+    if hf.processor is None:
+        raise hf_llava.HFCheckpointError(f"{directory}: no tokenizer/processor files, cannot encode a prompt")
+    tokenizer = hf.processor.tokenizer
+
+    def make_batch(image_path: str, prompt: str) -> tuple[dict, ModelConfig]:
+        if not prompt.strip():
+            raise ValueError("prompt: empty")
+        return hf_model.encode(hf, load_image(image_path), prompt)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return LoadedModel(hf.model_cfg, hf.params, mesh, sharding.DEFAULT_RULES, hf_model.stop_ids(hf), pad_id, decode, make_batch)
 
 
-def answer(loaded: LoadedModel, batch: dict, policy: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0, repeats: int = 3) -> dict:
+def answer(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, policy: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0, repeats: int = 3) -> dict:
     """Generates, timing prefill and decode on compiled functions (first call compiles)."""
-    generator = Generator(loaded.model_cfg, policy, max_new_tokens, sampling, stop_ids=loaded.data.stop_ids, pad_id=loaded.data.pad_id, mesh=loaded.mesh, rules=loaded.rules)
+    generator = Generator(model_cfg, policy, max_new_tokens, sampling, stop_ids=loaded.stop_ids, pad_id=loaded.pad_id, mesh=loaded.mesh, rules=loaded.rules)
     generator.budget(batch["input_ids"].shape[1])  # validate before compiling
     rng = jax.random.key(seed)
     jax.block_until_ready(generator(loaded.params, batch, rng).tokens)  # compile both
@@ -91,9 +130,9 @@ def answer(loaded: LoadedModel, batch: dict, policy: KVPolicy, max_new_tokens: i
         decode_s.append(time.perf_counter() - start)
     tokens = np.asarray(state.tokens[0])
     steps = int(state.step)
-    stop = next((i for i, t in enumerate(tokens[:steps]) if t in loaded.data.stop_ids), steps)
+    stop = next((i for i, t in enumerate(tokens[:steps]) if t in loaded.stop_ids), steps)
     return {
-        "text": loaded.data.decode(tokens[:stop].tolist()),
+        "text": loaded.decode(tokens[:stop].tolist()),
         "tokens": tokens[:steps].tolist(),
         "prefill_ms": 1000 * float(np.median(prefill_s)),
         "decode_ms_per_token": 1000 * float(np.median(decode_s)) / max(steps - 1, 1),
@@ -103,15 +142,15 @@ def answer(loaded: LoadedModel, batch: dict, policy: KVPolicy, max_new_tokens: i
     }
 
 
-def compare_policies(loaded: LoadedModel, batch: dict, base: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0) -> list[dict]:
+def compare_policies(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, base: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0) -> list[dict]:
     """Every policy on one input; pruning policies get `base.budget`, or half of
     the full cache (at least sinks + window + 1) when it is unset."""
-    full_slots = Generator(loaded.model_cfg, KVPolicy("full"), max_new_tokens).budget(batch["input_ids"].shape[1])
+    full_slots = Generator(model_cfg, KVPolicy("full"), max_new_tokens).budget(batch["input_ids"].shape[1])
     budget = base.budget or max(full_slots // 2, base.sink_tokens + base.recent_window + 1, base.obs_window + max_new_tokens)
     rows = []
     for name in POLICIES:
         policy = dataclasses.replace(base, name=name, budget=None if name in ("full", "skip_vision") else budget)
-        rows.append(answer(loaded, batch, policy, max_new_tokens, sampling, seed))
+        rows.append(answer(loaded, batch, model_cfg, policy, max_new_tokens, sampling, seed))
     for row in rows:
         row["agrees_with_full"] = row["tokens"] == rows[0]["tokens"]
     return rows

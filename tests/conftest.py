@@ -11,7 +11,13 @@ import jax.monitoring
 import jax.numpy as jnp
 import pytest
 
-from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
+from skipvision_jax.config import (
+    DecoderConfig,
+    LayoutConfig,
+    ModelConfig,
+    SkipConfig,
+    VisionConfig,
+)
 from skipvision_jax.nn import SkipVisionVLM
 
 TINY_VISION = VisionConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)  # 16 patches

@@ -12,7 +12,11 @@ from configs.default import get_config
 from skipvision_jax import sharding
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.train.checkpoint import Checkpointer
-from skipvision_jax.train.loop import build_model_config, build_state_plan
+from skipvision_jax.train.loop import (
+    build_model_config,
+    build_state_plan,
+    model_image_size,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +33,8 @@ TINY_OVERRIDES = {
 def tiny_train_config(**overrides):
     cfg = get_config()
     for key, value in {**TINY_OVERRIDES, **overrides}.items():
-        section, *path, leaf = key.split(".")
-        node = cfg[section]
+        *path, leaf = key.split(".")
+        node = cfg
         for part in path:
             node = node[part]
         node[leaf] = value
@@ -51,7 +55,7 @@ def read_metrics(workdir):
 
 def state_plan(cfg):
     """(model, optimizer, sharding.ShardedInit) on one device."""
-    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    data = DataSpec(cfg.data, model_image_size(cfg))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     return build_state_plan(cfg, build_model_config(cfg, data), mesh, sharding.DEFAULT_RULES)
 

@@ -5,11 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
+from skipvision_jax.config import (
+    DecoderConfig,
+    LayoutConfig,
+    ModelConfig,
+    SkipConfig,
+    VisionConfig,
+)
 from skipvision_jax.flops import train_step_flops
 from skipvision_jax.train.optim import TRAINABLE_PRESETS
 from skipvision_jax.train.step import init_train_state, make_train_step
 from tests.conftest import init_params, tiny_batch, tiny_config
+
 
 def test_repeated_train_steps_compile_once(compile_counter):
     cfg = tiny_config()

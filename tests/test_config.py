@@ -2,7 +2,12 @@ import dataclasses
 
 import pytest
 
-from skipvision_jax.config import LayoutConfig, SkipConfig, VisionConfig, model_config_from_dict
+from skipvision_jax.config import (
+    LayoutConfig,
+    SkipConfig,
+    VisionConfig,
+    model_config_from_dict,
+)
 from tests.conftest import TINY_DECODER, TINY_VISION, tiny_config
 
 

@@ -16,7 +16,15 @@ from jax.sharding import PartitionSpec as P
 
 from skipvision_jax import sharding
 from skipvision_jax.train.loop import train_and_evaluate
-from tests.helpers import REPO, free_port, override_flags, read_metrics, restore_params, subprocess_env, tiny_train_config
+from tests.helpers import (
+    REPO,
+    free_port,
+    override_flags,
+    read_metrics,
+    restore_params,
+    subprocess_env,
+    tiny_train_config,
+)
 
 STEPS = {"train.steps": 5, "train.eval_every": 5, "train.checkpoint_every": 5, "optimizer.decay_steps": 5}
 

@@ -12,7 +12,11 @@ from skipvision_jax.config import LayoutConfig, SkipConfig
 from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.nn.attention import causal_mask
 from skipvision_jax.nn.decoder import DecoderBlock
-from skipvision_jax.partition import SequenceLayout, positional_partition, topk_partition
+from skipvision_jax.partition import (
+    SequenceLayout,
+    positional_partition,
+    topk_partition,
+)
 from skipvision_jax.train.loss import next_token_loss
 from tests.conftest import TINY_DECODER, init_params, logits_of, tiny_batch, tiny_config
 

@@ -13,11 +13,19 @@ import jax
 import numpy as np
 import pytest
 
+from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.train.checkpoint import CheckpointError
 from skipvision_jax.train.loop import TrainingDiverged, train_and_evaluate
 from skipvision_jax.train.step import make_train_step
-from skipvision_jax.data.pipeline import DataSpec
-from tests.helpers import REPO, override_flags, read_metrics, restore_params, state_plan, tiny_train_config
+from tests.helpers import (
+    REPO,
+    override_flags,
+    read_metrics,
+    restore_params,
+    state_plan,
+    tiny_train_config,
+)
+
 
 def test_resume_is_bitwise_exact(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -85,8 +86,28 @@ class StopOnSigterm:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def base_model_config(cfg) -> ModelConfig:
+    """`cfg.model`, or with `cfg.init_from_hf` the tower and decoder of that
+    Hugging Face LLaVA directory under `cfg.model`'s layout, skip and dtype."""
+    if not cfg.get("init_from_hf"):
+        return model_config_from_dict(cfg.model.to_dict())
+    from skipvision_jax.interop import hf_llava
+
+    ours = model_config_from_dict(cfg.model.to_dict())
+    if ours.scan_layers:
+        raise ValueError("model.scan_layers: init_from_hf loads unrolled layers; set it to False")
+    imported = hf_llava.model_config_from_hf(hf_llava.read_config(cfg.init_from_hf), layout=ours.layout, skip=ours.skip, dtype=ours.dtype)
+    vision = dataclasses.replace(imported.vision, pooled_grids=ours.vision.pooled_grids)
+    return dataclasses.replace(imported, vision=vision, remat=ours.remat)
+
+
+def model_image_size(cfg) -> int:
+    """The image side the data pipeline must produce."""
+    return base_model_config(cfg).vision.image_size
+
+
 def build_model_config(cfg, data: DataSpec) -> ModelConfig:
-    model_cfg = model_config_from_dict(cfg.model.to_dict())
+    model_cfg = base_model_config(cfg)
     if model_cfg.layout.image_offset != data.image_offset:
         raise ValueError(f"model.layout.image_offset: {model_cfg.layout.image_offset}, but the data puts the image after {data.image_offset} text tokens")
     if model_cfg.decoder.vocab_size < data.vocab_size:
@@ -112,6 +133,17 @@ def build_state_plan(cfg, model_cfg: ModelConfig, mesh, rules) -> tuple[SkipVisi
     model, optimizer = SkipVisionVLM(model_cfg), make_optimizer(cfg)
     plan = sharding.plan_init(state_initializer(model, model_cfg, cfg, optimizer, trainable_names(cfg.optimizer.trainable)), mesh, rules)
     return model, optimizer, plan
+
+
+def import_hf_weights(directory: str, params: dict, abstract_params: dict) -> dict:
+    """`params` with every weight the HF directory has replaced by it (in place
+    in its sharding); the parts transformers lacks (summary tokens, routers)
+    keep their fresh initialization."""
+    from skipvision_jax.interop import hf_llava
+
+    imported, _ = hf_llava.load_params(directory, abstract_params, strict=False)
+    log.info("initialized from %s", directory)
+    return hf_llava.merge_into(params, imported)
 
 
 def evaluate(eval_step, params, data: DataSpec, cfg, mesh, rows: tuple[int, int]) -> dict[str, float]:
@@ -153,7 +185,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     rules = sharding.logical_rules(cfg.mesh)
     rows = sharding.process_rows(mesh, cfg.train.batch_size)
     # ---- input
-    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    data = DataSpec(cfg.data, model_image_size(cfg))
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by train.grad_accum ({cfg.train.grad_accum})")
     train_iter = data.train_iterator(cfg.train.batch_size, cfg.data.seed, rows)
@@ -169,6 +201,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
         log.info("resumed from step %d", int(state.step))
     else:
         state = plan.create()
+        if cfg.get("init_from_hf"):
+            state = state.replace(params=import_hf_weights(cfg.init_from_hf, state.params, plan.abstract.params))
     start = int(state.step)
     param_info = describe_params(state.params, mesh)
     # ---- update

@@ -1,0 +1,1 @@
+"""Hugging Face interop: LLaVA checkpoints, tokenizer, chat template and image processor."""

@@ -1,0 +1,407 @@
+"""Hugging Face `LlavaForConditionalGeneration` checkpoints in and out.
+
+A directory holds `config.json` and `model.safetensors` (or shards listed in
+`model.safetensors.index.json`). Tensor names come in several layouts across
+transformers versions (`language_model.model.*`, `model.language_model.*`,
+`vision_tower.vision_model.*`, ...); they are normalized to four groups
+(`vision.`, `projector.`, `text.`, `lm_head.`) and mapped to our parameter
+tree by one table, `_RULES`, used in both directions.
+
+Loading reads one tensor at a time on the host and places it straight into
+its sharding (`jax.make_array_from_callback`): no device ever receives more
+than its shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from skipvision_jax.config import (
+    DecoderConfig,
+    LayoutConfig,
+    ModelConfig,
+    SkipConfig,
+    VisionConfig,
+)
+
+
+class HFCheckpointError(ValueError):
+    """A Hugging Face directory we cannot read or represent; the message names the file or field."""
+
+
+# ---------------------------------------------------------------- config
+
+
+def _rope_theta(text: dict) -> float:
+    """RoPE base from either config style (v4 `rope_theta` + `rope_scaling`, v5 `rope_parameters`)."""
+    params = text.get("rope_parameters") or {}
+    scaling = text.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise HFCheckpointError(f"text_config.rope_scaling: rope type {rope_type!r} is not supported (only plain RoPE)")
+    return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
+
+
+def _expect(config: dict, key: str, allowed: tuple, where: str, default: Any = None) -> Any:
+    value = config.get(key, default)
+    if value not in allowed:
+        raise HFCheckpointError(f"{where}{key}: {value!r} is not supported (expected one of {allowed})")
+    return value
+
+
+def model_config_from_hf(hf: dict, image_offset: int = 0, layout: LayoutConfig | None = None, skip: SkipConfig | None = None, dtype: str = "float32") -> ModelConfig:
+    """Our ModelConfig for a LLaVA config.json. By default the layout keeps
+    every visual token and Skip-FFN is off: the same computation as transformers."""
+    _expect(hf, "model_type", ("llava",), "")
+    vision, text = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    _expect(vision, "model_type", ("clip_vision_model",), "vision_config.", "clip_vision_model")
+    _expect(text, "model_type", ("llama",), "text_config.", "llama")
+    _expect(text, "hidden_act", ("silu",), "text_config.", "silu")
+    _expect(text, "attention_bias", (False,), "text_config.", False)
+    _expect(text, "mlp_bias", (False,), "text_config.", False)
+    _expect(hf, "projector_hidden_act", ("gelu",), "", "gelu")
+    _expect(hf, "multimodal_projector_bias", (True,), "", True)
+    act = _expect(vision, "hidden_act", ("quick_gelu", "gelu"), "vision_config.", "quick_gelu")
+    feature_layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(feature_layer, int):
+        raise HFCheckpointError(f"vision_feature_layer: {feature_layer!r} is not supported (one layer only)")
+    strategy = _expect(hf, "vision_feature_select_strategy", ("default", "full"), "", "default")
+    width = text["hidden_size"]
+    heads = text["num_attention_heads"]
+    vision_cfg = VisionConfig(
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        num_channels=vision.get("num_channels", 3),
+        width=vision["hidden_size"],
+        depth=vision["num_hidden_layers"],
+        num_heads=vision["num_attention_heads"],
+        mlp_dim=vision["intermediate_size"],
+        quick_gelu=act == "quick_gelu",
+        layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
+        select_layer=feature_layer,
+        select_strategy="patch" if strategy == "default" else "full",
+    )
+    decoder_cfg = DecoderConfig(
+        vocab_size=text["vocab_size"],
+        width=width,
+        num_layers=text["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=text.get("head_dim") or width // heads,
+        mlp_dim=text["intermediate_size"],
+        rope_theta=_rope_theta(text),
+        norm_eps=text.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+    )
+    layout = layout or LayoutConfig(image_offset=image_offset, num_kept=vision_cfg.num_features, merge_to=None, summary_tokens=False)
+    return ModelConfig(vision=vision_cfg, layout=layout, skip=skip or SkipConfig(enabled=False), decoder=decoder_cfg, dtype=dtype)
+
+
+def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | None = None) -> dict:
+    """A LLaVA config.json for our config (`base`, the imported one, keeps fields we do not model)."""
+    plain = LayoutConfig(image_offset=cfg.layout.image_offset, num_kept=cfg.vision.num_features, merge_to=None, summary_tokens=False)
+    if cfg.vision.pooled_grids or cfg.layout != plain:
+        raise HFCheckpointError("layout: only the plain LLaVA layout (every visual token kept, no merge, no summary tokens, no pooled grids) exists in transformers")
+    if cfg.skip.enabled and cfg.skip.partition == "topk":
+        raise HFCheckpointError("skip.partition: the topk router has no transformers counterpart")
+    v, d = cfg.vision, cfg.decoder
+    hf = json.loads(json.dumps(base or {}))
+    vision = hf.setdefault("vision_config", {})
+    text = hf.setdefault("text_config", {})
+    vision.update(model_type="clip_vision_model", image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels, hidden_size=v.width, num_hidden_layers=v.depth, num_attention_heads=v.num_heads, intermediate_size=v.mlp_dim, hidden_act="quick_gelu" if v.quick_gelu else "gelu", layer_norm_eps=v.layer_norm_eps)
+    text.update(model_type="llama", vocab_size=d.vocab_size, hidden_size=d.width, num_hidden_layers=d.num_layers, num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads, head_dim=d.resolved_head_dim, intermediate_size=d.mlp_dim, rms_norm_eps=d.norm_eps, hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=d.tie_embeddings)
+    text.pop("rope_scaling", None)
+    if "rope_parameters" in text or "rope_theta" not in text:
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": d.rope_theta}
+    else:
+        text["rope_theta"] = d.rope_theta
+    hf.update(
+        model_type="llava",
+        architectures=["LlavaForConditionalGeneration"],
+        image_token_index=image_token_id,
+        vision_feature_layer=v.select_layer,
+        vision_feature_select_strategy="default" if v.select_strategy == "patch" else "full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=d.tie_embeddings,
+        image_seq_length=v.num_features,
+    )
+    return hf
+
+
+# ---------------------------------------------------------------- tensors
+
+# Prefixes of every known transformers layout -> our four groups (longest first).
+_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision."),
+    ("vision_tower.vision_model.", "vision."),
+    ("model.vision_tower.", "vision."),
+    ("vision_tower.", "vision."),
+    ("model.multi_modal_projector.", "projector."),
+    ("multi_modal_projector.", "projector."),
+    ("model.language_model.", "text."),
+    ("language_model.model.", "text."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+)
+# The layout transformers itself writes (5.x save_pretrained), for export.
+_EXPORT_PREFIXES = {"vision.": "vision_tower.", "projector.": "multi_modal_projector.", "text.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+
+
+def normalize_name(name: str) -> str:
+    for prefix, group in _PREFIXES:
+        if name.startswith(prefix):
+            return group + name[len(prefix) :]
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    hf: str  # normalized name, `{i}` for the layer
+    ours: str  # path in our params, "/"-separated
+    # "linear": HF [out, in] <-> our [in, out...]; "linear2": our [in1, in2, out]
+    # (o_proj); "conv": [out, in, kh, kw] <-> [kh, kw, in, out]; "bias": [out]
+    # <-> [heads, head_dim]; "vector": same shape.
+    kind: str
+
+
+_RULES = (
+    _Rule("vision.embeddings.patch_embedding.weight", "vision/patch_embed/kernel", "conv"),
+    _Rule("vision.embeddings.class_embedding", "vision/class_embed", "vector"),
+    _Rule("vision.embeddings.position_embedding.weight", "vision/pos_embed", "vector"),
+    _Rule("vision.pre_layrnorm.weight", "vision/pre_norm/norm/scale", "vector"),
+    _Rule("vision.pre_layrnorm.bias", "vision/pre_norm/norm/bias", "vector"),
+    *(
+        _Rule(f"vision.encoder.layers.{{i}}.{hf}", f"vision/layer_{{i}}/{ours}", kind)
+        for hf, ours, kind in (
+            ("layer_norm1.weight", "ln1/norm/scale", "vector"),
+            ("layer_norm1.bias", "ln1/norm/bias", "vector"),
+            ("layer_norm2.weight", "ln2/norm/scale", "vector"),
+            ("layer_norm2.bias", "ln2/norm/bias", "vector"),
+            ("self_attn.q_proj.weight", "attn/q_proj/kernel", "linear"),
+            ("self_attn.q_proj.bias", "attn/q_proj/bias", "bias"),
+            ("self_attn.k_proj.weight", "attn/k_proj/kernel", "linear"),
+            ("self_attn.k_proj.bias", "attn/k_proj/bias", "bias"),
+            ("self_attn.v_proj.weight", "attn/v_proj/kernel", "linear"),
+            ("self_attn.v_proj.bias", "attn/v_proj/bias", "bias"),
+            ("self_attn.out_proj.weight", "attn/o_proj/kernel", "linear2"),
+            ("self_attn.out_proj.bias", "attn/o_proj/bias", "vector"),
+            ("mlp.fc1.weight", "fc1/kernel", "linear"),
+            ("mlp.fc1.bias", "fc1/bias", "vector"),
+            ("mlp.fc2.weight", "fc2/kernel", "linear"),
+            ("mlp.fc2.bias", "fc2/bias", "vector"),
+        )
+    ),
+    _Rule("projector.linear_1.weight", "visual_tokens/projector/linear_1/kernel", "linear"),
+    _Rule("projector.linear_1.bias", "visual_tokens/projector/linear_1/bias", "vector"),
+    _Rule("projector.linear_2.weight", "visual_tokens/projector/linear_2/kernel", "linear"),
+    _Rule("projector.linear_2.bias", "visual_tokens/projector/linear_2/bias", "vector"),
+    _Rule("text.embed_tokens.weight", "embed/embedding", "vector"),
+    *(
+        _Rule(f"text.layers.{{i}}.{hf}", f"decoder/layer_{{i}}/{ours}", kind)
+        for hf, ours, kind in (
+            ("input_layernorm.weight", "attn_norm/scale", "vector"),
+            ("post_attention_layernorm.weight", "mlp_norm/scale", "vector"),
+            ("self_attn.q_proj.weight", "attn/q_proj/kernel", "linear"),
+            ("self_attn.k_proj.weight", "attn/k_proj/kernel", "linear"),
+            ("self_attn.v_proj.weight", "attn/v_proj/kernel", "linear"),
+            ("self_attn.o_proj.weight", "attn/o_proj/kernel", "linear2"),
+            ("mlp.gate_proj.weight", "mlp/gate/kernel", "linear"),
+            ("mlp.up_proj.weight", "mlp/up/kernel", "linear"),
+            ("mlp.down_proj.weight", "mlp/down/kernel", "linear"),
+        )
+    ),
+    _Rule("text.norm.weight", "final_norm/scale", "vector"),
+    _Rule("lm_head.weight", "lm_head/kernel", "linear"),
+)
+
+
+def _to_ours(value: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "conv":  # [out, in, kh, kw] -> [kh, kw, in, out]
+        value = value.transpose(2, 3, 1, 0)
+    elif kind in ("linear", "linear2"):
+        value = value.T
+    if value.size != int(np.prod(shape)):
+        raise ValueError(f"has {value.size} elements, expected {int(np.prod(shape))}")
+    return value.reshape(shape)
+
+
+def _to_hf(value: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "conv":
+        return value.transpose(3, 2, 0, 1)
+    if kind == "linear":  # [in, out...] -> [out, in]
+        return value.reshape(value.shape[0], -1).T
+    if kind == "linear2":  # [in1, in2, out] -> [out, in1 * in2]
+        return value.reshape(-1, value.shape[-1]).T
+    if kind == "bias":  # [heads, head_dim] -> [heads * head_dim]
+        return value.reshape(-1)
+    return value
+
+
+def _expand_rules(params_paths: set[str]) -> Iterator[tuple[str, str, str]]:
+    """(normalized HF name, our path, kind) for every parameter our model has."""
+    for rule in _RULES:
+        if "{i}" not in rule.ours:
+            if rule.ours in params_paths:
+                yield rule.hf, rule.ours, rule.kind
+            continue
+        i = 0
+        while rule.ours.format(i=i) in params_paths:
+            yield rule.hf.format(i=i), rule.ours.format(i=i), rule.kind
+            i += 1
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "/"))
+        else:
+            out[path] = value
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+class TensorFiles:
+    """Names -> lazily read tensors of one checkpoint directory (single file or sharded)."""
+
+    def __init__(self, directory: str):
+        index_path = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index_path):
+            try:
+                weight_map = json.load(open(index_path))["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise HFCheckpointError(f"{index_path}: not a safetensors index ({err})") from None
+        elif os.path.exists(single):
+            weight_map = None
+        else:
+            raise HFCheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+        if missing:
+            raise HFCheckpointError(f"{directory}: missing shard(s) {missing} listed in model.safetensors.index.json")
+        from safetensors import safe_open
+
+        self._files = {}
+        self.names: dict[str, tuple[str, str]] = {}  # normalized -> (file, original name)
+        for file in files:
+            path = os.path.join(directory, file)
+            try:
+                handle = safe_open(path, framework="flax")
+            except Exception as err:  # safetensors raises its own error type for a damaged header
+                raise HFCheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+            self._files[file] = handle
+            for name in handle.keys():
+                self.names[normalize_name(name)] = (file, name)
+
+    def read(self, normalized: str) -> np.ndarray:
+        file, name = self.names[normalized]
+        # Read on the host CPU (safetensors' numpy reader has no bfloat16).
+        with jax.default_device(jax.devices("cpu")[0]):
+            return np.asarray(self._files[file].get_tensor(name))
+
+
+def load_params(directory: str, abstract_params: dict, strict: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """Our params (shaped and sharded as `abstract_params`, ShapeDtypeStructs
+    with shardings) from a HF directory, and the HF tensors our model does not
+    use (vision layers after the selected one, the vision post-norm), kept for export.
+
+    Parameters of ours that transformers has no counterpart for (summary
+    pools, routers) are an error when `strict`, else left out (see `merge_into`)."""
+    files = TensorFiles(directory)
+    flat_abstract = _flatten(abstract_params)
+    loaded, used = {}, set()
+    for hf_name, path, kind in _expand_rules(set(flat_abstract)):
+        if hf_name not in files.names:
+            raise HFCheckpointError(f"{directory}: tensor {hf_name!r} (for {path}) is missing")
+        target = flat_abstract[path]
+        value = files.read(hf_name)
+        try:
+            value = _to_ours(value, kind, target.shape).astype(target.dtype)
+        except ValueError as err:
+            raise HFCheckpointError(f"{directory}: tensor {files.names[hf_name][1]} of shape {list(value.shape)} does not fit {path} {list(target.shape)}: {err}") from None
+        sharding = getattr(target, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        loaded[path] = jax.make_array_from_callback(target.shape, sharding, lambda index, v=value: v[index])
+        used.add(hf_name)
+    missing = sorted(set(flat_abstract) - set(loaded))
+    if missing and strict:
+        raise HFCheckpointError(f"{directory}: no tensor for our parameter(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    unused = {files.names[name][1]: files.read(name) for name in files.names if name not in used and not _is_tied_head(name, abstract_params)}
+    return _unflatten(loaded), unused
+
+
+def _is_tied_head(normalized: str, params: dict) -> bool:
+    return normalized == "lm_head.weight" and "lm_head" not in params
+
+
+def export_tensors(params: dict, unused: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """HF tensors (transformers' own save layout) for our params, plus `unused` passed through."""
+    flat = {path: np.asarray(jax.device_get(value)) for path, value in _flatten(params).items()}
+    tensors = {}
+    for hf_name, path, kind in _expand_rules(set(flat)):
+        group = next(g for g in _EXPORT_PREFIXES if hf_name.startswith(g))
+        tensors[_EXPORT_PREFIXES[group] + hf_name[len(group) :]] = np.ascontiguousarray(_to_hf(flat[path], kind))
+    extra = {k: v for k, v in (unused or {}).items() if normalize_name(k) not in {normalize_name(t) for t in tensors}}
+    for name, value in extra.items():
+        normalized = normalize_name(name)
+        group = next((g for g in _EXPORT_PREFIXES if normalized.startswith(g)), None)
+        tensors[_EXPORT_PREFIXES[group] + normalized[len(group) :] if group else name] = value
+    return tensors
+
+
+def identity_tail(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """For a model we trained: the vision post-norm transformers expects but never uses for LLaVA features."""
+    return {"vision_tower.post_layernorm.weight": np.ones(cfg.vision.width, np.float32), "vision_tower.post_layernorm.bias": np.zeros(cfg.vision.width, np.float32)}
+
+
+def save(directory: str, params: dict, cfg: ModelConfig, image_token_id: int, base_config: dict | None = None, unused: dict[str, np.ndarray] | None = None) -> None:
+    """Writes config.json + model.safetensors that transformers loads as LlavaForConditionalGeneration."""
+    from safetensors.numpy import save_file
+
+    hf = hf_config_from_model(cfg, image_token_id, base_config)
+    if unused is None:
+        # Only the layers up to the selected one exist here: export a tower of
+        # exactly that depth, selecting its last hidden state (the same feature).
+        unused = identity_tail(cfg)
+        hf["vision_config"]["num_hidden_layers"] = cfg.vision.layers_used
+        hf["vision_feature_layer"] = -1
+    os.makedirs(directory, exist_ok=True)
+    save_file(export_tensors(params, unused), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise HFCheckpointError(f"{directory}: no config.json")
+    try:
+        return json.load(open(path))
+    except json.JSONDecodeError as err:
+        raise HFCheckpointError(f"{path}: not JSON ({err})") from None
+
+
+def merge_into(fresh: dict, imported: dict) -> dict:
+    """`fresh` params with every leaf `imported` has replaced (for fine-tuning
+    with parts transformers lacks: summary tokens, routers)."""
+    flat_fresh, flat_imported = _flatten(fresh), _flatten(imported)
+    return _unflatten({path: flat_imported.get(path, value) for path, value in flat_fresh.items()})
+

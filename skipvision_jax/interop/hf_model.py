@@ -1,0 +1,106 @@
+"""A Hugging Face LLaVA directory as a ready model: config, params (on a mesh),
+and the directory's own processor (tokenizer, chat template, image preprocessing).
+
+    hf = load("llava-1.5-7b-hf", mesh)
+    batch, model_cfg = encode(hf, image, "What is in the picture?")
+    Generator(model_cfg, KVPolicy("skip_vision"), 16, mesh=mesh)(hf.params, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from PIL import Image
+
+from skipvision_jax import sharding
+from skipvision_jax.config import LayoutConfig, ModelConfig, SkipConfig
+from skipvision_jax.interop import hf_llava
+from skipvision_jax.interop.hf_llava import HFCheckpointError
+from skipvision_jax.nn import SkipVisionVLM
+
+
+@dataclasses.dataclass
+class HFLlava:
+    directory: str
+    hf_config: dict
+    model_cfg: ModelConfig  # image_offset 0 until a prompt fixes it (see `encode`)
+    params: dict
+    unused: dict[str, np.ndarray]  # HF tensors our model does not run, kept for export
+    processor: Any  # transformers processor, or None if the directory has none
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.hf_config.get("image_token_index", self.hf_config.get("image_token_id", -1)))
+
+
+def abstract_params(model_cfg: ModelConfig, mesh: Mesh | None, rules=sharding.DEFAULT_RULES) -> dict:
+    """Shapes (and shardings) of our params for a config, without creating them."""
+    model = SkipVisionVLM(model_cfg)
+    v = model_cfg.vision
+    text = np.zeros((1, max(model_cfg.layout.image_offset, 1)), np.int32)
+    pixels = np.zeros((1, v.image_size, v.image_size, v.num_channels), np.float32)
+    init = lambda: model.init(jax.random.key(0), text, text >= 0, pixels)["params"]
+    mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    return sharding.plan_init(init, mesh, rules).abstract
+
+
+def load_processor(directory: str):
+    try:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(directory)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # weights-only directory: no tokenizer or image processor
+
+
+def load(directory: str, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES, dtype: str = "float32", layout: LayoutConfig | None = None, skip: SkipConfig | None = None) -> HFLlava:
+    """Reads a LLaVA directory; params go straight to their shardings on `mesh`."""
+    hf_config = hf_llava.read_config(directory)
+    model_cfg = hf_llava.model_config_from_hf(hf_config, layout=layout, skip=skip, dtype=dtype)
+    params, unused = hf_llava.load_params(directory, abstract_params(model_cfg, mesh, rules))
+    return HFLlava(directory, hf_config, model_cfg, params, unused, load_processor(directory))
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The directory's chat template around one image and one question
+    (LLaVA-1.5's `USER: <image>\\n... ASSISTANT:` when it has none)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"USER: {processor.image_token}\n{question} ASSISTANT:"
+
+
+def split_image_tokens(input_ids: np.ndarray, image_token_id: int, num_features: int) -> tuple[np.ndarray, int]:
+    """HF ids with the image placeholder run -> (text ids without it, its offset)."""
+    is_image = input_ids == image_token_id
+    positions = np.flatnonzero(is_image)
+    if len(positions) != num_features or (len(positions) and positions[-1] - positions[0] + 1 != num_features):
+        raise HFCheckpointError(f"prompt: expected one run of {num_features} image tokens (id {image_token_id}), found {len(positions)}")
+    return input_ids[~is_image], int(positions[0])
+
+
+def encode(hf: HFLlava, image: Image.Image, question: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """One prompt as our model's batch of 1, and the config whose layout puts
+    the image where the template does."""
+    if hf.processor is None:
+        raise HFCheckpointError(f"{hf.directory}: no tokenizer/processor files, cannot encode a prompt")
+    inputs = hf.processor(images=image, text=chat_prompt(hf.processor, question), return_tensors="np")
+    text_ids, offset = split_image_tokens(inputs["input_ids"][0], hf.image_token_id, hf.model_cfg.vision.num_features)
+    pixels = inputs["pixel_values"].transpose(0, 2, 3, 1).astype(np.float32)  # NCHW -> NHWC
+    limit = hf.hf_config.get("text_config", {}).get("max_position_embeddings")
+    if limit and len(inputs["input_ids"][0]) > limit:
+        raise HFCheckpointError(f"prompt: {len(inputs['input_ids'][0])} tokens with the image exceed max_position_embeddings={limit}")
+    layout = dataclasses.replace(hf.model_cfg.layout, image_offset=offset)
+    batch = {"input_ids": text_ids[None].astype(np.int32), "text_mask": np.ones((1, len(text_ids)), bool), "pixels": pixels}
+    return batch, dataclasses.replace(hf.model_cfg, layout=layout)
+
+
+def stop_ids(hf: HFLlava) -> tuple[int, ...]:
+    eos = hf.hf_config.get("text_config", {}).get("eos_token_id")
+    if hf.processor is not None and hf.processor.tokenizer.eos_token_id is not None:
+        eos = hf.processor.tokenizer.eos_token_id
+    return tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
