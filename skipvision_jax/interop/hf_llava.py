@@ -359,9 +359,11 @@ def export_tensors(params: dict, unused: dict[str, np.ndarray] | None = None) ->
     for hf_name, path, kind in _expand_rules(set(flat)):
         group = next(g for g in _EXPORT_PREFIXES if hf_name.startswith(g))
         tensors[_EXPORT_PREFIXES[group] + hf_name[len(group) :]] = np.ascontiguousarray(_to_hf(flat[path], kind))
-    extra = {k: v for k, v in (unused or {}).items() if normalize_name(k) not in {normalize_name(t) for t in tensors}}
-    for name, value in extra.items():
+    written = {normalize_name(name) for name in tensors}
+    for name, value in (unused or {}).items():
         normalized = normalize_name(name)
+        if normalized in written:
+            continue
         group = next((g for g in _EXPORT_PREFIXES if normalized.startswith(g)), None)
         tensors[_EXPORT_PREFIXES[group] + normalized[len(group) :] if group else name] = value
     return tensors
