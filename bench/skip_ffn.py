@@ -1,16 +1,25 @@
-"""Skip-FFN train-step benchmark: full vs merge vs skip at one geometry.
+"""Skip-FFN train-step benchmark: compiled FLOPs and step time.
 
-Prints one JSON line. The vision tower is replaced by fixed random features of
-CLIP ViT-L width (1024), so the timings are of projector + merge + decoder +
-loss + backward + AdamW update, the part Skip-FFN changes.
+1. Skipped share sweep: 0 / 25 / 50 / 75% of the 576 visual tokens skip
+   every FFN (no merge, no summaries), against the same model with none skipped.
+2. The paper's layout: full (576 tokens) vs merge (100 kept + 476 merged to
+   156) vs skip (merge + summary tokens + Skip-FFN).
 
-    python bench/skip_ffn.py [--steps 10] [--batch 1]
+Each row gives the FLOP-ideal saving (1 - flops / flops_full), the realized
+one (1 - ms / ms_full) and their ratio; on accelerators with a known peak,
+MFU. The vision tower is replaced by fixed random features of CLIP ViT-L width
+(1024): the timings are of projector + merge + decoder + loss + backward +
+AdamW, the part Skip-FFN changes.
+
+    python bench/skip_ffn.py [--steps 10] [--batch 4] [--dtype bfloat16]
+
+Prints one JSON line; writes bench/results/<device>/skip_ffn.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import statistics
 import time
 
@@ -19,27 +28,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from skipvision_jax.config import (
-    DecoderConfig,
-    LayoutConfig,
-    ModelConfig,
-    SkipConfig,
-    VisionConfig,
-)
+from common import VISION_576, compiled_flops, full_config, peak_flops, skip_config, write_result
+from skipvision_jax.config import LayoutConfig, ModelConfig, SkipConfig
 from skipvision_jax.flops import train_step_flops
 from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.train.optim import TRAINABLE_PRESETS
 from skipvision_jax.train.step import init_train_state, make_train_step
 
-# LLaVA-1.5 layout (336 px / 14 = 24 x 24 = 576 visual tokens) with a scaled-down decoder.
-VISION = VisionConfig(image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096)
-DECODER = DecoderConfig(vocab_size=32000, width=512, num_layers=8, num_heads=8, num_kv_heads=2, mlp_dim=1408)
 NUM_KEPT, MERGE_TO, NUM_TEXT = 100, 156, 64
+SHARES = (0.0, 0.25, 0.5, 0.75)
 
 
-def variants() -> dict[str, ModelConfig]:
-    build = lambda merge_to, summaries, skip: ModelConfig(VISION, LayoutConfig(num_kept=NUM_KEPT, merge_to=merge_to, summary_tokens=summaries), SkipConfig(enabled=skip), DECODER)
-    return {"full": build(None, False, False), "merge": build(MERGE_TO, False, False), "skip": build(MERGE_TO, True, True)}
+def share_config(share: float, dtype: str) -> ModelConfig:
+    num_visual = VISION_576.num_features
+    kept = num_visual - round(share * num_visual)
+    return ModelConfig(VISION_576, LayoutConfig(num_kept=kept, merge_to=None, summary_tokens=False), SkipConfig(enabled=share > 0), full_config(VISION_576).decoder, dtype=dtype)
+
+
+def layout_variants(dtype: str) -> dict[str, ModelConfig]:
+    full = dataclasses.replace(full_config(VISION_576), dtype=dtype)
+    merge = dataclasses.replace(skip_config(VISION_576, NUM_KEPT, MERGE_TO, dtype), layout=LayoutConfig(num_kept=NUM_KEPT, merge_to=MERGE_TO, summary_tokens=False), skip=SkipConfig(enabled=False))
+    return {"full": full, "merge": merge, "skip": skip_config(VISION_576, NUM_KEPT, MERGE_TO, dtype)}
 
 
 def compiled_step(cfg: ModelConfig, batch_size: int):
@@ -55,49 +64,57 @@ def compiled_step(cfg: ModelConfig, batch_size: int):
     optimizer = optax.adamw(1e-4)
     state = init_train_state(init(key), optimizer, TRAINABLE_PRESETS["all"], seed=0)
     step = jax.jit(make_train_step(model, optimizer), donate_argnums=0).lower(state, batch).compile()
-    cost = step.cost_analysis()
-    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
-    return step, state, batch, flops
+    return step, state, batch, compiled_flops(step)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
-    parser.add_argument("--batch", type=int, default=4, help="examples per step (batch 1 under-fills the CPU matmuls of the short retained slice)")
-    args = parser.parse_args()
-
-    compiled = {name: compiled_step(cfg, args.batch) for name, cfg in variants().items()}
+def time_interleaved(configs: dict[str, ModelConfig], batch_size: int, steps: int) -> dict[str, dict]:
+    """Median step ms and compiled FLOPs; variants interleaved so that drift in machine load hits all alike."""
+    compiled = {name: compiled_step(cfg, batch_size) for name, cfg in configs.items()}
     states = {name: c[1] for name, c in compiled.items()}
     times = {name: [] for name in compiled}
-    # Interleave the variants so that drift in machine load hits all of them alike.
-    for i in range(args.steps + 2):
+    for i in range(steps + 2):
         for name, (step, _, batch, _) in compiled.items():
             start = time.perf_counter()
             states[name], metrics = step(states[name], batch)
             jax.block_until_ready(metrics)
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
+    return {name: {"flops": compiled[name][3], "analytic_flops": train_step_flops(cfg, NUM_TEXT, batch_size), "ms": 1000 * statistics.median(times[name])} for name, cfg in configs.items()}
 
+
+def savings(rows: dict[str, dict], baseline: str, peak: float | None) -> dict[str, dict]:
+    base = rows[baseline]
+    for row in rows.values():
+        row["ideal_saving"] = 1 - row["flops"] / base["flops"]
+        row["realized_saving"] = 1 - row["ms"] / base["ms"]
+        row["realized_over_ideal"] = row["realized_saving"] / row["ideal_saving"] if row["ideal_saving"] > 0 else None
+        row["mfu"] = row["flops"] / (row["ms"] / 1000) / peak if peak else None
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=4, help="examples per step (batch 1 under-fills the CPU matmuls of the short retained slice)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--name", default="skip_ffn", help="result file name")
+    args = parser.parse_args()
+    peak = peak_flops() if args.dtype == "bfloat16" else None
+    shares = savings(time_interleaved({f"{int(100 * s)}%": share_config(s, args.dtype) for s in SHARES}, args.batch, args.steps), "0%", peak)
+    layout = savings(time_interleaved(layout_variants(args.dtype), args.batch, args.steps), "full", peak)
+    d = full_config(VISION_576).decoder
     result = {
         "geometry": {
-            "visual_tokens": VISION.num_features, "kept": NUM_KEPT, "fine": VISION.num_features - NUM_KEPT, "merge_to": MERGE_TO,
-            "text_tokens": NUM_TEXT, "batch": args.batch, "width": DECODER.width, "layers": DECODER.num_layers,
-            "heads": DECODER.num_heads, "kv_heads": DECODER.num_kv_heads, "mlp_dim": DECODER.mlp_dim, "vocab": DECODER.vocab_size,
-            "vision": f"fixed random features, {VISION.num_features} x {VISION.width} (tower not run)",
+            "visual_tokens": VISION_576.num_features, "kept": NUM_KEPT, "merge_to": MERGE_TO, "text_tokens": NUM_TEXT, "batch": args.batch,
+            "width": d.width, "layers": d.num_layers, "heads": d.num_heads, "kv_heads": d.num_kv_heads, "mlp_dim": d.mlp_dim, "vocab": d.vocab_size,
+            "vision": f"fixed random features, {VISION_576.num_features} x {VISION_576.width} (tower not run)",
         },
+        "dtype": args.dtype,
         "steps": args.steps,
-        "device": jax.devices()[0].device_kind,
+        "shares": shares,
+        "layout": layout,
     }
-    for name, cfg in variants().items():
-        result[f"flops_{name}"] = compiled[name][3]
-        result[f"analytic_flops_{name}"] = train_step_flops(cfg, NUM_TEXT, args.batch)
-        result[f"ms_{name}"] = 1000 * statistics.median(times[name])
-    ideal = 1 - result["flops_skip"] / result["flops_full"]
-    realized = 1 - result["ms_skip"] / result["ms_full"]
-    result["ideal_saving_skip"] = ideal
-    result["realized_saving_skip"] = realized
-    result["realized_over_ideal"] = realized / ideal
-    print(json.dumps(result))
+    write_result(args.name, result)
 
 
 if __name__ == "__main__":

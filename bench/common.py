@@ -1,0 +1,85 @@
+"""What every benchmark shares: the device's results folder, its peak FLOP/s,
+its measured memory read bandwidth, interleaved timing, and the geometries."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Dense bf16 tensor-core peaks (no sparsity), for MFU. CPUs: unknown, MFU not reported.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12}
+
+# LLaVA-1.5 geometry (336 px / 14 -> 24 x 24 = 576 visual tokens of CLIP ViT-L
+# width 1024) with the decoder scaled to fit a 2-core CPU: width 512, 8 layers.
+DECODER = DecoderConfig(vocab_size=32000, width=512, num_layers=8, num_heads=8, num_kv_heads=2, mlp_dim=1408)
+VISION_576 = VisionConfig(image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096)
+# The paper's multi-scale layout: 4 x 4 and 16 x 16 pooled grids ahead of the
+# 32 x 32 patch grid: 16 + 256 + 1024 = 1296 visual tokens, the 272 coarse kept.
+VISION_1296 = VisionConfig(image_size=448, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096, pooled_grids=(4, 16))
+
+
+def full_config(vision: VisionConfig) -> ModelConfig:
+    """Every visual token through every FFN and into the cache (plain LLaVA)."""
+    return ModelConfig(vision, LayoutConfig(num_kept=vision.num_features, merge_to=None, summary_tokens=False), SkipConfig(enabled=False), DECODER)
+
+
+def skip_config(vision: VisionConfig, num_kept: int, merge_to: int | None, dtype: str = "float32") -> ModelConfig:
+    """Skip-Vision: kept tokens, summary tokens, the rest (merged to `merge_to`) skip every FFN."""
+    return ModelConfig(vision, LayoutConfig(num_kept=num_kept, merge_to=merge_to, summary_tokens=True), SkipConfig(enabled=True), DECODER, dtype=dtype)
+
+
+def device_slug() -> str:
+    kind = jax.devices()[0].device_kind
+    return "cpu" if jax.devices()[0].platform == "cpu" else re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in PEAK_BF16_FLOPS.items() if name in kind), None)
+
+
+def write_result(name: str, result: dict) -> str:
+    """Prints the JSON line and writes it to bench/results/<device>/<name>.json."""
+    result = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform, **result}
+    folder = os.path.join(RESULTS, device_slug())
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return path
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 10) -> float:
+    """Bytes per second a jitted full reduction streams from device memory."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    ms = median_ms(lambda: total(x), repeats, warmup=2)
+    return x.nbytes / (ms / 1000)
+
+
+def compiled_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])

@@ -1,0 +1,153 @@
+"""Decoding benchmark: prefill latency, per-token decode latency and cache
+bytes for every KV policy, against a memory-bandwidth roofline.
+
+Decoding reads every weight and every cache slot once per step, so its floor
+is (weight bytes + KV bytes read) / read bandwidth; the bandwidth is measured
+in the same run (a jitted full reduction over 1 GiB). Random weights, fixed
+random vision features (tower not run), no stop token: every run generates
+exactly `--new-tokens`.
+
+1. 576 visual tokens (LLaVA-1.5), batch 1: the full path (plain model, full
+   cache) against the skip path (100 kept + 476 merged to 156, summary tokens,
+   Skip-FFN prefill, `skip_vision` cache), end to end (prefill + answer); and
+   every policy of the skip model at 25% and 50% of the full cache.
+2. 1296 visual tokens (16 + 256 + 1024, 272 kept): prefill FLOPs of the full
+   model, of Skip-FFN alone and of Skip-FFN with the 1024 fine tokens merged to 256.
+3. The same layout at batch 16, Skip-FFN model without merging (the cache of
+   1346 slots outweighs the weights): per-token decode of every policy.
+
+    python bench/decode.py [--new-tokens 16] [--repeats 3]
+
+Prints one JSON line; writes bench/results/<device>/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from common import VISION_576, VISION_1296, compiled_flops, full_config, median_ms, read_bandwidth, skip_config, write_result
+from skipvision_jax.config import ModelConfig
+from skipvision_jax.generate import Generator
+from skipvision_jax.kvcache import KVPolicy, cache_bytes
+from skipvision_jax.nn import SkipVisionVLM
+
+PROMPT_TEXT = 32
+
+
+def make_inputs(cfg: ModelConfig, batch: int) -> dict:
+    key = jax.random.key(1)
+    return {
+        "input_ids": jax.random.randint(key, (batch, PROMPT_TEXT), 3, cfg.decoder.vocab_size),
+        "text_mask": jnp.ones((batch, PROMPT_TEXT), bool),
+        "vision_features": jax.random.normal(key, (batch, cfg.vision.num_features, cfg.vision.width)),
+    }
+
+
+def init_params(cfg: ModelConfig, inputs: dict) -> dict:
+    model = SkipVisionVLM(cfg)
+    init = jax.jit(lambda k: nn.unbox(model.init(k, inputs["input_ids"][:1], inputs["text_mask"][:1], vision_features=inputs["vision_features"][:1]))["params"])
+    return init(jax.random.key(0))
+
+
+def decode_weight_bytes(params: dict) -> int:
+    """What one decode step reads: the decoder layers, the final norm and the LM head (one embedding row is negligible)."""
+    read = {k: v for k, v in params.items() if k in ("decoder", "final_norm", "lm_head")}
+    if "lm_head" not in params:  # tied: the embedding table is the head
+        read["embed"] = params["embed"]
+    return sum(x.nbytes for x in jax.tree.leaves(read))
+
+
+def measure(cfg: ModelConfig, params: dict, inputs: dict, policy: KVPolicy, new_tokens: int, repeats: int, bandwidth: float, time_prefill: bool = True) -> dict:
+    """One policy; `time_prefill=False` runs the prefill once, untimed (large batches)."""
+    generator = Generator(cfg, policy, new_tokens)
+    rng = jax.random.key(0)
+    prefill = generator._prefill_jit.lower(params, inputs, rng).compile()
+    prefill_ms = median_ms(lambda: prefill(params, inputs, rng), repeats) if time_prefill else None
+    state = prefill(params, inputs, rng)
+    fresh_states = iter([jax.tree.map(jnp.copy, state) for _ in range(repeats + 1)])  # decode donates its input state
+    decode_ms = median_ms(lambda: generator.decode(params, next(fresh_states)), repeats)
+    per_token_ms = decode_ms / (new_tokens - 1)
+    kv = cache_bytes(state.caches)
+    roofline_ms = 1000 * (decode_weight_bytes(params) + kv) / bandwidth
+    return {
+        "policy": policy.name,
+        "budget": policy.budget,
+        "kv_slots": int(state.caches[0].k.shape[1]),
+        "kv_bytes": kv,
+        "prefill_ms": prefill_ms,
+        "prefill_flops": compiled_flops(prefill),
+        "decode_ms_per_token": per_token_ms,
+        "answer_ms": prefill_ms + decode_ms if time_prefill else None,
+        "roofline_ms_per_token": roofline_ms,
+        "measured_over_roofline": per_token_ms / roofline_ms,
+    }
+
+
+def pruning_policies(full_slots: int, new_tokens: int) -> list[KVPolicy]:
+    out = [KVPolicy("full"), KVPolicy("skip_vision")]
+    for fraction in (0.25, 0.5):
+        budget = max(int(fraction * full_slots), 4 + 16 + 1)
+        out += [KVPolicy("h2o", budget), KVPolicy("snapkv", budget), KVPolicy("streaming", budget)]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-large", type=int, default=16, help="batch of part 3")
+    args = parser.parse_args()
+    bandwidth = read_bandwidth()
+    result = {"read_bandwidth_gb_s": bandwidth / 1e9, "new_tokens": args.new_tokens, "prompt_text_tokens": PROMPT_TEXT}
+
+    # 1. 576 tokens, batch 1
+    full_cfg, skip_cfg = full_config(VISION_576), skip_config(VISION_576, 100, 156)
+    inputs = make_inputs(full_cfg, 1)
+    full_params, skip_params = init_params(full_cfg, inputs), init_params(skip_cfg, inputs)
+    full_path = measure(full_cfg, full_params, inputs, KVPolicy("full"), args.new_tokens, args.repeats, bandwidth)
+    full_slots = Generator(skip_cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT)
+    policies = [measure(skip_cfg, skip_params, inputs, p, args.new_tokens, args.repeats, bandwidth) for p in pruning_policies(full_slots, args.new_tokens)]
+    skip_path = next(row for row in policies if row["policy"] == "skip_vision")
+    result["llava576_batch1"] = {
+        "weight_bytes_read_per_token": decode_weight_bytes(skip_params),
+        "full_path": full_path,
+        "skip_path": skip_path,
+        "answer_latency_saving": 1 - skip_path["answer_ms"] / full_path["answer_ms"],
+        "skip_model_policies": policies,
+    }
+
+    # 2. 1296 tokens: prefill FLOPs
+    configs_1296 = {"full": full_config(VISION_1296), "skip": skip_config(VISION_1296, 272, None), "skip_merge256": skip_config(VISION_1296, 272, 256)}
+    inputs = make_inputs(configs_1296["full"], 1)
+    prefill_flops = {}
+    for name, cfg in configs_1296.items():
+        params = jax.eval_shape(lambda c=cfg: init_params(c, inputs))
+        generator = Generator(cfg, KVPolicy("skip_vision" if name != "full" else "full"), args.new_tokens)
+        prefill_flops[name] = compiled_flops(generator._prefill_jit.lower(params, inputs, jax.random.key(0)).compile())
+    result["layout1296_prefill_flops"] = {**prefill_flops, **{f"saving_{k}": 1 - v / prefill_flops["full"] for k, v in prefill_flops.items() if k != "full"}}
+
+    # 3. 1296 tokens, large batch: per-token decode of every policy
+    cfg = configs_1296["skip"]
+    inputs = make_inputs(cfg, args.batch_large)
+    params = init_params(cfg, inputs)
+    full_slots = Generator(cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT)
+    budget = full_slots // 2
+    rows = [measure(cfg, params, inputs, p, args.new_tokens, args.repeats, bandwidth, time_prefill=False) for p in (KVPolicy("full"), KVPolicy("skip_vision"), KVPolicy("h2o", budget), KVPolicy("snapkv", budget), KVPolicy("streaming", budget))]
+    by_name = {row["policy"]: row for row in rows}
+    result["layout1296_batch"] = {
+        "batch": args.batch_large,
+        "weight_bytes_read_per_token": decode_weight_bytes(params),
+        "policies": rows,
+        "skip_vision_decode_saving": 1 - by_name["skip_vision"]["decode_ms_per_token"] / by_name["full"]["decode_ms_per_token"],
+        "worst_measured_over_roofline": max(row["measured_over_roofline"] for row in rows),
+    }
+    write_result("decode", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Figures and the README's results section, regenerated from bench/results/.
+
+For each device folder in bench/results/ it draws, from whichever results
+are there:
+
+    quality_cost.png     embedded task: val exact match against forward FLOPs
+                         (full / merge / skip) and against KV slots (policies)
+    decode_latency.png   per-token decode and its roofline against KV slots, every policy
+    skip_ffn_shares.png  realized against FLOP-ideal saving, by skipped share
+
+and rewrites the block between `<!-- results:begin -->` and
+`<!-- results:end -->` in README.md. No number in that block is typed by hand.
+
+    python bench/report.py
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)  # configs/ is not an installed package
+
+from configs.default import get_config  # noqa: E402
+from skipvision_jax.config import model_config_from_dict  # noqa: E402
+from skipvision_jax.flops import forward_flops  # noqa: E402
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+TRAIN_RUNS = {  # name -> (metrics file, the command that produced it, model overrides)
+    "full": ("train_full.metrics.jsonl", "python train.py --workdir runs/full --config.model.skip.enabled=False --config.model.layout.merge_to=16 --config.model.layout.summary_tokens=False", {"skip": {"enabled": False}, "layout": {"merge_to": 16, "summary_tokens": False}}),
+    "merge": ("train_noskip.metrics.jsonl", "python train.py --workdir runs/noskip --config.model.skip.enabled=False", {"skip": {"enabled": False}}),
+    "skip": ("train_default.metrics.jsonl", "python train.py --workdir runs/default", {}),
+}
+
+
+def load(folder: str, name: str):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return None
+    if name.endswith(".jsonl"):
+        return [json.loads(line) for line in open(path) if line.strip()]
+    return json.load(open(path))
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def embedded_task_rows(folder: str) -> list[dict]:
+    """Final val exact match and forward GFLOPs per example of the embedded-task runs."""
+    rows = []
+    for name, (file, command, overrides) in TRAIN_RUNS.items():
+        metrics = load(folder, file)
+        if not metrics:
+            continue
+        evals = [m for m in metrics if "val_exact_match" in m]
+        model = get_config().model.to_dict()
+        for section, values in overrides.items():
+            model[section].update(values)
+        cfg = model_config_from_dict(model)
+        flops = sum(forward_flops(cfg, get_config().data.text_len, 1).values())
+        rows.append({"name": name, "exact_match": evals[-1]["val_exact_match"], "gflops": flops / 1e9, "command": command})
+    return rows
+
+
+def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> str | None:
+    if not rows and not kv:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for row in rows:
+        axes[0].scatter(row["gflops"], 100 * row["exact_match"], s=40)
+        axes[0].annotate(row["name"], (row["gflops"], 100 * row["exact_match"]), textcoords="offset points", xytext=(5, 5))
+    axes[0].set(xlabel="forward GFLOPs per example", ylabel="val exact match (%)", title="Embedded task: visual tokens")
+    if kv:
+        for policy in ("h2o", "snapkv", "streaming"):
+            points = sorted((v["kv_slots"], 100 * v["exact_match"]) for k, v in kv["results"].items() if k.startswith(policy + "@"))
+            points.append((kv["results"]["full"]["kv_slots"], 100 * kv["results"]["full"]["exact_match"]))
+            axes[1].plot(*zip(*sorted(points)), marker="o", label=policy)
+        sv = kv["results"]["skip_vision"]
+        axes[1].scatter(sv["kv_slots"], 100 * sv["exact_match"], marker="*", s=150, color="black", label="skip_vision", zorder=3)
+        axes[1].set(xlabel="KV slots per layer", ylabel="val exact match (%)", title="Embedded task: KV cache budget")
+        axes[1].legend()
+    fig.tight_layout()
+    path = os.path.join(folder, "quality_cost.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_decode(folder: str, decode: dict | None) -> str | None:
+    if not decode:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [(decode["llava576_batch1"]["skip_model_policies"], "576 tokens, batch 1"), (decode["layout1296_batch"]["policies"], f"1296 tokens, batch {decode['layout1296_batch']['batch']}")]
+    for ax, (rows, title) in zip(axes, panels):
+        for policy in sorted({r["policy"] for r in rows}):
+            points = sorted((r["kv_slots"], r["decode_ms_per_token"], r["roofline_ms_per_token"]) for r in rows if r["policy"] == policy)
+            slots, measured, roofline = zip(*points)
+            line = ax.plot(slots, measured, marker="o", label=policy)[0]
+            ax.plot(slots, roofline, linestyle=":", color=line.get_color())
+        ax.set(xlabel="KV slots per layer", ylabel="decode ms / token (dotted: roofline)", title=title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(folder, "decode_latency.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_shares(folder: str, skip_ffn: dict | None) -> str | None:
+    if not skip_ffn or "shares" not in skip_ffn:
+        return None
+    shares = skip_ffn["shares"]
+    names = list(shares)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(names, [100 * shares[n]["ideal_saving"] for n in names], marker="o", label="FLOP-ideal")
+    ax.plot(names, [100 * shares[n]["realized_saving"] for n in names], marker="s", label="realized (step time)")
+    ax.set(xlabel="visual tokens skipping the FFN", ylabel="saving vs none skipped (%)", title="Skip-FFN train step")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(folder, "skip_ffn_shares.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def section(folder: str) -> list[str]:
+    device = os.path.basename(folder)
+    lines = [f"### {device}", ""]
+    rows = embedded_task_rows(folder)
+    kv, decode, skip_ffn, vs_hf = (load(folder, f) for f in ("kv_agreement.json", "decode.json", "skip_ffn.json", "vs_transformers.json"))
+    figures = [p for p in (plot_quality_cost(folder, rows, kv), plot_decode(folder, decode), plot_shares(folder, skip_ffn)) if p]
+    if rows:
+        lines += ["**Embedded task** (2500 steps x 64; `train_*.metrics.jsonl`):", "", "| visual tokens | val exact match | forward GFLOPs / example | command |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['name']} | {pct(r['exact_match'])} | {r['gflops']:.3f} | `{r['command']}` |" for r in rows]
+        lines.append("")
+    if kv:
+        lines += [f"**KV policies on the trained model** (`python bench/kv_agreement.py --checkpoint runs/default`, {kv['questions']} val questions):", "", "| policy | slots | agreement with full | exact match |", "| --- | --- | --- | --- |"]
+        lines += [f"| {k} | {v['kv_slots']} | {pct(v['agreement_with_full'])} | {pct(v['exact_match'])} |" for k, v in kv["results"].items()]
+        lines.append("")
+    if skip_ffn and "shares" in skip_ffn:
+        g = skip_ffn["geometry"]
+        lines += [f"**Skip-FFN train step** (`python bench/skip_ffn.py`, {skip_ffn['dtype']}, batch {g['batch']}, {g['visual_tokens']} visual + {g['text_tokens']} text tokens; target: realized >= 90% of the FLOP-ideal saving):", "", "| variant | compiled GFLOPs | step ms | ideal saving | realized saving | realized / ideal | MFU |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for group in ("shares", "layout"):
+            for name, row in skip_ffn[group].items():
+                ratio = "" if row["realized_over_ideal"] is None else pct(row["realized_over_ideal"])
+                mfu = "" if row["mfu"] is None else pct(row["mfu"])
+                label = f"{name} skipped" if group == "shares" else f"paper layout: {name}"
+                lines.append(f"| {label} | {row['flops'] / 1e9:.1f} | {row['ms']:.1f} | {pct(row['ideal_saving'])} | {pct(row['realized_saving'])} | {ratio} | {mfu} |")
+        lines.append("")
+    if decode:
+        a, p, b = decode["llava576_batch1"], decode["layout1296_prefill_flops"], decode["layout1296_batch"]
+        lines += [
+            f"**Decoding** (`python bench/decode.py`; measured read bandwidth {decode['read_bandwidth_gb_s']:.1f} GB/s; roofline = (weights + KV bytes read) / bandwidth):",
+            "",
+            "| measure | value | target |",
+            "| --- | --- | --- |",
+            f"| answer latency, 576 tokens, batch 1, prefill + {decode['new_tokens']} tokens: full path / skip path | {a['full_path']['answer_ms']:.0f} ms / {a['skip_path']['answer_ms']:.0f} ms ({pct(a['answer_latency_saving'])} lower) | >= 45% lower |",
+            f"| prefill FLOPs, 1296 tokens: Skip-FFN / Skip-FFN + merge 1024 -> 256 | {pct(p['saving_skip'])} / {pct(p['saving_skip_merge256'])} lower | >= 70% lower |",
+            f"| per-token decode, 1296 tokens, batch {b['batch']}: skip_vision vs full | {pct(b['skip_vision_decode_saving'])} faster | >= 35% |",
+            f"| worst policy, measured / roofline, batch {b['batch']} | {b['worst_measured_over_roofline']:.2f}x | <= 1.25x |",
+            "",
+            "| policy (576, batch 1, skip model) | budget | KV KiB | prefill ms | decode ms / token | roofline ms | measured / roofline |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in [a["full_path"] | {"policy": "full path (plain model)"}] + a["skip_model_policies"] + [r | {"policy": f"{r['policy']} (1296, batch {b['batch']})"} for r in b["policies"]]:
+            prefill = "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}"
+            lines.append(f"| {r['policy']} | {r['budget'] or r['kv_slots']} | {r['kv_bytes'] / 1024:.0f} | {prefill} | {r['decode_ms_per_token']:.2f} | {r['roofline_ms_per_token']:.2f} | {r['measured_over_roofline']:.2f}x |")
+        lines.append("")
+    if vs_hf and "ours" in vs_hf and "error" not in vs_hf["ours"]:
+        lines += [f"**Against transformers** (`python bench/vs_transformers.py`, same imported weights, batch 1, fp32; targets: >= 2x prefill speed, >= 1.5x decode tokens/s against eager `generate`):", "", "| runner | prefill ms | decode ms / token | peak RSS MiB | same greedy tokens |", "| --- | --- | --- | --- | --- |"]
+        for kind in ("ours", "hf_eager", "hf_static"):
+            row = vs_hf.get(kind, {})
+            if "error" in row or not row:
+                lines.append(f"| {kind} | failed: {row.get('error', 'missing')} | | | |")
+                continue
+            same = "-" if kind == "ours" else str(row["same_tokens_as_ours"])
+            lines.append(f"| {kind} | {row['prefill_ms']:.1f} | {row['decode_ms_per_token']:.2f} | {row['peak_rss_bytes'] / 2**20:.0f} | {same} |")
+        ratios = [f"{k.replace('_', ' ')}: {v:.2f}x" for k, v in vs_hf.items() if k.startswith(("prefill_speedup", "decode_tokens_per_s_ratio"))]
+        lines += ["", "Ratios (theirs / ours time): " + "; ".join(ratios) + ".", ""]
+    lines += [f"![{os.path.basename(p)}](bench/results/{device}/{os.path.basename(p)})" for p in figures]
+    return lines + [""]
+
+
+def main():
+    folders = sorted(f for f in glob.glob(os.path.join(HERE, "results", "*")) if os.path.isdir(f))
+    block = [BEGIN, "<!-- generated by python bench/report.py from bench/results/; do not edit by hand -->", ""]
+    for folder in folders:
+        block += section(folder)
+    block.append(END)
+    readme_path = os.path.join(REPO, "README.md")
+    readme = open(readme_path).read()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"error: README.md has no {BEGIN} ... {END} block")
+    start, end = readme.index(BEGIN), readme.index(END) + len(END)
+    with open(readme_path, "w") as f:
+        f.write(readme[:start] + "\n".join(block) + readme[end:])
+    print(json.dumps({"devices": [os.path.basename(f) for f in folders], "readme_lines": len(block)}))
+
+
+if __name__ == "__main__":
+    main()
