@@ -13,7 +13,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from skipvision_jax.config import DecoderConfig, LayoutConfig, ModelConfig, SkipConfig, VisionConfig
+from skipvision_jax.config import (
+    DecoderConfig,
+    LayoutConfig,
+    ModelConfig,
+    SkipConfig,
+    VisionConfig,
+)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -78,6 +84,14 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 10) -> float:
     total = jax.jit(jnp.sum)
     ms = median_ms(lambda: total(x), repeats, warmup=2)
     return x.nbytes / (ms / 1000)
+
+
+def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a jitted fp32 square matmul: the compute roof as this backend reaches it."""
+    a = jnp.ones((size, size), jnp.float32)
+    product = jax.jit(jnp.matmul)
+    ms = median_ms(lambda: product(a, a), repeats, warmup=2)
+    return 2 * size**3 / (ms / 1000)
 
 
 def compiled_flops(compiled) -> float:

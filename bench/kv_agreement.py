@@ -2,7 +2,7 @@
 
     python bench/kv_agreement.py --checkpoint DIR [--questions 1000] [--fractions 0.25,0.5]
 
-Prints one JSON line: per policy and budget (a fraction of the full cache),
+Prints one JSON line (and writes bench/results/<device>/kv_agreement.json): per policy and budget (a fraction of the full cache),
 agreement with `full` (identical answer tokens) and exact-match accuracy.
 """
 
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from common import write_result
 
 from skipvision_jax.generate import Generator
 from skipvision_jax.inference import load_trained
@@ -79,7 +78,7 @@ def main():
         for name in ("h2o", "snapkv", "streaming"):
             policy = dataclasses.replace(base, name=name, budget=budget)
             results[f"{name}@{fraction:g}"] = {"kv_slots": budget, **score(run_policy(loaded, policy, prompts, args.batch))}
-    print(json.dumps({"checkpoint": args.checkpoint, "questions": len(answers), "max_new_tokens": MAX_NEW, "device": jax.devices()[0].device_kind, "results": results}))
+    write_result("kv_agreement", {"checkpoint": args.checkpoint, "questions": len(answers), "max_new_tokens": MAX_NEW, "results": results})
 
 
 if __name__ == "__main__":

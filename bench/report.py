@@ -11,20 +11,17 @@ are there:
 and rewrites the block between `<!-- results:begin -->` and
 `<!-- results:end -->` in README.md. No number in that block is typed by hand.
 
-    python bench/report.py
+    python bench/report.py            # figures + README block
+    python bench/report.py --check    # CI: is the README block up to date?
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
 import sys
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -33,6 +30,16 @@ sys.path.insert(0, REPO)  # configs/ is not an installed package
 from configs.default import get_config  # noqa: E402
 from skipvision_jax.config import model_config_from_dict  # noqa: E402
 from skipvision_jax.flops import forward_flops  # noqa: E402
+
+
+def pyplot():
+    """matplotlib (the `bench` extra), imported only when drawing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 TRAIN_RUNS = {  # name -> (metrics file, the command that produced it, model overrides)
@@ -68,18 +75,23 @@ def embedded_task_rows(folder: str) -> list[dict]:
             model[section].update(values)
         cfg = model_config_from_dict(model)
         flops = sum(forward_flops(cfg, get_config().data.text_len, 1).values())
-        rows.append({"name": name, "exact_match": evals[-1]["val_exact_match"], "gflops": flops / 1e9, "command": command})
+        rows.append({"name": name, "exact_match": evals[-1]["val_exact_match"], "chance": evals[-1].get("val_chance_exact_match"), "gflops": flops / 1e9, "command": command})
     return rows
 
 
 def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> str | None:
     if not rows and not kv:
         return None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:
         axes[0].scatter(row["gflops"], 100 * row["exact_match"], s=40)
         axes[0].annotate(row["name"], (row["gflops"], 100 * row["exact_match"]), textcoords="offset points", xytext=(5, 5))
-    axes[0].set(xlabel="forward GFLOPs per example", ylabel="val exact match (%)", title="Embedded task: visual tokens")
+    axes[0].set(xlabel="forward GFLOPs per example", ylabel="val exact match (%)", title="Embedded task: visual tokens", ylim=(0, 100))
+    chance = next((r["chance"] for r in rows if r.get("chance")), None)
+    for ax in axes:
+        if chance:
+            ax.axhline(100 * chance, linestyle="--", color="gray", label="chance")
     if kv:
         for policy in ("h2o", "snapkv", "streaming"):
             points = sorted((v["kv_slots"], 100 * v["exact_match"]) for k, v in kv["results"].items() if k.startswith(policy + "@"))
@@ -87,7 +99,7 @@ def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> str | N
             axes[1].plot(*zip(*sorted(points)), marker="o", label=policy)
         sv = kv["results"]["skip_vision"]
         axes[1].scatter(sv["kv_slots"], 100 * sv["exact_match"], marker="*", s=150, color="black", label="skip_vision", zorder=3)
-        axes[1].set(xlabel="KV slots per layer", ylabel="val exact match (%)", title="Embedded task: KV cache budget")
+        axes[1].set(xlabel="KV slots per layer", ylabel="val exact match (%)", title="Embedded task: KV cache budget", ylim=(0, 100))
         axes[1].legend()
     fig.tight_layout()
     path = os.path.join(folder, "quality_cost.png")
@@ -99,6 +111,7 @@ def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> str | N
 def plot_decode(folder: str, decode: dict | None) -> str | None:
     if not decode:
         return None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = [(decode["llava576_batch1"]["skip_model_policies"], "576 tokens, batch 1"), (decode["layout1296_batch"]["policies"], f"1296 tokens, batch {decode['layout1296_batch']['batch']}")]
     for ax, (rows, title) in zip(axes, panels):
@@ -121,6 +134,7 @@ def plot_shares(folder: str, skip_ffn: dict | None) -> str | None:
         return None
     shares = skip_ffn["shares"]
     names = list(shares)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(names, [100 * shares[n]["ideal_saving"] for n in names], marker="o", label="FLOP-ideal")
     ax.plot(names, [100 * shares[n]["realized_saving"] for n in names], marker="s", label="realized (step time)")
@@ -133,12 +147,16 @@ def plot_shares(folder: str, skip_ffn: dict | None) -> str | None:
     return path
 
 
-def section(folder: str) -> list[str]:
+def section(folder: str, draw: bool) -> list[str]:
     device = os.path.basename(folder)
     lines = [f"### {device}", ""]
     rows = embedded_task_rows(folder)
     kv, decode, skip_ffn, vs_hf = (load(folder, f) for f in ("kv_agreement.json", "decode.json", "skip_ffn.json", "vs_transformers.json"))
-    figures = [p for p in (plot_quality_cost(folder, rows, kv), plot_decode(folder, decode), plot_shares(folder, skip_ffn)) if p]
+    if draw:
+        plot_quality_cost(folder, rows, kv)
+        plot_decode(folder, decode)
+        plot_shares(folder, skip_ffn)
+    figures = sorted(glob.glob(os.path.join(folder, "*.png")))
     if rows:
         lines += ["**Embedded task** (2500 steps x 64; `train_*.metrics.jsonl`):", "", "| visual tokens | val exact match | forward GFLOPs / example | command |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['name']} | {pct(r['exact_match'])} | {r['gflops']:.3f} | `{r['command']}` |" for r in rows]
@@ -160,7 +178,7 @@ def section(folder: str) -> list[str]:
     if decode:
         a, p, b = decode["llava576_batch1"], decode["layout1296_prefill_flops"], decode["layout1296_batch"]
         lines += [
-            f"**Decoding** (`python bench/decode.py`; measured read bandwidth {decode['read_bandwidth_gb_s']:.1f} GB/s; roofline = (weights + KV bytes read) / bandwidth):",
+            f"**Decoding** (`python bench/decode.py`; measured read bandwidth {decode['read_bandwidth_gb_s']:.1f} GB/s and matmul {decode['matmul_gflops']:.0f} GFLOP/s; roofline = the longer of (weights + KV bytes read) / bandwidth and step FLOPs / matmul rate):",
             "",
             "| measure | value | target |",
             "| --- | --- | --- |",
@@ -168,6 +186,7 @@ def section(folder: str) -> list[str]:
             f"| prefill FLOPs, 1296 tokens: Skip-FFN / Skip-FFN + merge 1024 -> 256 | {pct(p['saving_skip'])} / {pct(p['saving_skip_merge256'])} lower | >= 70% lower |",
             f"| per-token decode, 1296 tokens, batch {b['batch']}: skip_vision vs full | {pct(b['skip_vision_decode_saving'])} faster | >= 35% |",
             f"| worst policy, measured / roofline, batch {b['batch']} | {b['worst_measured_over_roofline']:.2f}x | <= 1.25x |",
+            f"| weight products alone / weight roofline, batch 1 / batch {b['batch']} | {a['matvec_floor_ms_per_token'] / (1000 * a['weight_bytes_read_per_token'] / (decode['read_bandwidth_gb_s'] * 1e9)):.2f}x / {b['matvec_floor_ms_per_token'] / (1000 * b['weight_bytes_read_per_token'] / (decode['read_bandwidth_gb_s'] * 1e9)):.2f}x | (the backend's floor) |",
             "",
             "| policy (576, batch 1, skip model) | budget | KV KiB | prefill ms | decode ms / token | roofline ms | measured / roofline |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -177,7 +196,7 @@ def section(folder: str) -> list[str]:
             lines.append(f"| {r['policy']} | {r['budget'] or r['kv_slots']} | {r['kv_bytes'] / 1024:.0f} | {prefill} | {r['decode_ms_per_token']:.2f} | {r['roofline_ms_per_token']:.2f} | {r['measured_over_roofline']:.2f}x |")
         lines.append("")
     if vs_hf and "ours" in vs_hf and "error" not in vs_hf["ours"]:
-        lines += [f"**Against transformers** (`python bench/vs_transformers.py`, same imported weights, batch 1, fp32; targets: >= 2x prefill speed, >= 1.5x decode tokens/s against eager `generate`):", "", "| runner | prefill ms | decode ms / token | peak RSS MiB | same greedy tokens |", "| --- | --- | --- | --- | --- |"]
+        lines += ["**Against transformers** (`python bench/vs_transformers.py`, same imported weights, batch 1, fp32; targets: >= 2x prefill speed, >= 1.5x decode tokens/s against eager `generate`):", "", "| runner | prefill ms | decode ms / token | peak RSS MiB | same greedy tokens |", "| --- | --- | --- | --- | --- |"]
         for kind in ("ours", "hf_eager", "hf_static"):
             row = vs_hf.get(kind, {})
             if "error" in row or not row:
@@ -192,18 +211,26 @@ def section(folder: str) -> list[str]:
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="draw nothing, write nothing; exit 1 if README.md's block differs from the results")
+    args = parser.parse_args()
     folders = sorted(f for f in glob.glob(os.path.join(HERE, "results", "*")) if os.path.isdir(f))
     block = [BEGIN, "<!-- generated by python bench/report.py from bench/results/; do not edit by hand -->", ""]
     for folder in folders:
-        block += section(folder)
+        block += section(folder, draw=not args.check)
     block.append(END)
     readme_path = os.path.join(REPO, "README.md")
     readme = open(readme_path).read()
     if BEGIN not in readme or END not in readme:
         raise SystemExit(f"error: README.md has no {BEGIN} ... {END} block")
     start, end = readme.index(BEGIN), readme.index(END) + len(END)
+    updated = readme[:start] + "\n".join(block) + readme[end:]
+    if args.check:
+        if updated != readme:
+            raise SystemExit("error: README.md's results block is out of date; run python bench/report.py")
+        return
     with open(readme_path, "w") as f:
-        f.write(readme[:start] + "\n".join(block) + readme[end:])
+        f.write(updated)
     print(json.dumps({"devices": [os.path.basename(f) for f in folders], "readme_lines": len(block)}))
 
 

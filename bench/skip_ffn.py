@@ -27,8 +27,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from common import (
+    VISION_576,
+    compiled_flops,
+    full_config,
+    peak_flops,
+    skip_config,
+    write_result,
+)
 
-from common import VISION_576, compiled_flops, full_config, peak_flops, skip_config, write_result
 from skipvision_jax.config import LayoutConfig, ModelConfig, SkipConfig
 from skipvision_jax.flops import train_step_flops
 from skipvision_jax.nn import SkipVisionVLM

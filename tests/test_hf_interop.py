@@ -129,7 +129,8 @@ def test_loading_onto_a_mesh_shards_each_weight_and_computes_the_same(hf_dir, im
 
 @pytest.fixture(scope="module")
 def gqa_dir(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("gqa_for_damage"))
+    """The gqa variant alone, for tests that need one directory (and may copy and damage it)."""
+    directory = str(tmp_path_factory.mktemp("gqa_single"))
     make_hf_llava(directory, "gqa")
     return directory
 
@@ -179,8 +180,8 @@ def test_malformed_directories_fail_with_a_clear_error(gqa_dir, tmp_path, damage
         hf_model.load(broken)
 
 
-def test_infer_cli_runs_every_policy_on_a_hf_checkpoint(hf_dir, image_path):
-    directory, _ = hf_dir
+def test_infer_cli_runs_every_policy_on_a_hf_checkpoint(gqa_dir, image_path):
+    directory = gqa_dir
     proc = subprocess.run(
         [sys.executable, "infer.py", f"--hf-checkpoint={directory}", f"--image={image_path}", f"--prompt={QUESTION}", "--max-new-tokens=4", "--recent-window=4", "--sink-tokens=1", "--obs-window=2", "--compare-policies", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600,

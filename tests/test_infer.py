@@ -80,3 +80,4 @@ def test_bad_input_is_a_one_line_error(workdir, image_path, corrupt_image, overr
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
