@@ -110,7 +110,7 @@ def measure(cfg: ModelConfig, params: dict, inputs: dict, policy: KVPolicy, new_
     return {
         "policy": policy.name,
         "budget": policy.budget,
-        "kv_slots": int(state.caches[0].k.shape[1]),
+        "kv_slots": int(state.caches[0].pos.shape[1]),
         "kv_bytes": kv,
         "prefill_ms": prefill_ms,
         "prefill_flops": compiled_flops(prefill),

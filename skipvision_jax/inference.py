@@ -136,7 +136,7 @@ def answer(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, policy: KVP
         "tokens": tokens[:steps].tolist(),
         "prefill_ms": 1000 * float(np.median(prefill_s)),
         "decode_ms_per_token": 1000 * float(np.median(decode_s)) / max(steps - 1, 1),
-        "kv_slots": int(state.caches[0].k.shape[1]),
+        "kv_slots": int(state.caches[0].pos.shape[1]),
         "kv_bytes": cache_bytes(state.caches),
         "policy": policy.name,
     }

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from skipvision_jax.sharding import KV_ACTIVATION, constrain
+from skipvision_jax.sharding import CACHE_KV, constrain
 
 POLICIES = ("full", "skip_vision", "h2o", "snapkv", "streaming")
 _PROTECTED = 1e30  # priority of tokens a policy never drops
@@ -82,8 +82,9 @@ class KVPolicy:
 
 @flax.struct.dataclass
 class LayerCache:
-    k: Float[Array, "B S KV Dh"]
-    v: Float[Array, "B S KV Dh"]
+    # Head-major: each (row, KV head) is one contiguous [S, Dh] slab to read.
+    k: Float[Array, "B KV S Dh"]
+    v: Float[Array, "B KV S Dh"]
     pos: Int[Array, "B S"]  # original position of the token in each slot
     valid: Bool[Array, "B S"]
     score: Float[Array, "B S"]  # accumulated attention received (h2o), else zeros
@@ -92,8 +93,8 @@ class LayerCache:
 def constrain_cache(cache: LayerCache) -> LayerCache:
     """Batch over the data axes, KV heads over `tensor` (under sharding.activate)."""
     return LayerCache(
-        k=constrain(cache.k, KV_ACTIVATION),
-        v=constrain(cache.v, KV_ACTIVATION),
+        k=constrain(cache.k, CACHE_KV),
+        v=constrain(cache.v, CACHE_KV),
         pos=constrain(cache.pos, ("batch", None)),
         valid=constrain(cache.valid, ("batch", None)),
         score=constrain(cache.score, ("batch", None)),
@@ -135,12 +136,14 @@ def compact(k, v, positions, key_valid, priority, scores, num_slots: int, budget
     free: marked invalid, so decoding writes there first."""
     _, keep = jax.lax.top_k(priority, num_slots)
     keep = jnp.sort(keep, axis=1)
-    take = lambda x: jnp.take_along_axis(x, keep.reshape(keep.shape + (1,) * (x.ndim - 2)), axis=1)
+    take = lambda x: jnp.take_along_axis(x, keep, axis=1)  # [B, L] -> [B, S]
+    take_heads = lambda x: jnp.take_along_axis(x.transpose(0, 2, 1, 3), keep[:, None, :, None], axis=2)  # [B, L, KV, Dh] -> [B, KV, S, Dh]
     pad = budget - num_slots
-    pad_rows = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    pad_rows = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)], constant_values=value)
+    pad_heads = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)])
     return constrain_cache(LayerCache(
-        k=pad_rows(take(k), 0),
-        v=pad_rows(take(v), 0),
+        k=pad_heads(take_heads(k)),
+        v=pad_heads(take_heads(v)),
         pos=pad_rows(take(positions), -1),
         valid=pad_rows(take(key_valid & (priority > -jnp.inf)), False),
         score=pad_rows(take(scores if scores is not None else jnp.zeros(positions.shape)), 0.0),
@@ -163,8 +166,8 @@ def insert(cache: LayerCache, policy: KVPolicy, k_new: Float[Array, "B KV Dh"], 
     slot = insert_slot(cache, policy, new_pos)
     rows = jnp.arange(slot.shape[0])
     return constrain_cache(LayerCache(
-        k=cache.k.at[rows, slot].set(k_new.astype(cache.k.dtype)),
-        v=cache.v.at[rows, slot].set(v_new.astype(cache.v.dtype)),
+        k=cache.k.at[rows, :, slot].set(k_new.astype(cache.k.dtype)),
+        v=cache.v.at[rows, :, slot].set(v_new.astype(cache.v.dtype)),
         pos=cache.pos.at[rows, slot].set(new_pos),
         valid=cache.valid.at[rows, slot].set(True),
         score=cache.score.at[rows, slot].set(0.0),

@@ -54,6 +54,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 HIDDEN_ACTIVATION = ("batch", None, None)  # [B, L, D]
 HEADS_ACTIVATION = ("batch", None, "heads", None)  # [B, L, H, Dh]
 KV_ACTIVATION = ("batch", None, "kv_heads", None)  # [B, L, KV, Dh]
+CACHE_KV = ("batch", "kv_heads", None, None)  # the KV cache, head-major [B, KV, S, Dh]
 
 
 def logits_axes(ndim: int) -> tuple[str | None, ...]:

@@ -77,7 +77,7 @@ def test_budget_is_exact_and_sinks_and_recent_window_survive_every_step(name):
     for _ in range(7):
         state = step(params, state)
         for cache in state.caches:
-            assert cache.k.shape[1] == cache.pos.shape[1] == 12
+            assert cache.k.shape[2] == cache.pos.shape[1] == 12
             assert bool(cache.valid.all())
             for row in range(2):
                 kept = set(np.asarray(cache.pos[row]).tolist())

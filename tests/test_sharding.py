@@ -127,6 +127,6 @@ def test_every_decoder_matrix_is_split_four_ways_over_fsdp_and_tensor(mesh_run):
 def test_decoding_on_a_mesh_gives_the_tokens_of_one_device(mesh_run):
     for policy in ("full", "skip_vision", "h2o", "snapkv", "streaming"):
         assert mesh_run[policy]["same_tokens"], policy
-        batch, slots, kv_heads, head_dim = mesh_run[policy]["cache_shape"]
+        batch, kv_heads, slots, head_dim = mesh_run[policy]["cache_shape"]
         # batch over data x fsdp (4), KV heads over tensor (2)
-        assert mesh_run[policy]["cache_shard_shape"] == [batch // 4, slots, kv_heads // 2, head_dim]
+        assert mesh_run[policy]["cache_shard_shape"] == [batch // 4, kv_heads // 2, slots, head_dim]

@@ -28,13 +28,20 @@ def attend(q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], v: Float[A
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
-def attend_with_probs(probs: Float[Array, "B H T S"], v: Float[Array, "B S KV Dh"]) -> Float[Array, "B T H Dh"]:
-    """probs @ v with query heads grouped over the KV heads."""
-    b, h, t, _ = probs.shape
-    kv = v.shape[2]
-    grouped = probs.reshape(b, kv, h // kv, t, -1)
-    out = jnp.einsum("bkgts,bskd->btkgd", grouped, v.astype(jnp.float32))
-    return out.reshape(b, t, h, v.shape[-1]).astype(v.dtype)
+def attend_cache(q: Float[Array, "B T H Dh"], k: Float[Array, "B KV S Dh"], v: Float[Array, "B KV S Dh"], valid: Bool[Array, "B S"]) -> tuple[Float[Array, "B T H Dh"], Float[Array, "B H T S"]]:
+    """Attention of a few new queries over a head-major KV cache, and its weights.
+
+    Each (row, KV head) reads one contiguous [S, Dh] slab, which is what makes
+    decoding run near memory bandwidth; the weights come for free (the policies
+    that rank keys by attention received accumulate them)."""
+    b, t, h, dh = q.shape
+    kv = k.shape[1]
+    grouped = q.reshape(b, t, kv, h // kv, dh).astype(jnp.float32)
+    logits = jnp.einsum("btkgd,bksd->bkgts", grouped, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(dh))
+    logits = jnp.where(valid[:, None, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, KV, G, T, S]
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h, dh).astype(v.dtype), probs.reshape(b, h, t, -1)
 
 
 def attention_probs(q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], mask: Bool[Array, "B 1 T S"]) -> Float[Array, "B H T S"]:

@@ -12,7 +12,7 @@ from skipvision_jax.kvcache import KVPolicy, LayerCache
 from skipvision_jax.nn.attention import (
     Attention,
     attend,
-    attend_with_probs,
+    attend_cache,
     attention_probs,
 )
 from skipvision_jax.nn.layers import RMSNorm, SwiGLU, dense
@@ -80,13 +80,9 @@ class DecoderBlock(nn.Module):
         """One new token per row against the layer's fixed-budget cache."""
         q, k, v = self.attn.project(self.attn_norm(h), positions)
         cache = kvcache.insert(cache, policy, k[:, 0], v[:, 0], positions[:, 0])
-        mask = cache.valid[:, None, None, :]
+        o, probs = attend_cache(q, cache.k, cache.v, cache.valid)  # probs [B, H, 1, S]
         if policy.decode_scores:
-            probs = attention_probs(q, cache.k, mask)  # [B, H, 1, S]
             cache = cache.replace(score=cache.score + probs.sum(axis=(1, 2)))
-            o = attend_with_probs(probs, cache.v)
-        else:
-            o = attend(q, cache.k, cache.v, mask)
         h = h + self.attn.output(o)
         return h + self.ffn(h), cache
 

@@ -37,7 +37,7 @@ def main() -> None:
         policy = KVPolicy(name, budget=None if name in ("full", "skip_vision") else 24, sink_tokens=2, recent_window=4, obs_window=3)
         alone = Generator(cfg, policy, MAX_NEW)(params, prompts)
         on_mesh = Generator(cfg, policy, MAX_NEW, mesh=mesh)(sharded_params, prompts)
-        k = on_mesh.caches[0].k  # [B, S, KV, Dh]
+        k = on_mesh.caches[0].k  # [B, KV, S, Dh]
         result[name] = {
             "same_tokens": bool(np.array_equal(np.asarray(alone.tokens), np.asarray(on_mesh.tokens))),
             "tokens": np.asarray(on_mesh.tokens).tolist(),
