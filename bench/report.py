@@ -79,9 +79,15 @@ def embedded_task_rows(folder: str) -> list[dict]:
     return rows
 
 
-def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> str | None:
+def save_figure(fig, folder: str, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name), dpi=100)
+    pyplot().close(fig)
+
+
+def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> None:
     if not rows and not kv:
-        return None
+        return
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:
@@ -101,16 +107,12 @@ def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> str | N
         axes[1].scatter(sv["kv_slots"], 100 * sv["exact_match"], marker="*", s=150, color="black", label="skip_vision", zorder=3)
         axes[1].set(xlabel="KV slots per layer", ylabel="val exact match (%)", title="Embedded task: KV cache budget", ylim=(0, 100))
         axes[1].legend()
-    fig.tight_layout()
-    path = os.path.join(folder, "quality_cost.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    save_figure(fig, folder, "quality_cost.png")
 
 
-def plot_decode(folder: str, decode: dict | None) -> str | None:
+def plot_decode(folder: str, decode: dict | None) -> None:
     if not decode:
-        return None
+        return
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = [(decode["llava576_batch1"]["skip_model_policies"], "576 tokens, batch 1"), (decode["layout1296_batch"]["policies"], f"1296 tokens, batch {decode['layout1296_batch']['batch']}")]
@@ -122,16 +124,12 @@ def plot_decode(folder: str, decode: dict | None) -> str | None:
             ax.plot(slots, roofline, linestyle=":", color=line.get_color())
         ax.set(xlabel="KV slots per layer", ylabel="decode ms / token (dotted: roofline)", title=title)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(folder, "decode_latency.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    save_figure(fig, folder, "decode_latency.png")
 
 
-def plot_shares(folder: str, skip_ffn: dict | None) -> str | None:
+def plot_shares(folder: str, skip_ffn: dict | None) -> None:
     if not skip_ffn or "shares" not in skip_ffn:
-        return None
+        return
     shares = skip_ffn["shares"]
     names = list(shares)
     plt = pyplot()
@@ -140,11 +138,7 @@ def plot_shares(folder: str, skip_ffn: dict | None) -> str | None:
     ax.plot(names, [100 * shares[n]["realized_saving"] for n in names], marker="s", label="realized (step time)")
     ax.set(xlabel="visual tokens skipping the FFN", ylabel="saving vs none skipped (%)", title="Skip-FFN train step")
     ax.legend()
-    fig.tight_layout()
-    path = os.path.join(folder, "skip_ffn_shares.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    save_figure(fig, folder, "skip_ffn_shares.png")
 
 
 def section(folder: str, draw: bool) -> list[str]:
