@@ -10,6 +10,7 @@ import statistics
 import time
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -20,6 +21,7 @@ from skipvision_jax.config import (
     SkipConfig,
     VisionConfig,
 )
+from skipvision_jax.nn import SkipVisionVLM
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -37,12 +39,19 @@ VISION_1296 = VisionConfig(image_size=448, patch_size=14, width=1024, depth=24, 
 
 def full_config(vision: VisionConfig) -> ModelConfig:
     """Every visual token through every FFN and into the cache (plain LLaVA)."""
-    return ModelConfig(vision, LayoutConfig(num_kept=vision.num_features, merge_to=None, summary_tokens=False), SkipConfig(enabled=False), DECODER)
+    return ModelConfig(vision, LayoutConfig.plain(vision.num_features), SkipConfig(enabled=False), DECODER)
 
 
 def skip_config(vision: VisionConfig, num_kept: int, merge_to: int | None, dtype: str = "float32") -> ModelConfig:
     """Skip-Vision: kept tokens, summary tokens, the rest (merged to `merge_to`) skip every FFN."""
     return ModelConfig(vision, LayoutConfig(num_kept=num_kept, merge_to=merge_to, summary_tokens=True), SkipConfig(enabled=True), DECODER, dtype=dtype)
+
+
+def init_params(cfg: ModelConfig, inputs: dict) -> dict:
+    """Random params for `cfg`, initialized from one row of `inputs` (ids, mask, vision features)."""
+    model = SkipVisionVLM(cfg)
+    init = jax.jit(lambda k: nn.unbox(model.init(k, inputs["input_ids"][:1], inputs["text_mask"][:1], vision_features=inputs["vision_features"][:1]))["params"])
+    return init(jax.random.key(0))
 
 
 def device_slug() -> str:

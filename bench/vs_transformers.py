@@ -23,7 +23,6 @@ Prints one JSON line; writes bench/results/<device>/vs_transformers.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -85,9 +84,7 @@ def worker_ours(directory: str, new_tokens: int, repeats: int) -> dict:
 
     hf = hf_model.load(directory)
     ids, pixels = prompt(hf.model_cfg.vision.num_features)
-    text_ids, offset = hf_model.split_image_tokens(ids[0], hf.image_token_id, hf.model_cfg.vision.num_features)
-    cfg = dataclasses.replace(hf.model_cfg, layout=dataclasses.replace(hf.model_cfg.layout, image_offset=offset))
-    batch = {"input_ids": text_ids[None].astype(np.int32), "text_mask": np.ones((1, len(text_ids)), bool), "pixels": pixels.transpose(0, 2, 3, 1)}
+    batch, cfg = hf_model.from_hf_inputs(hf, ids[0], pixels)
     rng = jax.random.key(0)
     one = Generator(cfg, KVPolicy("full"), 1)
     many = Generator(cfg, KVPolicy("full"), new_tokens)

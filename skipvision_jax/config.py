@@ -92,6 +92,11 @@ class LayoutConfig:
     # Insert the learned summary tokens q1 (after kept) and q2 (after skipped).
     summary_tokens: bool = True
 
+    @classmethod
+    def plain(cls, num_visual: int, image_offset: int = 0) -> "LayoutConfig":
+        """Plain LLaVA: every visual token kept, no merge, no summary tokens."""
+        return cls(image_offset=image_offset, num_kept=num_visual, merge_to=None, summary_tokens=False)
+
     def __post_init__(self):
         _require(isinstance(self.image_offset, int) and self.image_offset >= 0, "layout.image_offset", f"must be >= 0, got {self.image_offset!r}")
         _require(isinstance(self.num_kept, int) and self.num_kept >= 0, "layout.num_kept", f"must be >= 0, got {self.num_kept!r}")

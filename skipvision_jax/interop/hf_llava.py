@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from skipvision_jax.config import (
     DecoderConfig,
@@ -55,7 +56,7 @@ def _expect(config: dict, key: str, allowed: tuple, where: str, default: Any = N
     return value
 
 
-def model_config_from_hf(hf: dict, image_offset: int = 0, layout: LayoutConfig | None = None, skip: SkipConfig | None = None, dtype: str = "float32") -> ModelConfig:
+def model_config_from_hf(hf: dict, layout: LayoutConfig | None = None, skip: SkipConfig | None = None, dtype: str = "float32") -> ModelConfig:
     """Our ModelConfig for a LLaVA config.json. By default the layout keeps
     every visual token and Skip-FFN is off: the same computation as transformers."""
     _expect(hf, "model_type", ("llava",), "")
@@ -99,14 +100,13 @@ def model_config_from_hf(hf: dict, image_offset: int = 0, layout: LayoutConfig |
         norm_eps=text.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
     )
-    layout = layout or LayoutConfig(image_offset=image_offset, num_kept=vision_cfg.num_features, merge_to=None, summary_tokens=False)
+    layout = layout or LayoutConfig.plain(vision_cfg.num_features)
     return ModelConfig(vision=vision_cfg, layout=layout, skip=skip or SkipConfig(enabled=False), decoder=decoder_cfg, dtype=dtype)
 
 
 def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | None = None) -> dict:
     """A LLaVA config.json for our config (`base`, the imported one, keeps fields we do not model)."""
-    plain = LayoutConfig(image_offset=cfg.layout.image_offset, num_kept=cfg.vision.num_features, merge_to=None, summary_tokens=False)
-    if cfg.vision.pooled_grids or cfg.layout != plain:
+    if cfg.vision.pooled_grids or cfg.layout != LayoutConfig.plain(cfg.vision.num_features, cfg.layout.image_offset):
         raise HFCheckpointError("layout: only the plain LLaVA layout (every visual token kept, no merge, no summary tokens, no pooled grids) exists in transformers")
     if cfg.skip.enabled and cfg.skip.partition == "topk":
         raise HFCheckpointError("skip.partition: the topk router has no transformers counterpart")
@@ -159,6 +159,14 @@ def normalize_name(name: str) -> str:
         if name.startswith(prefix):
             return group + name[len(prefix) :]
     return name
+
+
+def export_name(normalized: str) -> str:
+    """The inverse of `normalize_name`, into transformers' own save layout."""
+    for group, prefix in _EXPORT_PREFIXES.items():
+        if normalized.startswith(group):
+            return prefix + normalized[len(group) :]
+    return normalized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,28 +265,6 @@ def _expand_rules(params_paths: set[str]) -> Iterator[tuple[str, str, str]]:
             i += 1
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, path + "/"))
-        else:
-            out[path] = value
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 class TensorFiles:
     """Names -> lazily read tensors of one checkpoint directory (single file or sharded)."""
 
@@ -327,7 +313,7 @@ def load_params(directory: str, abstract_params: dict, strict: bool = True) -> t
     Parameters of ours that transformers has no counterpart for (summary
     pools, routers) are an error when `strict`, else left out (see `merge_into`)."""
     files = TensorFiles(directory)
-    flat_abstract = _flatten(abstract_params)
+    flat_abstract = traverse_util.flatten_dict(abstract_params, sep="/")
     loaded, used = {}, set()
     for hf_name, path, kind in _expand_rules(set(flat_abstract)):
         if hf_name not in files.names:
@@ -345,7 +331,7 @@ def load_params(directory: str, abstract_params: dict, strict: bool = True) -> t
     if missing and strict:
         raise HFCheckpointError(f"{directory}: no tensor for our parameter(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     unused = {files.names[name][1]: files.read(name) for name in files.names if name not in used and not _is_tied_head(name, abstract_params)}
-    return _unflatten(loaded), unused
+    return traverse_util.unflatten_dict(loaded, sep="/"), unused
 
 
 def _is_tied_head(normalized: str, params: dict) -> bool:
@@ -354,18 +340,12 @@ def _is_tied_head(normalized: str, params: dict) -> bool:
 
 def export_tensors(params: dict, unused: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """HF tensors (transformers' own save layout) for our params, plus `unused` passed through."""
-    flat = {path: np.asarray(jax.device_get(value)) for path, value in _flatten(params).items()}
+    flat = {path: np.asarray(jax.device_get(value)) for path, value in traverse_util.flatten_dict(params, sep="/").items()}
     tensors = {}
     for hf_name, path, kind in _expand_rules(set(flat)):
-        group = next(g for g in _EXPORT_PREFIXES if hf_name.startswith(g))
-        tensors[_EXPORT_PREFIXES[group] + hf_name[len(group) :]] = np.ascontiguousarray(_to_hf(flat[path], kind))
-    written = {normalize_name(name) for name in tensors}
+        tensors[export_name(hf_name)] = np.ascontiguousarray(_to_hf(flat[path], kind))
     for name, value in (unused or {}).items():
-        normalized = normalize_name(name)
-        if normalized in written:
-            continue
-        group = next((g for g in _EXPORT_PREFIXES if normalized.startswith(g)), None)
-        tensors[_EXPORT_PREFIXES[group] + normalized[len(group) :] if group else name] = value
+        tensors.setdefault(export_name(normalize_name(name)), value)
     return tensors
 
 
@@ -404,6 +384,6 @@ def read_config(directory: str) -> dict:
 def merge_into(fresh: dict, imported: dict) -> dict:
     """`fresh` params with every leaf `imported` has replaced (for fine-tuning
     with parts transformers lacks: summary tokens, routers)."""
-    flat_fresh, flat_imported = _flatten(fresh), _flatten(imported)
-    return _unflatten({path: flat_imported.get(path, value) for path, value in flat_fresh.items()})
+    flat_fresh, flat_imported = traverse_util.flatten_dict(fresh, sep="/"), traverse_util.flatten_dict(imported, sep="/")
+    return traverse_util.unflatten_dict({path: flat_imported.get(path, value) for path, value in flat_fresh.items()}, sep="/")
 

@@ -83,20 +83,26 @@ def split_image_tokens(input_ids: np.ndarray, image_token_id: int, num_features:
     return input_ids[~is_image], int(positions[0])
 
 
-def encode(hf: HFLlava, image: Image.Image, question: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
-    """One prompt as our model's batch of 1, and the config whose layout puts
-    the image where the template does."""
-    if hf.processor is None:
-        raise HFCheckpointError(f"{hf.directory}: no tokenizer/processor files, cannot encode a prompt")
-    inputs = hf.processor(images=image, text=chat_prompt(hf.processor, question), return_tensors="np")
-    text_ids, offset = split_image_tokens(inputs["input_ids"][0], hf.image_token_id, hf.model_cfg.vision.num_features)
-    pixels = inputs["pixel_values"].transpose(0, 2, 3, 1).astype(np.float32)  # NCHW -> NHWC
-    limit = hf.hf_config.get("text_config", {}).get("max_position_embeddings")
-    if limit and len(inputs["input_ids"][0]) > limit:
-        raise HFCheckpointError(f"prompt: {len(inputs['input_ids'][0])} tokens with the image exceed max_position_embeddings={limit}")
+def from_hf_inputs(hf: HFLlava, input_ids: np.ndarray, pixel_values: np.ndarray) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """transformers' inputs for one prompt (ids [T] with the image token run,
+    pixels [1, C, H, W]) as our batch of 1, and the config whose layout puts
+    the image where the run was."""
+    text_ids, offset = split_image_tokens(input_ids, hf.image_token_id, hf.model_cfg.vision.num_features)
+    pixels = pixel_values.transpose(0, 2, 3, 1).astype(np.float32)  # NCHW -> NHWC
     layout = dataclasses.replace(hf.model_cfg.layout, image_offset=offset)
     batch = {"input_ids": text_ids[None].astype(np.int32), "text_mask": np.ones((1, len(text_ids)), bool), "pixels": pixels}
     return batch, dataclasses.replace(hf.model_cfg, layout=layout)
+
+
+def encode(hf: HFLlava, image: Image.Image, question: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """One prompt through the directory's processor (see `from_hf_inputs`)."""
+    if hf.processor is None:
+        raise HFCheckpointError(f"{hf.directory}: no tokenizer/processor files, cannot encode a prompt")
+    inputs = hf.processor(images=image, text=chat_prompt(hf.processor, question), return_tensors="np")
+    limit = hf.hf_config.get("text_config", {}).get("max_position_embeddings")
+    if limit and len(inputs["input_ids"][0]) > limit:
+        raise HFCheckpointError(f"prompt: {len(inputs['input_ids'][0])} tokens with the image exceed max_position_embeddings={limit}")
+    return from_hf_inputs(hf, inputs["input_ids"][0], inputs["pixel_values"])
 
 
 def stop_ids(hf: HFLlava) -> tuple[int, ...]:
