@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from common import (
@@ -35,6 +34,7 @@ from common import (
     VISION_1296,
     compiled_flops,
     full_config,
+    init_params,
     matmul_flops,
     median_ms,
     read_bandwidth,
@@ -45,7 +45,6 @@ from common import (
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.generate import Generator
 from skipvision_jax.kvcache import KVPolicy, cache_bytes
-from skipvision_jax.nn import SkipVisionVLM
 
 PROMPT_TEXT = 32
 
@@ -57,12 +56,6 @@ def make_inputs(cfg: ModelConfig, batch: int) -> dict:
         "text_mask": jnp.ones((batch, PROMPT_TEXT), bool),
         "vision_features": jax.random.normal(key, (batch, cfg.vision.num_features, cfg.vision.width)),
     }
-
-
-def init_params(cfg: ModelConfig, inputs: dict) -> dict:
-    model = SkipVisionVLM(cfg)
-    init = jax.jit(lambda k: nn.unbox(model.init(k, inputs["input_ids"][:1], inputs["text_mask"][:1], vision_features=inputs["vision_features"][:1]))["params"])
-    return init(jax.random.key(0))
 
 
 def decode_weight_bytes(params: dict) -> int:

@@ -23,14 +23,15 @@ import dataclasses
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from common import (
+    DECODER,
     VISION_576,
     compiled_flops,
     full_config,
+    init_params,
     peak_flops,
     skip_config,
     write_result,
@@ -49,12 +50,12 @@ SHARES = (0.0, 0.25, 0.5, 0.75)
 def share_config(share: float, dtype: str) -> ModelConfig:
     num_visual = VISION_576.num_features
     kept = num_visual - round(share * num_visual)
-    return ModelConfig(VISION_576, LayoutConfig(num_kept=kept, merge_to=None, summary_tokens=False), SkipConfig(enabled=share > 0), full_config(VISION_576).decoder, dtype=dtype)
+    return ModelConfig(VISION_576, LayoutConfig(num_kept=kept, merge_to=None, summary_tokens=False), SkipConfig(enabled=share > 0), DECODER, dtype=dtype)
 
 
 def layout_variants(dtype: str) -> dict[str, ModelConfig]:
     full = dataclasses.replace(full_config(VISION_576), dtype=dtype)
-    merge = dataclasses.replace(skip_config(VISION_576, NUM_KEPT, MERGE_TO, dtype), layout=LayoutConfig(num_kept=NUM_KEPT, merge_to=MERGE_TO, summary_tokens=False), skip=SkipConfig(enabled=False))
+    merge = ModelConfig(VISION_576, LayoutConfig(num_kept=NUM_KEPT, merge_to=MERGE_TO, summary_tokens=False), SkipConfig(enabled=False), DECODER, dtype=dtype)
     return {"full": full, "merge": merge, "skip": skip_config(VISION_576, NUM_KEPT, MERGE_TO, dtype)}
 
 
@@ -67,9 +68,8 @@ def compiled_step(cfg: ModelConfig, batch_size: int):
         "loss_mask": jnp.ones((batch_size, NUM_TEXT), bool),
         "vision_features": jax.random.normal(key, (batch_size, cfg.vision.num_features, cfg.vision.width)),
     }
-    init = jax.jit(lambda k: nn.unbox(model.init(k, batch["input_ids"], batch["text_mask"], vision_features=batch["vision_features"]))["params"])
     optimizer = optax.adamw(1e-4)
-    state = init_train_state(init(key), optimizer, TRAINABLE_PRESETS["all"], seed=0)
+    state = init_train_state(init_params(cfg, batch), optimizer, TRAINABLE_PRESETS["all"], seed=0)
     step = jax.jit(make_train_step(model, optimizer), donate_argnums=0).lower(state, batch).compile()
     return step, state, batch, compiled_flops(step)
 
@@ -109,7 +109,7 @@ def main():
     peak = peak_flops() if args.dtype == "bfloat16" else None
     shares = savings(time_interleaved({f"{int(100 * s)}%": share_config(s, args.dtype) for s in SHARES}, args.batch, args.steps), "0%", peak)
     layout = savings(time_interleaved(layout_variants(args.dtype), args.batch, args.steps), "full", peak)
-    d = full_config(VISION_576).decoder
+    d = DECODER
     result = {
         "geometry": {
             "visual_tokens": VISION_576.num_features, "kept": NUM_KEPT, "merge_to": MERGE_TO, "text_tokens": NUM_TEXT, "batch": args.batch,
