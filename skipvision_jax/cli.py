@@ -4,6 +4,7 @@ files (ml_collections), and bad input as a one-line error with a non-zero exit."
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -49,6 +50,11 @@ def parse_mesh(text: str) -> dict[str, int]:
     if len(sizes) != len(sharding.MESH_AXES):
         raise ValueError(f"--mesh: expected {len(sharding.MESH_AXES)} comma-separated sizes (data,fsdp,tensor), got {text!r}")
     return dict(zip(sharding.MESH_AXES, sizes))
+
+
+def directory_name(path: str) -> str:
+    """"runs/default/" -> "default"."""
+    return os.path.basename(os.path.normpath(path))
 
 
 def quiet_library_logs() -> None:

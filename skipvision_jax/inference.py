@@ -9,7 +9,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -43,8 +42,9 @@ class LoadedModel:
     stop_ids: tuple[int, ...]
     pad_id: int
     decode: Callable[[list[int]], str]
-    # (image path, question) -> (batch of 1, the model config for its layout)
+    # (image path, question) -> (batch of 1 as numpy arrays, the model config for its layout)
     make_batch: Callable[[str, str], tuple[dict, ModelConfig]]
+    max_text_len: int  # text tokens a prompt may have
     cfg: ml_collections.ConfigDict | None = None  # train.py's config (trained models)
     data: DataSpec | None = None
 
@@ -74,17 +74,18 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
     if model_cfg.scan_layers:
         params = unstack_layers(params, model_cfg.decoder.num_layers)
 
+    max_text_len = cfg.data.text_len - 1  # room for one answer token at least
+
     def make_batch(image_path: str, prompt: str) -> tuple[dict, ModelConfig]:
         if not prompt.strip():
             raise ValueError("prompt: empty")
         ids = data.encode_prompt(prompt)
-        limit = cfg.data.text_len - 1
-        if len(ids) > limit:
-            raise ValueError(f"prompt: {len(ids)} tokens exceed the model's text length ({limit} + 1 answer token at least)")
+        if len(ids) > max_text_len:
+            raise ValueError(f"prompt: {len(ids)} tokens exceed the model's text length ({max_text_len} + 1 answer token at least)")
         pixels = preprocess(load_image(image_path), model_cfg.vision.image_size)
-        return {"input_ids": jnp.asarray([ids], jnp.int32), "text_mask": jnp.ones((1, len(ids)), bool), "pixels": jnp.asarray(pixels[None])}, model_cfg
+        return {"input_ids": np.asarray([ids], np.int32), "text_mask": np.ones((1, len(ids)), bool), "pixels": pixels[None]}, model_cfg
 
-    return LoadedModel(model_cfg, params, mesh, rules, data.stop_ids, data.pad_id, data.decode, make_batch, cfg, data)
+    return LoadedModel(model_cfg, params, mesh, rules, data.stop_ids, data.pad_id, data.decode, make_batch, max_text_len, cfg, data)
 
 
 def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel:
@@ -111,7 +112,20 @@ def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-    return LoadedModel(hf.model_cfg, hf.params, mesh, sharding.DEFAULT_RULES, hf_model.stop_ids(hf), pad_id, decode, make_batch)
+    max_text_len = hf_model.max_positions(hf) - hf.model_cfg.vision.num_features
+    return LoadedModel(hf.model_cfg, hf.params, mesh, sharding.DEFAULT_RULES, hf_model.stop_ids(hf), pad_id, decode, make_batch, max_text_len)
+
+
+def answer_text(loaded: LoadedModel, tokens: np.ndarray) -> str:
+    """The generated tokens of one row, up to the first stop token, as text."""
+    stop = next((i for i, t in enumerate(tokens.tolist()) if t in loaded.stop_ids), len(tokens))
+    return loaded.decode(tokens[:stop].tolist())
+
+
+def default_budget(base: KVPolicy, full_slots: int, max_new_tokens: int) -> int:
+    """A pruning policy's budget when none is given: `base.budget`, or half of
+    the full cache, but at least what the policy needs to run."""
+    return base.budget or max(full_slots // 2, base.sink_tokens + base.recent_window + 1, base.obs_window + max_new_tokens)
 
 
 def answer(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, policy: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0, repeats: int = 3) -> dict:
@@ -128,14 +142,12 @@ def answer(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, policy: KVP
         start = time.perf_counter()
         state = jax.block_until_ready(generator.decode(loaded.params, state))
         decode_s.append(time.perf_counter() - start)
-    tokens = np.asarray(state.tokens[0])
-    steps = int(state.step)
-    stop = next((i for i, t in enumerate(tokens[:steps]) if t in loaded.stop_ids), steps)
+    tokens = np.asarray(state.tokens[0])[: int(state.step)]
     return {
-        "text": loaded.decode(tokens[:stop].tolist()),
-        "tokens": tokens[:steps].tolist(),
+        "text": answer_text(loaded, tokens),
+        "tokens": tokens.tolist(),
         "prefill_ms": 1000 * float(np.median(prefill_s)),
-        "decode_ms_per_token": 1000 * float(np.median(decode_s)) / max(steps - 1, 1),
+        "decode_ms_per_token": 1000 * float(np.median(decode_s)) / max(len(tokens) - 1, 1),
         "kv_slots": int(state.caches[0].pos.shape[1]),
         "kv_bytes": cache_bytes(state.caches),
         "policy": policy.name,
@@ -146,7 +158,7 @@ def compare_policies(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, b
     """Every policy on one input; pruning policies get `base.budget`, or half of
     the full cache (at least sinks + window + 1) when it is unset."""
     full_slots = Generator(model_cfg, KVPolicy("full"), max_new_tokens).budget(batch["input_ids"].shape[1])
-    budget = base.budget or max(full_slots // 2, base.sink_tokens + base.recent_window + 1, base.obs_window + max_new_tokens)
+    budget = default_budget(base, full_slots, max_new_tokens)
     rows = []
     for name in POLICIES:
         policy = dataclasses.replace(base, name=name, budget=None if name in ("full", "skip_vision") else budget)

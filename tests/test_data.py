@@ -142,3 +142,13 @@ def test_each_epoch_is_a_fresh_permutation_and_process_rows_rebuild_the_global_b
     halves = [spec.train_iterator(global_batch=4, seed=0, rows=rows) for rows in ((0, 2), (2, 4))]
     rebuilt = [k for _ in range(8) for half in halves for k in key(next(half))]
     assert rebuilt == epochs[0] + epochs[1]
+
+
+def test_embedded_tokenizer_ignores_case_and_punctuation_spacing_and_names_unknown_words():
+    tok = SyntheticVQA.tokenizer
+    typed, spaced = tok.encode("What color is the RING?"), tok.encode("what color is the ring ?")
+    assert typed == spaced and len(typed) == 6 and tok.vocab[typed[-1]] == "?"
+    assert tok.decode(typed + [tok.eos_id] + typed) == "what color is the ring ?"  # stops at <eos>
+    assert tok.decode([tok.bos_id, *tok.encode("red"), tok.pad_id]) == "red"
+    with pytest.raises(ValueError, match="word 'colour' is not in the vocabulary"):
+        tok.encode("What colour is the ring?")

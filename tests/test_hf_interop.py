@@ -225,3 +225,36 @@ def test_train_cli_fine_tunes_from_a_hf_checkpoint_with_skip_ffn(gqa_dir, tmp_pa
     np.testing.assert_array_equal(state.params["decoder"]["layer_2"]["mlp"]["down"]["kernel"], imported["decoder"]["layer_2"]["mlp"]["down"]["kernel"])
     np.testing.assert_array_equal(state.params["vision"]["pos_embed"], imported["vision"]["pos_embed"])
     assert "summary_skipped" in state.params["visual_tokens"]  # Skip-Vision's own part, freshly initialized
+
+
+def test_eval_cli_batches_mixed_prompt_lengths_as_transformers_generates_each(gqa_dir, tmp_path):
+    """eval.py --hf-checkpoint: four questions of different lengths decoded in
+    one padded batch, each answer the text of transformers' greedy generate."""
+    from skipvision_jax.vqa import files
+
+    questions = ["what is in the picture ?", "red ?", "a blue square ring ?", "one two three"]
+    for i in range(2):
+        write_image(str(tmp_path / f"{i}.png"), seed=i)
+    lines = [{"question_id": f"q{i}", "image": f"{i % 2}.png", "text": text} for i, text in enumerate(questions)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers_path = str(tmp_path / "answers.jsonl")
+    proc = subprocess.run(
+        [sys.executable, "eval.py", f"--hf-checkpoint={gqa_dir}", f"--question-file={tmp_path / 'q.jsonl'}", f"--image-folder={tmp_path}", f"--answers-file={answers_path}", "--batch-size=4", "--max-new-tokens=12"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = {a["question_id"]: a for a in files.read_answers(answers_path)}
+    assert len({a["metadata"]["bucket"] for a in answers.values()}) == 1  # one batch, padded to one length
+    torch_model = transformers.LlavaForConditionalGeneration.from_pretrained(gqa_dir).eval()
+    hf = hf_model.load(gqa_dir)
+    tokenizer = hf.processor.tokenizer
+    lengths = set()
+    for line in lines:
+        inputs = hf.processor(images=Image.open(tmp_path / line["image"]), text=hf_model.chat_prompt(hf.processor, line["text"]), return_tensors="pt")
+        lengths.add(inputs["input_ids"].shape[1])
+        with torch.no_grad():
+            generated = torch_model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
+        if tokenizer.eos_token_id in generated:
+            generated = generated[: generated.index(tokenizer.eos_token_id)]
+        assert answers[line["question_id"]]["text"] == tokenizer.decode(generated, skip_special_tokens=True), line
+    assert len(lengths) == len(questions)

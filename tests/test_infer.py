@@ -37,7 +37,7 @@ def run_infer(*args):
 
 
 def test_json_answer(workdir, image_path):
-    proc = run_infer(f"--checkpoint={workdir}", f"--image={image_path}", "--prompt=what color is the ring ?", "--kv-policy=skip_vision", "--max-new-tokens=3", "--json")
+    proc = run_infer(f"--checkpoint={workdir}", f"--image={image_path}", "--prompt=What color is the ring?", "--kv-policy=skip_vision", "--max-new-tokens=3", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert set(result) >= {"text", "tokens", "prefill_ms", "decode_ms_per_token", "kv_slots", "policy"}

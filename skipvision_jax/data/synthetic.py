@@ -14,8 +14,11 @@ so the source is random-access (grain `MapDataset.source`) and needs no files.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
+import json
+import os
 
 import numpy as np
 
@@ -54,12 +57,15 @@ class Scene:
     objects: tuple[tuple[str, str, int, int], ...]  # (colour, shape, row, col)
 
     def render(self, rng: np.random.Generator) -> np.ndarray:
-        """[32, 32, 3] float in [0, 1]: dark noisy background, flat-coloured shapes."""
+        """[32, 32, 3] float in [0, 1]: dark noisy background, flat-coloured shapes.
+
+        Values sit on the 8-bit grid, so an exported PNG holds exactly the
+        pixels the model trained and was validated on."""
         image = rng.uniform(0.0, 0.15, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
         for colour, shape, row, col in self.objects:
             cell = image[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
             cell[MASKS[shape]] = COLOURS[colour]
-        return image
+        return np.round(image * 255) / 255
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
@@ -140,3 +146,47 @@ def chance_accuracy(source: SyntheticVQA) -> float:
         _, kind, _, answer, _ = source.sample(i)
         by_kind[kind][answer] += 1
     return sum(c.most_common(1)[0][1] for c in by_kind.values()) / len(source)
+
+
+def as_typed(question: str) -> str:
+    """The question as a person types it: "What color is the ring?"."""
+    return question[0].upper() + question[1:].replace(" ?", "?")
+
+
+def export_llava_eval(directory: str, split: str, size: int, seed: int = 0) -> dict[str, str]:
+    """Writes a split in LLaVA's `model_vqa_loader` format: `images/<i>.png`,
+    `questions.jsonl` ({question_id, image, text, category}) and
+    `annotations.jsonl` ({question_id, answer, category}). Question i is
+    example i of `SyntheticVQA(split, size, seed)`, so a model's score on the
+    export is its validation score. Returns the three paths."""
+    from PIL import Image
+
+    source = SyntheticVQA(split, size, seed)
+    image_dir = os.path.join(directory, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    paths = {"images": image_dir, "questions": os.path.join(directory, "questions.jsonl"), "annotations": os.path.join(directory, "annotations.jsonl")}
+    with open(paths["questions"], "w") as questions, open(paths["annotations"], "w") as annotations:
+        for index in range(size):
+            scene, kind, question, answer, rng = source.sample(index)
+            image = f"{split}_{index:06d}.png"
+            Image.fromarray(np.round(scene.render(rng) * 255).astype(np.uint8)).save(os.path.join(image_dir, image))
+            questions.write(json.dumps({"question_id": index, "image": image, "text": as_typed(question), "category": kind}) + "\n")
+            annotations.write(json.dumps({"question_id": index, "answer": answer, "category": kind}) + "\n")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Export the embedded task in LLaVA's evaluation format.")
+    parser.add_argument("--export", required=True, metavar="DIR", help="Output directory.")
+    parser.add_argument("--split", default="val", choices=tuple(SPLITS))
+    parser.add_argument("--size", type=int, default=1000, help="Questions (the default config validates on 1000).")
+    parser.add_argument("--seed", type=int, default=0, help="The data.seed of the run to evaluate.")
+    args = parser.parse_args(argv)
+    if args.size < 1:
+        parser.error(f"--size: must be >= 1, got {args.size}")
+    paths = export_llava_eval(args.export, args.split, args.size, args.seed)
+    print(json.dumps({"count": args.size, **paths}))
+
+
+if __name__ == "__main__":
+    main()

@@ -99,10 +99,15 @@ def encode(hf: HFLlava, image: Image.Image, question: str) -> tuple[dict[str, np
     if hf.processor is None:
         raise HFCheckpointError(f"{hf.directory}: no tokenizer/processor files, cannot encode a prompt")
     inputs = hf.processor(images=image, text=chat_prompt(hf.processor, question), return_tensors="np")
-    limit = hf.hf_config.get("text_config", {}).get("max_position_embeddings")
-    if limit and len(inputs["input_ids"][0]) > limit:
+    limit = max_positions(hf)
+    if len(inputs["input_ids"][0]) > limit:
         raise HFCheckpointError(f"prompt: {len(inputs['input_ids'][0])} tokens with the image exceed max_position_embeddings={limit}")
     return from_hf_inputs(hf, inputs["input_ids"][0], inputs["pixel_values"])
+
+
+def max_positions(hf: HFLlava) -> int:
+    """Tokens a sequence may hold, the image's included (transformers' default when unset)."""
+    return int(hf.hf_config.get("text_config", {}).get("max_position_embeddings") or 2048)
 
 
 def stop_ids(hf: HFLlava) -> tuple[int, ...]:

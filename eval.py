@@ -1,0 +1,121 @@
+"""Evaluate a model on a question file in LLaVA's `model_vqa_loader` format.
+
+    python eval.py --checkpoint DIR --question-file Q.jsonl --image-folder IMGS --answers-file A.jsonl
+        [--annotation-file GT.jsonl] [--kv-policy full|skip_vision|h2o|snapkv|streaming|all] [--kv-budget N]
+        [--batch-size 16] [--max-new-tokens 16] [--num-chunks N --chunk-idx I] [--model-id NAME]
+    python eval.py --hf-checkpoint HF_DIR [--visual-kept K] ...
+
+Greedy decoding, one answer line per question. Started again on the same
+answers file it answers only the questions still missing. `--kv-policy all`
+writes `A.<policy>.jsonl` for every policy and the table `A.policies.json`.
+With an annotation file the scores go to `A.scores.json` (or
+`A.<policy>.scores.json`) and are printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from absl import flags
+
+from skipvision_jax import cli
+from skipvision_jax.data.images import ImageError
+from skipvision_jax.kvcache import POLICIES, KVPolicy
+from skipvision_jax.train.checkpoint import CheckpointError
+from skipvision_jax.vqa import files, scoring
+
+flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
+flags.DEFINE_string("hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory.")
+flags.DEFINE_integer("visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all).")
+flags.DEFINE_string("question_file", None, "Questions, one JSON object a line: question_id, image, text, category.", required=True)
+flags.DEFINE_string("image_folder", None, "The folder the questions' image paths are relative to.", required=True)
+flags.DEFINE_string("answers_file", None, "Answers jsonl to write (appended to, when it exists).", required=True)
+flags.DEFINE_string("annotation_file", None, "Ground truth: question_id with answer, or answers (a list of human answers).")
+flags.DEFINE_string("kv_policy", "full", f"{' | '.join(POLICIES)} | all")
+flags.DEFINE_integer("kv_budget", None, "KV slots per layer (h2o, snapkv, streaming; with 'all': half of the full cache when unset).")
+flags.DEFINE_integer("sink_tokens", 4, "Attention sinks kept by streaming and h2o.")
+flags.DEFINE_integer("recent_window", 16, "Recent tokens kept by streaming and h2o.")
+flags.DEFINE_integer("obs_window", 8, "SnapKV observation window.")
+flags.DEFINE_integer("batch_size", 16, "Questions decoded together.")
+flags.DEFINE_integer("max_new_tokens", 16, "Answer tokens at most.")
+flags.DEFINE_integer("num_chunks", 1, "Split the questions in this many chunks (one per process or host), as LLaVA does.")
+flags.DEFINE_integer("chunk_idx", 0, "The chunk this process answers.")
+flags.DEFINE_string("model_id", None, "model_id of the answer lines (default: the checkpoint's directory name).")
+flags.DEFINE_integer("workers", 8, "Threads that read and preprocess images.")
+flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
+cli.define_distributed_flags()
+
+
+def policy_table(answers: dict[str, list[dict]], scores: dict[str, dict]) -> list[dict]:
+    """Per policy: exact match, agreement with `full` (same answer text), cache slots, ms per answer."""
+    reference = {a["question_id"]: a["text"] for a in answers["full"] if "error" not in a}
+    rows = []
+    for name, lines in answers.items():
+        answered = [a for a in lines if "error" not in a]
+        row = {
+            "policy": name,
+            "agreement_with_full": sum(reference.get(a["question_id"]) == a["text"] for a in answered) / max(len(answered), 1),
+            "kv_slots": max((a["metadata"]["kv_slots"] for a in answered), default=0),
+            "ms_per_answer": sum(a["metadata"]["ms_per_answer"] for a in answered) / max(len(answered), 1),
+        }
+        if name in scores:
+            row["exact_match"] = scores[name]["exact_match"]
+        rows.append(row)
+    return rows
+
+
+def format_policy_table(rows: list[dict]) -> str:
+    lines = [f"{'policy':<12} {'exact match':>11} {'agrees w/ full':>14} {'kv slots':>8} {'ms/answer':>9}"]
+    for row in rows:
+        exact = f"{row['exact_match']:.4f}" if "exact_match" in row else "-"
+        lines.append(f"{row['policy']:<12} {exact:>11} {row['agreement_with_full']:>14.4f} {row['kv_slots']:>8} {row['ms_per_answer']:>9.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from skipvision_jax.inference import load_hf, load_trained
+    from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
+
+    f = flags.FLAGS
+    if (f.checkpoint is None) == (f.hf_checkpoint is None):
+        raise ValueError("give exactly one of --checkpoint (a train.py workdir) and --hf-checkpoint")
+    if f.kv_policy != "all" and f.kv_policy not in POLICIES:
+        raise ValueError(f"--kv-policy: unknown {f.kv_policy!r}, expected one of {POLICIES + ('all',)}")
+    base = KVPolicy("full", f.kv_budget, f.sink_tokens, f.recent_window, f.obs_window)
+    policies = POLICIES if f.kv_policy == "all" else (f.kv_policy,)
+    # Everything that can be wrong with the input fails before the model loads.
+    questions = files.chunk(files.read_questions(f.question_file), f.num_chunks, f.chunk_idx)
+    annotations = scoring.read_annotations(f.annotation_file) if f.annotation_file else None
+    if annotations is not None:
+        missing = [q.question_id for q in questions if q.question_id not in annotations]
+        if missing:
+            raise ValueError(f"annotation file: {f.annotation_file} lacks {len(missing)} of the questions (first: {missing[0]!r})")
+    model_id = f.model_id or cli.directory_name(f.checkpoint or f.hf_checkpoint)
+    mesh = cli.parse_mesh(f.mesh)
+    loaded = load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
+    categories = {q.question_id: q.category for q in questions}
+    answers, scores = {}, {}
+    for name in policies:
+        path = files.sibling_path(f.answers_file, f"{name}.jsonl") if f.kv_policy == "all" else f.answers_file
+        settings = EvalSettings(dataclasses.replace(base, name=name), f.max_new_tokens, f.batch_size, model_id, f.workers, default_budgets=f.kv_policy == "all")
+        summary = evaluate_questions(loaded, questions, f.image_folder, path, settings)
+        print(json.dumps({"policy": name, "answers_file": path, **summary}))
+        if summary["errors"]:
+            print(f"{summary['errors']} questions could not be answered (their lines carry an 'error' field)")
+        ids = set(categories)
+        answers[name] = [a for a in files.read_answers(path) if a["question_id"] in ids]
+        if annotations is not None:
+            scores[name] = scoring.score_answers(answers[name], annotations, categories)
+            with open(files.sibling_path(path, "scores.json"), "w") as out:
+                json.dump(scores[name], out, indent=2)
+            print(scoring.format_scores(scores[name]))
+    if f.kv_policy == "all":
+        table = policy_table(answers, scores)
+        with open(files.sibling_path(f.answers_file, "policies.json"), "w") as out:
+            json.dump(table, out, indent=2)
+        print(format_policy_table(table))
+
+
+if __name__ == "__main__":
+    cli.run(main, (ValueError, ImageError, CheckpointError))

@@ -1,0 +1,206 @@
+"""The batched evaluation harness: questions in, one answer line each out.
+
+Questions are encoded (image read and preprocessed, prompt tokenized) in a
+grain pipeline with worker threads while the device decodes. Prompts are
+right-padded to a few static length buckets and batches are always full
+(short ones are topped up with copies of their first row, whose answers are
+dropped), so a question file compiles one prefill and one decode program per
+bucket it uses, never one per question. Answers are appended and flushed a
+batch at a time: a run that dies loses the batch in flight, and a rerun on the
+same answers file answers only what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import grain
+import jax
+import numpy as np
+import tqdm
+
+from skipvision_jax.config import ModelConfig
+from skipvision_jax.data.images import ImageError
+from skipvision_jax.generate import Generator, Sampling
+from skipvision_jax.inference import LoadedModel, answer_text, default_budget
+from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.vqa.files import AnswerWriter, Question, answer_id, answered_ids
+
+SMALLEST_BUCKET = 8
+
+
+def length_buckets(max_text_len: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
+    """Powers of two from `smallest`, closed by the model's limit itself."""
+    buckets, size = [], smallest
+    while size < max_text_len:
+        buckets.append(size)
+        size *= 2
+    return tuple(buckets) + (max_text_len,)
+
+
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    return next(b for b in buckets if b >= length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One question ready to batch, or the reason it cannot be answered."""
+
+    question: Question
+    ids: np.ndarray | None = None  # [T] text ids
+    pixels: np.ndarray | None = None  # [H, W, C]
+    model_cfg: ModelConfig | None = None  # its layout (where the image sits)
+    error: str | None = None
+
+
+class QuestionEncoder:
+    """grain map: Question -> Encoded. A missing or corrupt image, or a prompt
+    the model cannot take, becomes an `error` (answered as such, counted)."""
+
+    def __init__(self, loaded: LoadedModel, image_folder: str):
+        self.loaded, self.image_folder = loaded, image_folder
+
+    def __call__(self, question: Question) -> Encoded:
+        try:
+            batch, model_cfg = self.loaded.make_batch(os.path.join(self.image_folder, question.image), question.text)
+        except (ImageError, ValueError) as err:  # HFCheckpointError is a ValueError
+            return Encoded(question, error=" ".join(str(err).split()))
+        return Encoded(question, np.asarray(batch["input_ids"][0]), np.asarray(batch["pixels"][0]), model_cfg)
+
+
+def collate(rows: list[Encoded], bucket: int, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+    """[batch_size, bucket] right-padded ids and mask, stacked pixels; rows
+    past len(rows) repeat the first one."""
+    filled = rows + [rows[0]] * (batch_size - len(rows))
+    input_ids = np.full((batch_size, bucket), pad_id, np.int32)
+    text_mask = np.zeros((batch_size, bucket), bool)
+    for i, row in enumerate(filled):
+        input_ids[i, : len(row.ids)] = row.ids
+        text_mask[i, : len(row.ids)] = True
+    return {"input_ids": input_ids, "text_mask": text_mask, "pixels": np.stack([row.pixels for row in filled])}
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    policy: KVPolicy
+    max_new_tokens: int = 16
+    batch_size: int = 16
+    model_id: str = "skipvision_jax"
+    workers: int = 8  # grain threads that read and preprocess images
+    default_budgets: bool = False  # pruning policies without a budget get `default_budget` per bucket
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size: must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens: must be >= 1, got {self.max_new_tokens}")
+
+
+class Answerer:
+    """Generators by (layout, bucket), each warmed up once on its first batch
+    (compiling prefill and decode; `warmup_s` adds up those calls), then timed
+    batch by batch."""
+
+    def __init__(self, loaded: LoadedModel, settings: EvalSettings):
+        self.loaded, self.settings = loaded, settings
+        self.buckets = length_buckets(loaded.max_text_len)
+        self._generators: dict[tuple[ModelConfig, int], Generator] = {}
+        self.warmup_s = 0.0
+
+    def policy_for(self, model_cfg: ModelConfig, bucket: int) -> KVPolicy:
+        policy, s = self.settings.policy, self.settings
+        if s.default_budgets and policy.budget is None and policy.name not in ("full", "skip_vision"):
+            full_slots = Generator(model_cfg, KVPolicy("full"), s.max_new_tokens).budget(bucket)
+            policy = dataclasses.replace(policy, budget=default_budget(policy, full_slots, s.max_new_tokens))
+        return policy
+
+    def check_budget(self) -> None:
+        """An impossible policy/budget fails before any question is read."""
+        generator = Generator(self.loaded.model_cfg, self.policy_for(self.loaded.model_cfg, self.buckets[0]), self.settings.max_new_tokens)
+        generator.budget(self.buckets[0])
+
+    def generator(self, model_cfg: ModelConfig, bucket: int, batch: dict) -> Generator:
+        key = (model_cfg, bucket)
+        if key not in self._generators:
+            s, loaded = self.settings, self.loaded
+            generator = Generator(model_cfg, self.policy_for(model_cfg, bucket), s.max_new_tokens, Sampling(), loaded.stop_ids, loaded.pad_id, mesh=loaded.mesh, rules=loaded.rules)
+            start = time.perf_counter()
+            jax.block_until_ready(generator(loaded.params, batch).tokens)
+            self.warmup_s += time.perf_counter() - start
+            self._generators[key] = generator
+        return self._generators[key]
+
+    def __call__(self, rows: list[Encoded], bucket: int) -> list[dict]:
+        s, loaded = self.settings, self.loaded
+        batch = collate(rows, bucket, s.batch_size, loaded.pad_id)
+        generator = self.generator(rows[0].model_cfg, bucket, batch)
+        start = time.perf_counter()
+        state = jax.block_until_ready(generator.prefill(loaded.params, batch, jax.random.key(0)))
+        prefill_s = time.perf_counter() - start
+        state = jax.block_until_ready(generator.decode(loaded.params, state))
+        decode_s = time.perf_counter() - start - prefill_s
+        tokens, steps = np.asarray(state.tokens), int(state.step)
+        metadata = {
+            "policy": generator.policy.name,
+            "kv_slots": int(state.caches[0].pos.shape[1]),
+            "batch_size": s.batch_size,
+            "bucket": bucket,
+            "prefill_ms": 1000 * prefill_s,
+            "decode_ms": 1000 * decode_s,
+            "ms_per_answer": 1000 * (prefill_s + decode_s) / len(rows),
+        }
+        return [answer_line(row.question, answer_text(loaded, tokens[i, :steps]), s.model_id, metadata) for i, row in enumerate(rows)]
+
+
+def answer_line(question: Question, text: str, model_id: str, metadata: dict, error: str | None = None) -> dict:
+    line = {"question_id": question.question_id, "prompt": question.text, "text": text, "answer_id": answer_id(model_id, question.question_id, metadata["policy"]), "model_id": model_id, "metadata": metadata}
+    if error is not None:
+        line["error"] = error
+    return line
+
+
+def evaluate_questions(loaded: LoadedModel, questions: list[Question], image_folder: str, answers_file: str, settings: EvalSettings) -> dict:
+    """Answers every question of `questions` not yet in `answers_file`.
+    Returns counts and timings: answered, errors, warmup_s (compiling, one
+    untimed batch per program), answer_s (the wall time without it),
+    questions_per_s."""
+    answerer = Answerer(loaded, settings)
+    answerer.check_budget()
+    done = answered_ids(answers_file)
+    pending = [q for q in questions if q.question_id not in done]
+    encoded = grain.MapDataset.source(pending).map(QuestionEncoder(loaded, image_folder))
+    stream = encoded.to_iter_dataset(grain.ReadOptions(num_threads=settings.workers, prefetch_buffer_size=4 * settings.batch_size))
+    waiting: dict[tuple[ModelConfig, int], list[Encoded]] = {}
+    counts = {"questions": len(questions), "resumed": len(questions) - len(pending), "answered": 0, "errors": 0}
+    progress = tqdm.tqdm(total=len(questions), initial=counts["resumed"], unit="q", desc=settings.policy.name, disable=not settings.progress, mininterval=1.0)
+    start = time.perf_counter()
+    try:
+        with AnswerWriter(answers_file) as writer:
+
+            def answer(rows: list[Encoded], bucket: int) -> None:
+                writer.write(answerer(rows, bucket))
+                counts["answered"] += len(rows)
+                progress.update(len(rows))
+
+            for example in stream:
+                if example.error is not None:
+                    writer.write([answer_line(example.question, "", settings.model_id, {"policy": settings.policy.name}, example.error)])
+                    counts["errors"] += 1
+                    progress.update(1)
+                    continue
+                bucket = bucket_for(len(example.ids), answerer.buckets)
+                rows = waiting.setdefault((example.model_cfg, bucket), [])
+                rows.append(example)
+                if len(rows) == settings.batch_size:
+                    answer(rows, bucket)
+                    rows.clear()
+            for (_, bucket), rows in waiting.items():
+                if rows:
+                    answer(rows, bucket)
+    finally:
+        progress.close()
+    answer_s = max(time.perf_counter() - start - answerer.warmup_s, 1e-9)
+    return {**counts, "warmup_s": answerer.warmup_s, "answer_s": answer_s, "questions_per_s": counts["answered"] / answer_s}
