@@ -42,7 +42,7 @@ flags.DEFINE_integer("max_new_tokens", 16, "Answer tokens at most.")
 flags.DEFINE_integer("num_chunks", 1, "Split the questions in this many chunks (one per process or host), as LLaVA does.")
 flags.DEFINE_integer("chunk_idx", 0, "The chunk this process answers.")
 flags.DEFINE_string("model_id", None, "model_id of the answer lines (default: the checkpoint's directory name).")
-flags.DEFINE_integer("workers", 8, "Threads that read and preprocess images.")
+flags.DEFINE_integer("workers", 0, "Threads that read and preprocess images (0: half the cores).")
 flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
 cli.define_distributed_flags()
 

@@ -145,7 +145,7 @@ def section(folder: str, draw: bool) -> list[str]:
     device = os.path.basename(folder)
     lines = [f"### {device}", ""]
     rows = embedded_task_rows(folder)
-    kv, decode, skip_ffn, vs_hf = (load(folder, f) for f in ("kv_agreement.json", "decode.json", "skip_ffn.json", "vs_transformers.json"))
+    kv, decode, skip_ffn, vs_hf, throughput = (load(folder, f) for f in ("kv_agreement.json", "decode.json", "skip_ffn.json", "vs_transformers.json", "eval_throughput.json"))
     if draw:
         plot_quality_cost(folder, rows, kv)
         plot_decode(folder, decode)
@@ -200,6 +200,12 @@ def section(folder: str, draw: bool) -> list[str]:
             lines.append(f"| {kind} | {row['prefill_ms']:.1f} | {row['decode_ms_per_token']:.2f} | {row['peak_rss_bytes'] / 2**20:.0f} | {same} |")
         ratios = [f"{k.replace('_', ' ')}: {v:.2f}x" for k, v in vs_hf.items() if k.startswith(("prefill_speedup", "decode_tokens_per_s_ratio"))]
         lines += ["", "Ratios (theirs / ours time): " + "; ".join(ratios) + ".", ""]
+    if throughput:
+        lines += [f"**eval.py throughput** (`python bench/eval_throughput.py --checkpoint {throughput['checkpoint']}`, {throughput['questions']} exported val questions, `{throughput['policy']}`; compilation apart; target: the largest batch >= 5x the questions/s of batch 1):", "", "| batch | run | questions/s | warm-up s (compile) | answering s | exact match |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['batch_size']} | {r['repeat'] + 1} | {r['questions_per_s']:.1f} | {r['warmup_s']:.1f} | {r['answer_s']:.2f} | {pct(r['exact_match'])} |" for r in throughput["runs"]]
+        if "speedup_largest_over_smallest" in throughput:
+            lines += ["", f"Median questions/s, largest over smallest batch: {throughput['speedup_largest_over_smallest']:.2f}x."]
+        lines.append("")
     lines += [f"![{os.path.basename(p)}](bench/results/{device}/{os.path.basename(p)})" for p in figures]
     return lines + [""]
 
