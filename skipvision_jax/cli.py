@@ -38,7 +38,10 @@ def load_config():
         config.to_dict()  # forces the load, so a missing config file fails here
         return config
     except OSError as err:
-        fail(f"cannot load --config: {one_line(err).split(' Attempted')[0]}", code=2)
+        path = flags.FLAGS["config"].config_filename
+        if path and not os.path.exists(path):
+            fail(f"--config: no such file {path}", code=2)
+        fail(f"cannot load --config {path}: {one_line(err).split(' Attempted')[0]}", code=2)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -87,7 +90,10 @@ def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ..
         except expected_errors as err:
             fail(one_line(err))
 
-    app.run(wrapped, argv=dashes_to_underscores(sys.argv))
+    try:
+        app.run(wrapped, argv=dashes_to_underscores(sys.argv))
+    except SyntaxError as err:  # a --config file that is not Python, raised while absl parses the flags
+        fail(f"--config: {err.filename} line {err.lineno}: {err.msg}", code=2)
 
 
 def dashes_to_underscores(argv: list[str]) -> list[str]:

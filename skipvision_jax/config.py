@@ -8,6 +8,7 @@ fails when it is built, never deep inside a traced function.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 PARTITION_KINDS = ("positional", "topk")
@@ -207,3 +208,48 @@ def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
         _require(not bad, f"model.{key}", f"unknown key(s) {bad}")
         kwargs[key] = section(**dict(value))
     return ModelConfig(**kwargs)
+
+
+def _check_numbers(section: Mapping[str, Any], prefix: str, rules: Mapping[str, tuple[Any, str]]) -> None:
+    """rules: field -> (predicate on the value, what it must be)."""
+    for name, (ok, expected) in rules.items():
+        value = section[name]
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        _require(is_number and ok(value), f"{prefix}.{name}", f"must be {expected}, got {value!r}")
+
+
+def validate_experiment(cfg: Mapping[str, Any]) -> None:
+    """The data, train and optimizer sections of an experiment config (the
+    model section is checked by `model_config_from_dict`): one-line
+    `ValueError` naming the first field that cannot be right."""
+    positive, non_negative = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+    integer = lambda check, what: (lambda v: float(v).is_integer() and check(v), f"an integer {what}")
+    _check_numbers(cfg["data"], "data", {"train_size": integer(*positive), "val_size": integer(*non_negative), "text_len": integer(lambda v: v >= 2, ">= 2")})
+    _check_numbers(
+        cfg["train"],
+        "train",
+        {
+            "steps": integer(*positive),
+            "batch_size": integer(*positive),
+            "grad_accum": integer(*positive),
+            "log_every": integer(*positive),
+            "eval_every": integer(*positive),
+            "checkpoint_every": integer(*positive),
+            "keep_checkpoints": integer(*positive),
+            "eval_batches": integer(lambda v: v == -1 or v > 0, "> 0 or -1 (all)"),
+        },
+    )
+    _check_numbers(
+        cfg["optimizer"],
+        "optimizer",
+        {
+            "lr": positive,
+            "warmup_steps": integer(*non_negative),
+            "decay_steps": integer(*non_negative),
+            "final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "weight_decay": non_negative,
+            "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "clip_norm": positive,
+        },
+    )

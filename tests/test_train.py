@@ -112,6 +112,29 @@ def test_bad_config_override_is_a_one_line_error():
     assert len(lines) == 1 and lines[0].startswith("error: bad config override") and "steps" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.train.steps=-5"], "error: train.steps: must be an integer > 0, got -5"),
+        (["--config.optimizer.lr=-1"], "error: optimizer.lr: must be > 0, got -1.0"),
+        (["--config.optimizer.b2=1.0"], "error: optimizer.b2: must be in [0, 1), got 1.0"),
+        (["--config.train.eval_batches=0"], "error: train.eval_batches: must be an integer > 0 or -1 (all), got 0"),
+        (["--config.data.text_len=1"], "error: data.text_len: must be an integer >= 2, got 1"),
+        (["--config=/nonexistent/exp.py"], "error: --config: no such file /nonexistent/exp.py"),
+        (["--config=BROKEN"], "line 1: '(' was never closed"),
+    ],
+)
+def test_config_values_that_cannot_be_right_are_refused(tmp_path, args, message):
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = (\n")
+    workdir = tmp_path / "run"
+    args = [arg.replace("BROKEN", str(broken)) for arg in args]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert not workdir.exists()  # refused before anything is written
+
+
 def _one_step(cfg, batch, grad_accum):
     model, optimizer, plan = state_plan(cfg)
     state = plan.create()

@@ -19,7 +19,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from skipvision_jax import sharding
-from skipvision_jax.config import ModelConfig, model_config_from_dict
+from skipvision_jax.config import ModelConfig, model_config_from_dict, validate_experiment
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.train.checkpoint import Checkpointer
@@ -176,6 +176,7 @@ def describe_params(params, mesh) -> dict[str, int]:
 def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     """Trains `cfg` in `workdir`, resuming from its newest good checkpoint.
     Returns the last logged metrics."""
+    validate_experiment(cfg)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:  # infer.py rebuilds the model and tokenizer from it
         with open(os.path.join(workdir, "config.json"), "w") as f:
