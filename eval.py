@@ -43,6 +43,8 @@ flags.DEFINE_integer("num_chunks", 1, "Split the questions in this many chunks (
 flags.DEFINE_integer("chunk_idx", 0, "The chunk this process answers.")
 flags.DEFINE_string("model_id", None, "model_id of the answer lines (default: the checkpoint's directory name).")
 flags.DEFINE_integer("workers", 0, "Threads that read and preprocess images (0: half the cores).")
+flags.DEFINE_integer("fastv_layer", 0, "FastV baseline: prune the visual tokens after this many decoder layers (0: off; plain models only).")
+flags.DEFINE_integer("fastv_keep", 0, "FastV baseline: visual tokens kept, by the attention of the last prompt token.")
 flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
 cli.define_distributed_flags()
 
@@ -74,7 +76,8 @@ def format_policy_table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    from skipvision_jax.inference import load_hf, load_trained
+    from skipvision_jax.config import FastVConfig
+    from skipvision_jax.inference import load_hf, load_trained, with_model_config
     from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
 
     f = flags.FLAGS
@@ -94,6 +97,9 @@ def main() -> None:
     model_id = f.model_id or cli.directory_name(f.checkpoint or f.hf_checkpoint)
     mesh = cli.parse_mesh(f.mesh)
     loaded = load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
+    if f.fastv_layer:
+        fastv = FastVConfig(f.fastv_layer, f.fastv_keep)
+        loaded = with_model_config(loaded, lambda cfg: dataclasses.replace(cfg, fastv=fastv))
     categories = {q.question_id: q.category for q in questions}
     answers, scores = {}, {}
     for name in policies:

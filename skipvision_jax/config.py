@@ -92,6 +92,9 @@ class LayoutConfig:
     merge_to: int | None = None
     # Insert the learned summary tokens q1 (after kept) and q2 (after skipped).
     summary_tokens: bool = True
+    # The pruning baseline: the fine tokens never enter the sequence (a
+    # fixed-budget pruner that keeps the coarse tokens); no skipped segment.
+    drop_fine: bool = False
 
     @classmethod
     def plain(cls, num_visual: int, image_offset: int = 0) -> "LayoutConfig":
@@ -102,6 +105,7 @@ class LayoutConfig:
         _require(isinstance(self.image_offset, int) and self.image_offset >= 0, "layout.image_offset", f"must be >= 0, got {self.image_offset!r}")
         _require(isinstance(self.num_kept, int) and self.num_kept >= 0, "layout.num_kept", f"must be >= 0, got {self.num_kept!r}")
         _require(self.merge_to is None or (isinstance(self.merge_to, int) and self.merge_to >= 0), "layout.merge_to", f"must be None or >= 0, got {self.merge_to!r}")
+        _require(not (self.drop_fine and self.merge_to is not None), "layout.drop_fine", "the fine tokens are dropped, so there is nothing to merge; set merge_to to None")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +121,25 @@ class SkipConfig:
     def __post_init__(self):
         _require(self.partition in PARTITION_KINDS, "skip.partition", f"unknown partition kind {self.partition!r}, expected one of {PARTITION_KINDS}")
         _require(self.layer_start >= 0, "skip.layer_start", f"must be >= 0, got {self.layer_start}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastVConfig:
+    """The FastV-style pruning baseline (Chen et al. 2024), applied at prefill:
+    after the first `layer` decoder layers, only the `keep` visual tokens that
+    received the most attention from the last prompt token stay in the
+    sequence (and in the cache) of the remaining layers. `layer` 0: off."""
+
+    layer: int = 0
+    keep: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.layer > 0
+
+    def __post_init__(self):
+        _require(isinstance(self.layer, int) and self.layer >= 0, "fastv.layer", f"must be >= 0 (0: off), got {self.layer!r}")
+        _require(not self.enabled or (isinstance(self.keep, int) and self.keep > 0), "fastv.keep", f"must be > 0 with fastv.layer set, got {self.keep!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +177,7 @@ class ModelConfig:
     layout: LayoutConfig = dataclasses.field(default_factory=LayoutConfig)
     skip: SkipConfig = dataclasses.field(default_factory=SkipConfig)
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    fastv: FastVConfig = dataclasses.field(default_factory=FastVConfig)
     dtype: str = "float32"
     remat: bool = False
     scan_layers: bool = False
@@ -170,10 +194,22 @@ class ModelConfig:
         n = self.decoder.num_layers
         _require(self.skip.layer_start <= n, "skip.layer_start", f"{self.skip.layer_start} exceeds num_layers {n}")
         _require(self.skip.layer_end == -1 or self.skip.layer_start <= self.skip.layer_end <= n, "skip.layer_end", f"{self.skip.layer_end} is not -1 or in [layer_start, {n}]")
+        if self.fastv.enabled:
+            _require(self.fastv.layer < n, "fastv.layer", f"{self.fastv.layer} leaves no layer to prune for (num_layers {n})")
+            _require(self.fastv.keep <= self.visual_length, "fastv.keep", f"{self.fastv.keep} exceeds the {self.visual_length} visual tokens")
+            _require(not self.skip.enabled, "fastv.layer", "FastV pruning is a baseline for the plain model; disable skip")
+            _require(not self.scan_layers, "fastv.layer", "FastV pruning needs unrolled layers; set scan_layers to False")
+
+    @property
+    def visual_length(self) -> int:
+        """Rows of the visual block: kept, skipped and the summary tokens."""
+        return self.layout.num_kept + self.num_skipped + 2 * int(self.layout.summary_tokens)
 
     @property
     def num_skipped(self) -> int:
-        """Fine visual tokens after merging: the skipped segment."""
+        """Fine visual tokens after merging (or dropping): the skipped segment."""
+        if self.layout.drop_fine:
+            return 0
         num_fine = self.vision.num_features - self.layout.num_kept
         return num_fine if self.layout.merge_to is None else self.layout.merge_to
 
@@ -185,7 +221,7 @@ class ModelConfig:
         return range(self.skip.layer_start, end)
 
 
-_SECTIONS = {"vision": VisionConfig, "layout": LayoutConfig, "skip": SkipConfig, "decoder": DecoderConfig}
+_SECTIONS = {"vision": VisionConfig, "layout": LayoutConfig, "skip": SkipConfig, "decoder": DecoderConfig, "fastv": FastVConfig}
 
 
 def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
@@ -243,7 +279,7 @@ def validate_experiment(cfg: Mapping[str, Any]) -> None:
         cfg["optimizer"],
         "optimizer",
         {
-            "lr": positive,
+            "lr": non_negative,  # 0 leaves the weights as they are (e.g. to check an import)
             "warmup_steps": integer(*non_negative),
             "decay_steps": integer(*non_negative),
             "final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),

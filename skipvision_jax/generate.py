@@ -144,13 +144,19 @@ class Generator:
             query_weights = (key_valid & (positions >= prompt_lens[:, None] - self.policy.obs_window)).astype(jnp.float32)
         logits, captured = self.model.apply({"params": params}, input_ids, text_mask, **image, query_weights=query_weights, method=SkipVisionVLM.prefill, mutable=["prefill"])
         captured = captured["prefill"]["decoder"]
-        num_slots = self.policy.prompt_slots(budget, length, self.max_new_tokens)
         caches = []
         for i in range(self.cfg.decoder.num_layers):
             layer = captured[f"layer_{i}"]
+            if "fastv_index" in captured and i >= self.cfg.fastv.layer:
+                # FastV removed visual rows: these layers cache only the rows that stayed.
+                kept_rows = captured["fastv_index"][0]
+                layer_positions, layer_valid = (jnp.take_along_axis(x, kept_rows, axis=1) for x in (positions, key_valid))
+            else:
+                layer_positions, layer_valid = positions, key_valid
             scores = layer["key_scores"][0] if "key_scores" in layer else None
-            priority = kvcache.prompt_priority(self.policy, positions, key_valid, prompt_lens, (layout.skipped_start, layout.skipped_end), scores)
-            caches.append(kvcache.compact(layer["k"][0], layer["v"][0], positions, key_valid, priority, scores, num_slots, budget))
+            priority = kvcache.prompt_priority(self.policy, layer_positions, layer_valid, prompt_lens, (layout.skipped_start, layout.skipped_end), scores)
+            num_slots = self.policy.prompt_slots(budget, layer_positions.shape[1], self.max_new_tokens)
+            caches.append(kvcache.compact(layer["k"][0], layer["v"][0], layer_positions, layer_valid, priority, scores, num_slots, budget))
         rng, first_rng = jax.random.split(rng)
         first = sample(logits, first_rng, self.sampling)
         batch_size = input_ids.shape[0]

@@ -116,6 +116,17 @@ def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel
     return LoadedModel(hf.model_cfg, hf.params, mesh, sharding.DEFAULT_RULES, hf_model.stop_ids(hf), pad_id, decode, make_batch, max_text_len)
 
 
+def with_model_config(loaded: LoadedModel, change: Callable[[ModelConfig], ModelConfig]) -> LoadedModel:
+    """The same weights decoded under a changed config (e.g. FastV pruning,
+    which adds no weights): every batch's config goes through `change`."""
+
+    def make_batch(image_path: str, prompt: str) -> tuple[dict, ModelConfig]:
+        batch, model_cfg = loaded.make_batch(image_path, prompt)
+        return batch, change(model_cfg)
+
+    return dataclasses.replace(loaded, model_cfg=change(loaded.model_cfg), make_batch=make_batch)
+
+
 def answer_text(loaded: LoadedModel, tokens: np.ndarray) -> str:
     """The generated tokens of one row, up to the first stop token, as text."""
     stop = next((i for i, t in enumerate(tokens.tolist()) if t in loaded.stop_ids), len(tokens))

@@ -39,6 +39,10 @@ class SequenceLayout:
             raise ValueError(f"layout.image_offset: {cfg.layout.image_offset} exceeds the {num_text} text tokens")
         return cls(cfg.layout.image_offset, cfg.layout.num_kept, cfg.num_skipped, cfg.layout.summary_tokens, num_text)
 
+    def pruned(self, visual_rows: int) -> "SequenceLayout":
+        """The sequence after a pruner (FastV) kept `visual_rows` of the visual block."""
+        return SequenceLayout(self.prefix, visual_rows, 0, False, self.text)
+
     def for_length(self, length: int) -> "SequenceLayout":
         """The same visual layout in a sequence of `length` rows (text count derived)."""
         return dataclasses.replace(self, text=length - self.visual_length)

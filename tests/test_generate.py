@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from skipvision_jax.config import FastVConfig, LayoutConfig, SkipConfig
 from skipvision_jax.generate import Generator, Sampling, sample
 from skipvision_jax.kvcache import KVPolicy
-from tests.conftest import init_params, tiny_batch, tiny_config
+from skipvision_jax.nn import SkipVisionVLM
+from tests.conftest import TINY_VISION, init_params, tiny_batch, tiny_config
+from tests.kv_reference import ReferenceDecoder
 
 MAX_NEW = 5
 CFG = tiny_config()
@@ -148,3 +153,89 @@ def test_impossible_budgets_are_clear_errors(policy, field):
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="^kv.policy: unknown 'lru'"):
         KVPolicy("lru")
+
+
+# A plain model (no Skip-FFN, every visual token kept), so that the NumPy
+# reference is a plain decoder: 2 + 16 + 5 = 23 prompt rows, 21 real in row 1.
+PLAIN_CFG = tiny_config(layout=LayoutConfig.plain(TINY_VISION.num_features, image_offset=2), skip=SkipConfig(enabled=False))
+
+
+def _cached_positions(state, layer: int, row: int) -> list[int]:
+    cache = state.caches[layer]
+    return sorted(np.asarray(cache.pos[row])[np.asarray(cache.valid[row])].tolist())
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4),
+        KVPolicy("streaming", budget=12, sink_tokens=2, recent_window=4),
+        KVPolicy("snapkv", budget=14, obs_window=3),
+    ],
+    ids=lambda p: p.name,
+)
+def test_evicting_policies_keep_the_slots_and_logits_of_a_numpy_reference(policy):
+    """At budgets that evict at prefill (and, for h2o and streaming, at every
+    decode step): the cached positions of every layer and row after prefill
+    and after each step, and the logits, against tests/kv_reference.py."""
+    evicted_while_decoding = _check_against_reference(PLAIN_CFG, policy)
+    assert evicted_while_decoding == policy.evicts
+
+
+@pytest.mark.parametrize("policy", [KVPolicy("full"), KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4)], ids=lambda p: p.name)
+def test_fastv_prunes_the_visual_rows_the_last_prompt_token_attends_least(policy):
+    """FastV after layer 1 of 3, 5 of the 16 visual rows kept: layers 1 and 2
+    cache only those (and the text), as the NumPy reference decides them."""
+    cfg = dataclasses.replace(PLAIN_CFG, fastv=FastVConfig(layer=1, keep=5))
+    _check_against_reference(cfg, policy, fastv=(1, 5, 2, 18))
+
+
+def _check_against_reference(cfg, policy, fastv=None) -> bool:
+    """Decodes MAX_NEW tokens for two ragged rows with the jitted caches and
+    with the NumPy reference; returns whether the reference evicted while decoding."""
+    model, params = init_params(dataclasses.replace(cfg, fastv=FastVConfig()))  # FastV adds no weights
+    prompts = {k: v for k, v in tiny_batch(cfg, batch=2, num_text=7).items() if k != "loss_mask"}
+    generator = Generator(cfg, policy, MAX_NEW, record_logits=True)
+    states = [generator.prefill(params, prompts, jax.random.key(0))]
+    step = jax.jit(generator._decode_step)
+    for _ in range(MAX_NEW - 1):
+        states.append(step(params, states[-1]))
+    features = model.apply({"params": params}, prompts["pixels"], method=SkipVisionVLM.encode_images)
+    h, key_valid = model.apply({"params": params}, prompts["input_ids"], prompts["text_mask"], features, method=SkipVisionVLM.embed_sequence)
+    embedding = np.asarray(params["embed"]["embedding"], np.float64)
+    evicted_while_decoding = False
+    for row in range(2):
+        prompt_len = int(key_valid[row].sum())
+        reference = ReferenceDecoder(params, cfg, policy, MAX_NEW)
+        last, sets = reference.prefill(np.asarray(h[row, :prompt_len], np.float64), fastv)
+        if policy.budget is not None or fastv:
+            assert all(len(s.keys) < prompt_len for s in sets[1 if fastv else 0 :])  # the prompt itself was pruned
+        expected_logits = [reference.logits(last)]
+        tokens = np.asarray(states[-1].tokens[row])
+        for n, state in enumerate(states):
+            if n:
+                before = [set(s.keys) for s in sets]
+                hidden = reference.step(embedding[tokens[n - 1]], prompt_len + n - 1, sets)
+                expected_logits.append(reference.logits(hidden))
+                evicted_while_decoding |= any(old - set(s.keys) for old, s in zip(before, sets))
+            for layer, layer_set in enumerate(sets):
+                assert _cached_positions(state, layer, row) == sorted(layer_set.keys), (row, n, layer)
+        np.testing.assert_allclose(states[-1].logits[row], np.stack(expected_logits), atol=1e-4, rtol=1e-4)
+    return evicted_while_decoding
+
+
+def test_drop_fine_leaves_the_fine_tokens_out_of_the_sequence():
+    """The drop-fine baseline: the decoder sequence is [prefix | coarse | text]
+    (the coarse rows those of the model that keeps everything), decoded as the
+    NumPy reference decodes that sequence."""
+    vision = dataclasses.replace(TINY_VISION, pooled_grids=(2,))  # 4 coarse + 16 fine
+    plain = dict(vision=vision, skip=SkipConfig(enabled=False))
+    dropped = tiny_config(layout=LayoutConfig(image_offset=2, num_kept=4, summary_tokens=False, drop_fine=True), **plain)
+    everything = tiny_config(layout=LayoutConfig(image_offset=2, num_kept=4, summary_tokens=False), **plain)
+    assert dropped.num_skipped == 0 and dropped.visual_length == 4
+    model, params = init_params(dropped)
+    batch = tiny_batch(dropped)
+    embed = lambda cfg: SkipVisionVLM(cfg).apply({"params": params}, batch["input_ids"], batch["text_mask"], batch["pixels"], method=lambda m, i, t, p: m.embed_sequence(i, t, m.encode_images(p)))[0]
+    all_rows = np.asarray(embed(everything))
+    np.testing.assert_array_equal(embed(dropped), np.concatenate([all_rows[:, :6], all_rows[:, 22:]], axis=1))
+    _check_against_reference(dropped, KVPolicy("full"))

@@ -45,11 +45,19 @@ def test_json_answer(workdir, image_path):
 
 
 def test_compare_policies_table(workdir, image_path):
-    proc = run_infer(f"--checkpoint={workdir}", f"--image={image_path}", "--prompt=how many objects are there ?", "--max_new_tokens=2", "--recent_window=4", "--sink_tokens=1", "--obs_window=2", "--compare_policies", "--json")
+    common = [f"--checkpoint={workdir}", f"--image={image_path}", "--prompt=how many objects are there ?", "--max_new_tokens=2", "--recent_window=4", "--sink_tokens=1", "--obs_window=2", "--compare_policies", "--json"]
+    proc = run_infer(*common)
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
-    assert [r["policy"] for r in rows] == ["full", "skip_vision", "h2o", "snapkv", "streaming"]
-    assert rows[0]["agrees_with_full"] and rows[1]["kv_slots"] < rows[0]["kv_slots"]
+    rows = {r["policy"]: r for r in json.loads(proc.stdout)}
+    assert list(rows) == ["full", "skip_vision", "h2o", "snapkv", "streaming"]
+    full_slots = rows["full"]["kv_slots"]
+    assert all(rows[name]["kv_slots"] < full_slots for name in ("skip_vision", "h2o", "snapkv", "streaming"))
+    # With a budget that holds the whole cache, no pruning policy may answer differently from full.
+    proc = run_infer(*common, f"--kv-budget={full_slots}")
+    assert proc.returncode == 0, proc.stderr
+    unpruned = {r["policy"]: r for r in json.loads(proc.stdout)}
+    for name in ("full", "h2o", "snapkv", "streaming"):
+        assert unpruned[name]["agrees_with_full"] and unpruned[name]["tokens"] == rows["full"]["tokens"], name
 
 
 @pytest.fixture(scope="module")

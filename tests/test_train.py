@@ -116,7 +116,7 @@ def test_bad_config_override_is_a_one_line_error():
     "args, message",
     [
         (["--config.train.steps=-5"], "error: train.steps: must be an integer > 0, got -5"),
-        (["--config.optimizer.lr=-1"], "error: optimizer.lr: must be > 0, got -1.0"),
+        (["--config.optimizer.lr=-1"], "error: optimizer.lr: must be >= 0, got -1.0"),
         (["--config.optimizer.b2=1.0"], "error: optimizer.b2: must be in [0, 1), got 1.0"),
         (["--config.train.eval_batches=0"], "error: train.eval_batches: must be an integer > 0 or -1 (all), got 0"),
         (["--config.data.text_len=1"], "error: data.text_len: must be an integer >= 2, got 1"),

@@ -9,7 +9,7 @@ import grain
 import numpy as np
 
 from skipvision_jax.data.llava import BadRecord, LlavaSource, LlavaTransform
-from skipvision_jax.data.synthetic import KINDS, SyntheticVQA, chance_accuracy
+from skipvision_jax.data.synthetic import chance_accuracy, generated_task
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,16 @@ class DataSpec:
 
     def __init__(self, data_cfg, image_size: int):
         self.cfg = data_cfg
-        if data_cfg.kind == "synthetic":
-            self.train_source = SyntheticVQA("train", data_cfg.train_size, data_cfg.seed, data_cfg.text_len)
-            self.val_source = SyntheticVQA("val", data_cfg.val_size, data_cfg.seed, data_cfg.text_len)
+        if data_cfg.kind in ("synthetic", "detail"):
+            task = generated_task(data_cfg.kind)
+            self.train_source = task("train", data_cfg.train_size, data_cfg.seed, data_cfg.text_len)
+            self.val_source = task("val", data_cfg.val_size, data_cfg.seed, data_cfg.text_len)
             self.transform = None
-            self.image_offset = SyntheticVQA.image_offset
-            self.vocab_size = len(SyntheticVQA.tokenizer)
-            self.question_kinds = KINDS
+            self.image_offset = task.image_offset
+            self.vocab_size = len(task.tokenizer)
+            self.question_kinds = task.kinds
             self.chance_exact_match = chance_accuracy(self.val_source)
-            tok = SyntheticVQA.tokenizer
+            tok = task.tokenizer
             self.encode_prompt = lambda text: [tok.bos_id] + tok.encode(text)
             self.decode = tok.decode
             self.stop_ids, self.pad_id = (tok.eos_id,), tok.pad_id
@@ -73,7 +74,7 @@ class DataSpec:
             if len(self.train_source) == 0:
                 raise ValueError(f"data.json_path: no usable record in {data_cfg.json_path}")
         else:
-            raise ValueError(f"data.kind: unknown {data_cfg.kind!r}, expected 'synthetic' or 'llava'")
+            raise ValueError(f"data.kind: unknown {data_cfg.kind!r}, expected 'synthetic', 'detail' or 'llava'")
 
     @property
     def skipped_records(self) -> int:

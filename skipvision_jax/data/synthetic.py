@@ -95,14 +95,18 @@ def sample_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, s
     return kind, f"is the {a[0]} {a[1]} {relation} the {b[0]} {b[1]} ?", answer
 
 
-class SyntheticVQA:
-    """grain random-access source: index -> example dict of fixed-shape arrays.
+class GeneratedVQA:
+    """grain random-access source over a generated task: index -> example
+    dict of fixed-shape arrays. Subclasses give the tokenizer, the question
+    kinds and `sample_scene`, `sample_question` (the scene renders itself).
 
     Text layout: `<bos> question answer <eos> <pad>...`; the image goes after
     `<bos>` (layout.image_offset = 1); the loss covers the answer and `<eos>`.
     """
 
-    tokenizer = WordTokenizer(WORDS)
+    tokenizer: WordTokenizer
+    kinds: tuple[str, ...]
+    image_size: int
     image_offset = 1
 
     def __init__(self, split: str, size: int, seed: int = 0, text_len: int = 16):
@@ -113,10 +117,19 @@ class SyntheticVQA:
     def __len__(self) -> int:
         return self.size
 
-    def sample(self, index: int) -> tuple[Scene, str, str, str, np.random.Generator]:
+    @staticmethod
+    def sample_scene(rng: np.random.Generator):
+        raise NotImplementedError
+
+    @staticmethod
+    def sample_question(scene, rng: np.random.Generator) -> tuple[str, str, str]:
+        raise NotImplementedError
+
+    def sample(self, index: int) -> tuple[object, str, str, str, np.random.Generator]:
+        """(scene, kind, question, answer, rng); the rng then renders the scene."""
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
-        scene = sample_scene(rng)
-        kind, question, answer = sample_question(scene, rng)
+        scene = self.sample_scene(rng)
+        kind, question, answer = self.sample_question(scene, rng)
         return scene, kind, question, answer, rng
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -135,11 +148,21 @@ class SyntheticVQA:
             "input_ids": np.array(ids + [tok.pad_id] * pad, np.int32),
             "text_mask": np.array([True] * len(ids) + [False] * pad),
             "loss_mask": np.array([False] * len(prompt) + [True] * len(target) + [False] * pad),
-            "kind": np.int32(KINDS.index(kind)),
+            "kind": np.int32(self.kinds.index(kind)),
         }
 
 
-def chance_accuracy(source: SyntheticVQA) -> float:
+class SyntheticVQA(GeneratedVQA):
+    """The default task (see the module docstring)."""
+
+    tokenizer = WordTokenizer(WORDS)
+    kinds = KINDS
+    image_size = IMAGE_SIZE
+    sample_scene = staticmethod(sample_scene)
+    sample_question = staticmethod(sample_question)
+
+
+def chance_accuracy(source: GeneratedVQA) -> float:
     """Exact-match of always answering the most common answer of each question kind."""
     by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for i in range(len(source)):
@@ -148,20 +171,31 @@ def chance_accuracy(source: SyntheticVQA) -> float:
     return sum(c.most_common(1)[0][1] for c in by_kind.values()) / len(source)
 
 
+def generated_task(kind: str) -> type[GeneratedVQA]:
+    """The generated task of a `data.kind`."""
+    from skipvision_jax.data.detail import DetailVQA  # it builds on this module
+
+    tasks = {"synthetic": SyntheticVQA, "detail": DetailVQA}
+    if kind not in tasks:
+        raise ValueError(f"data.kind: {kind!r} is not a generated task, expected one of {tuple(tasks)}")
+    return tasks[kind]
+
+
 def as_typed(question: str) -> str:
     """The question as a person types it: "What color is the ring?"."""
     return question[0].upper() + question[1:].replace(" ?", "?")
 
 
-def export_llava_eval(directory: str, split: str, size: int, seed: int = 0) -> dict[str, str]:
-    """Writes a split in LLaVA's `model_vqa_loader` format: `images/<i>.png`,
-    `questions.jsonl` ({question_id, image, text, category}) and
-    `annotations.jsonl` ({question_id, answer, category}). Question i is
-    example i of `SyntheticVQA(split, size, seed)`, so a model's score on the
-    export is its validation score. Returns the three paths."""
+def export_llava_eval(directory: str, split: str, size: int, seed: int = 0, task: str = "synthetic") -> dict[str, str]:
+    """Writes a split of a generated task (`data.kind`: synthetic or detail)
+    in LLaVA's `model_vqa_loader` format: `images/<i>.png`, `questions.jsonl`
+    ({question_id, image, text, category}) and `annotations.jsonl`
+    ({question_id, answer, category}). Question i is example i of the task's
+    (split, size, seed) source, so a model's score on the export is its
+    validation score. Returns the three paths."""
     from PIL import Image
 
-    source = SyntheticVQA(split, size, seed)
+    source = generated_task(task)(split, size, seed)
     image_dir = os.path.join(directory, "images")
     os.makedirs(image_dir, exist_ok=True)
     paths = {"images": image_dir, "questions": os.path.join(directory, "questions.jsonl"), "annotations": os.path.join(directory, "annotations.jsonl")}
@@ -181,10 +215,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="val", choices=tuple(SPLITS))
     parser.add_argument("--size", type=int, default=1000, help="Questions (the default config validates on 1000).")
     parser.add_argument("--seed", type=int, default=0, help="The data.seed of the run to evaluate.")
+    parser.add_argument("--task", default="synthetic", choices=("synthetic", "detail"), help="The run's data.kind.")
     args = parser.parse_args(argv)
     if args.size < 1:
         parser.error(f"--size: must be >= 1, got {args.size}")
-    paths = export_llava_eval(args.export, args.split, args.size, args.seed)
+    paths = export_llava_eval(args.export, args.split, args.size, args.seed, args.task)
     print(json.dumps({"count": args.size, **paths}))
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from skipvision_jax import kvcache
-from skipvision_jax.config import DecoderConfig
+from skipvision_jax.config import DecoderConfig, FastVConfig
 from skipvision_jax.kvcache import KVPolicy, LayerCache
 from skipvision_jax.nn.attention import (
     Attention,
@@ -75,6 +76,13 @@ class DecoderBlock(nn.Module):
             update = update * partition.gate[..., None].astype(update.dtype)
         return partition.scatter(h, retained + update)
 
+    def attention_received(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"], query_index: Int[Array, "B"]) -> Float[Array, "B L"]:
+        """Attention each key gets from row `query_index` of its example, the
+        mean over heads, as this block computes it on input `h` (FastV's ranking)."""
+        q, k, _ = self.attn.project(self.attn_norm(h), positions)
+        query = jnp.take_along_axis(q, query_index[:, None, None, None], axis=1)  # [B, 1, H, Dh]
+        query_mask = jnp.take_along_axis(mask, query_index[:, None, None, None], axis=2)  # [B, 1, 1, L]
+        return attention_probs(query, k, query_mask).mean(axis=(1, 2))
 
     def decode(self, h: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], cache: LayerCache, policy: KVPolicy) -> tuple[Float[Array, "B 1 D"], LayerCache]:
         """One new token per row against the layer's fixed-budget cache."""
@@ -102,10 +110,22 @@ class _ScanStep(nn.Module):
         return constrain(block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")(h, positions, mask), HIDDEN_ACTIVATION), None
 
 
+def fastv_keep_index(layout: SequenceLayout, scores: Float[Array, "B L"], keep: int) -> Int[Array, "B M"]:
+    """Rows that stay: all text, and the `keep` visual rows with the highest
+    scores, in sequence order (static M = L - visual_length + keep)."""
+    batch, length = scores.shape
+    start, end = layout.visual_start, layout.visual_end
+    _, top = jax.lax.top_k(scores[:, start:end], keep)
+    rows = lambda a, b: jnp.broadcast_to(jnp.arange(a, b, dtype=jnp.int32), (batch, b - a))
+    return jnp.concatenate([rows(0, start), start + jnp.sort(top, axis=1).astype(jnp.int32), rows(end, length)], axis=1)
+
+
 class DecoderStack(nn.Module):
     """The layers, in up to three contiguous segments: plain, Skip-FFN, plain.
 
     `layout` fixes the visual segments; the text length is read off the input.
+    With `fastv` enabled and a `fastv_query` row given (prefill), the visual
+    rows are pruned after layer `fastv.layer` (see `fastv_keep_index`).
 
     With `scan_layers` each segment is one `nn.scan` (weights stacked on a
     leading `layers` axis, compile time independent of depth); otherwise the
@@ -119,6 +139,7 @@ class DecoderStack(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    fastv: FastVConfig = FastVConfig()
 
     def segments(self) -> list[tuple[int, int, bool]]:
         n = self.cfg.num_layers
@@ -127,7 +148,7 @@ class DecoderStack(nn.Module):
         return [seg for seg in candidates if seg[1] > seg[0]]
 
     @nn.compact
-    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"], query_weights: Float[Array, "B L"] | None = None) -> Float[Array, "B L D"]:
+    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"], query_weights: Float[Array, "B L"] | None = None, fastv_query: Int[Array, "B"] | None = None) -> Float[Array, "B M D"]:
         if self.scan_layers and self.is_mutable_collection("prefill"):
             raise ValueError("model.scan_layers: decoding needs unrolled layers; load the params with scan_layers=False (see skipvision_jax.generate.unstack_layers)")
         for start, end, skip in self.segments():
@@ -145,6 +166,16 @@ class DecoderStack(nn.Module):
                 continue
             block_cls = nn.remat(DecoderBlock) if self.remat else DecoderBlock
             for i in range(start, end):
-                h = block_cls(self.cfg, layout, self.partition_kind, self.dtype, name=f"layer_{i}")(h, positions, mask, query_weights)
-                h = constrain(h, HIDDEN_ACTIVATION)
+                block = block_cls(self.cfg, layout, self.partition_kind, self.dtype, name=f"layer_{i}")
+                prune_after = fastv_query is not None and self.fastv.enabled and i == self.fastv.layer - 1
+                scores = block.attention_received(h, positions, mask, fastv_query) if prune_after else None
+                h = constrain(block(h, positions, mask, query_weights), HIDDEN_ACTIVATION)
+                if prune_after:
+                    keep = fastv_keep_index(self.layout.for_length(h.shape[1]), scores, self.fastv.keep)
+                    if self.is_mutable_collection("prefill"):
+                        self.sow("prefill", "fastv_index", keep)
+                    h = jnp.take_along_axis(h, keep[:, :, None], axis=1)
+                    positions = jnp.take_along_axis(positions, keep, axis=1)
+                    mask = jnp.take_along_axis(jnp.take_along_axis(mask, keep[:, None, :, None], axis=2), keep[:, None, None, :], axis=3)
+                    query_weights = None if query_weights is None else jnp.take_along_axis(query_weights, keep, axis=1)
         return h

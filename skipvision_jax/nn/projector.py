@@ -46,6 +46,8 @@ class VisualTokens(nn.Module):
     @nn.compact
     def __call__(self, features: Float[Array, "B N W"]) -> Float[Array, "B V D"]:
         cfg = self.cfg
+        if cfg.layout.drop_fine:  # not even projected
+            features = features[:, : cfg.layout.num_kept]
         tokens = Projector(cfg.decoder.width, self.dtype, name="projector")(features)
         kept, fine = tokens[:, : cfg.layout.num_kept], tokens[:, cfg.layout.num_kept :]
         if cfg.layout.merge_to is not None:

@@ -48,6 +48,7 @@ class SkipVisionVLM(nn.Module):
             dtype,
             remat=cfg.remat,
             scan_layers=cfg.scan_layers,
+            fastv=cfg.fastv,
         )
         self.final_norm = RMSNorm(cfg.decoder.norm_eps, dtype)
         if not cfg.decoder.tie_embeddings:
@@ -76,8 +77,8 @@ class SkipVisionVLM(nn.Module):
         logits = self.embed.attend(h) if self.cfg.decoder.tie_embeddings else self.lm_head(h)
         return constrain(logits.astype(jnp.float32), logits_axes(logits.ndim))
 
-    def hidden_states(self, input_ids, text_mask, pixels, vision_features, extra_mask=None, query_weights=None):
-        """Final hidden states [B, L, D] (before the norm) and key_valid [B, L]."""
+    def hidden_states(self, input_ids, text_mask, pixels, vision_features, extra_mask=None, query_weights=None, fastv_query=None):
+        """Final hidden states [B, M, D] (before the norm; M = L unless FastV pruned) and key_valid [B, L]."""
         if (pixels is None) == (vision_features is None):
             raise ValueError("pass exactly one of pixels or vision_features")
         features = self.encode_images(pixels) if vision_features is None else vision_features
@@ -86,7 +87,7 @@ class SkipVisionVLM(nn.Module):
         mask = causal_mask(key_valid)
         if extra_mask is not None:
             mask = mask & extra_mask[:, None]
-        return self.decoder(h, positions, mask, query_weights), key_valid
+        return self.decoder(h, positions, mask, query_weights, fastv_query), key_valid
 
     def __call__(
         self,
@@ -102,6 +103,8 @@ class SkipVisionVLM(nn.Module):
         `extra_mask` (query, key) is AND-ed with the causal mask: a hook for
         reference computations such as decoding without the skipped keys.
         """
+        if self.cfg.fastv.enabled:
+            raise ValueError("fastv: FastV pruning applies at prefill (decoding) only; train and score the plain model, then decode with fastv set")
         h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, extra_mask)
         return self.logits(h[:, self.layout(input_ids.shape[1]).text_positions()])
 
@@ -109,8 +112,15 @@ class SkipVisionVLM(nn.Module):
         """Prompt forward for decoding (Skip-FFN path, as trained). Apply with
         mutable=["prefill"] to collect each layer's keys, values and key scores.
 
+        With `cfg.fastv` the visual rows are pruned after layer `fastv.layer`,
+        ranked by the attention of each row's last prompt token.
+
         Returns the logits after each row's last real token [B, V]."""
-        h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, query_weights=query_weights)
-        text_pos = jnp.asarray(self.layout(input_ids.shape[1]).text_positions())
-        last = text_pos[text_mask.sum(axis=1) - 1]  # [B]
+        layout = self.layout(input_ids.shape[1])
+        last_text = text_mask.sum(axis=1) - 1  # [B]
+        fastv_query = jnp.asarray(layout.text_positions())[last_text] if self.cfg.fastv.enabled else None
+        h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, query_weights=query_weights, fastv_query=fastv_query)
+        if self.cfg.fastv.enabled:
+            layout = layout.pruned(self.cfg.fastv.keep)
+        last = jnp.asarray(layout.text_positions())[last_text]
         return self.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])

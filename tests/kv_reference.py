@@ -1,0 +1,163 @@
+"""A plain NumPy decoder with each KV policy written as sets of token
+positions, one row at a time: the independent reference for the jitted
+fixed-budget caches (tests/test_generate.py).
+
+It runs a plain LLaMA decoder (no Skip-FFN) in float64 on the embedded prompt
+of one row, keeps per layer the set of cached positions with their keys,
+values and scores, and applies each policy's rule as the method describes it:
+
+    h2o        prefill: sinks + the recent window + the keys with the most
+               attention received from all prompt queries; decode: when full,
+               evict the unprotected key with the least accumulated attention
+    snapkv     prefill: the observation window + the keys most attended by it
+               (scores max-pooled over neighbouring keys); decode: append
+    streaming  sinks + a sliding window: evict the oldest unprotected key
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+def rms_norm(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def rope(x, positions, theta):
+    """x [L, H, Dh], Hugging Face Llama halves."""
+    dh = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, dh, 2) / dh)
+    angles = positions[:, None] * inv_freq
+    cos, sin = np.cos(np.concatenate([angles, angles], -1))[:, None], np.sin(np.concatenate([angles, angles], -1))[:, None]
+    rotated = np.concatenate([-x[..., dh // 2 :], x[..., : dh // 2]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+@dataclasses.dataclass
+class LayerSet:
+    """One layer's cache as a set: position -> (key [KV, Dh], value [KV, Dh], score)."""
+
+    keys: dict
+    values: dict
+    scores: dict
+
+
+class ReferenceDecoder:
+    def __init__(self, params, cfg, policy, max_new_tokens: int):
+        self.params, self.cfg, self.policy = params, cfg.decoder, policy
+        self.budget, self.max_new_tokens = policy.budget, max_new_tokens
+        self.group = self.cfg.num_heads // self.cfg.num_kv_heads
+        head = params["embed"]["embedding"].T if self.cfg.tie_embeddings else params["lm_head"]["kernel"]
+        self.head, self.final_scale = np.asarray(head, np.float64), np.asarray(params["final_norm"]["scale"], np.float64)
+
+    def w(self, layer, *path):
+        node = self.params["decoder"][f"layer_{layer}"]
+        for part in path:
+            node = node[part]
+        return np.asarray(node, np.float64)
+
+    def qkv(self, layer, h, positions):
+        a = rms_norm(h, self.w(layer, "attn_norm", "scale"), self.cfg.norm_eps)
+        q, k, v = (np.einsum("ld,dhe->lhe", a, self.w(layer, "attn", name, "kernel")) for name in ("q_proj", "k_proj", "v_proj"))
+        return rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta), v
+
+    def finish(self, layer, h, attended):
+        """h + o_proj(attention output), then the SwiGLU FFN."""
+        h = h + np.einsum("lhe,hed->ld", attended, self.w(layer, "attn", "o_proj", "kernel"))
+        a = rms_norm(h, self.w(layer, "mlp_norm", "scale"), self.cfg.norm_eps)
+        gate, up = a @ self.w(layer, "mlp", "gate", "kernel"), a @ self.w(layer, "mlp", "up", "kernel")
+        return h + (silu(gate) * up) @ self.w(layer, "mlp", "down", "kernel")
+
+    def logits(self, h_last):
+        return rms_norm(h_last, self.final_scale, self.cfg.norm_eps) @ self.head
+
+    def prefill(self, h, fastv: tuple[int, int, int, int] | None = None):
+        """h [P, D]: the row's embedded prompt. Returns (last hidden state, the per-layer sets).
+
+        fastv = (layer, keep, visual_start, visual_end): after that many layers
+        only the `keep` visual rows that the last row attended to most (mean
+        over heads) go on."""
+        positions = np.arange(h.shape[0])
+        sets = []
+        for layer in range(self.cfg.num_layers):
+            length = h.shape[0]
+            q, k, v = self.qkv(layer, h, positions.astype(np.float64))
+            k_heads = np.repeat(k, self.group, axis=1)
+            v_heads = np.repeat(v, self.group, axis=1)
+            logits = np.einsum("the,she->hts", q, k_heads) / np.sqrt(q.shape[-1])
+            logits = np.where(np.tril(np.ones((length, length), bool))[None], logits, -np.inf)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            kept, scores = self.select_prompt(probs, positions)
+            sets.append(LayerSet({positions[j]: k[j] for j in kept}, {positions[j]: v[j] for j in kept}, {positions[j]: scores[j] for j in kept}))
+            h = self.finish(layer, h, np.einsum("hts,she->the", probs, v_heads))
+            if fastv is not None and layer == fastv[0] - 1:
+                _, keep, start, end = fastv
+                received = probs[:, -1].mean(axis=0)
+                visual = start + np.argsort(-received[start:end], kind="stable")[:keep]
+                stay = np.sort(np.concatenate([np.arange(start), visual, np.arange(end, length)]))
+                h, positions = h[stay], positions[stay]
+        return h[-1], sets
+
+    def select_prompt(self, probs, positions):
+        """Which prompt rows the cache keeps (indices into `positions`, the
+        rows' token positions) and the score each starts with."""
+        pol, length, prompt_len = self.policy, probs.shape[-1], positions[-1] + 1
+        if self.budget is None:  # full: every prompt row
+            slots = length
+        else:
+            slots = min(length, self.budget if pol.name in ("h2o", "streaming") else self.budget - self.max_new_tokens)
+        scores = np.zeros(length)
+        if pol.name == "h2o":
+            scores = probs.sum(axis=(0, 1))  # every prompt query, every head
+            protected = (positions < pol.sink_tokens) | (positions >= prompt_len - pol.recent_window)
+            priority = np.where(protected, np.inf, scores)
+        elif pol.name == "streaming":
+            protected = (positions < pol.sink_tokens) | (positions >= prompt_len - pol.recent_window)
+            priority = np.where(protected, np.inf, positions.astype(np.float64))
+        elif pol.name == "snapkv":
+            observed = positions >= prompt_len - pol.obs_window
+            received = probs[:, observed].sum(axis=(0, 1))
+            half = pol.pool_kernel // 2
+            pooled = np.array([received[max(0, j - half) : j + half + 1].max() for j in range(length)])
+            priority = np.where(observed, np.inf, pooled)
+            scores = received
+        else:
+            priority = np.zeros(length)
+        order = np.argsort(-priority, kind="stable")  # ties: the earlier position first, as lax.top_k
+        kept = sorted(order[:slots].tolist())
+        return kept, (scores if pol.name == "h2o" else np.zeros(length))
+
+    def insert(self, layer_set: LayerSet, position: int, key, value):
+        pol = self.policy
+        if self.budget is not None and len(layer_set.keys) >= self.budget:
+            candidates = [p for p in layer_set.keys if p >= pol.sink_tokens and p <= position - pol.recent_window]
+            rank = (lambda p: layer_set.scores[p]) if pol.name == "h2o" else (lambda p: p)
+            victim = min(candidates, key=rank)
+            for table in (layer_set.keys, layer_set.values, layer_set.scores):
+                del table[victim]
+        layer_set.keys[position], layer_set.values[position], layer_set.scores[position] = key, value, 0.0
+
+    def step(self, h, position: int, sets):
+        """One new token (embedding h [D]) at `position` through every layer."""
+        h = h[None]
+        for layer, layer_set in enumerate(sets):
+            q, k, v = self.qkv(layer, h, np.array([float(position)]))
+            self.insert(layer_set, position, k[0], v[0])
+            cached = sorted(layer_set.keys)
+            keys = np.repeat(np.stack([layer_set.keys[p] for p in cached]), self.group, axis=1)
+            values = np.repeat(np.stack([layer_set.values[p] for p in cached]), self.group, axis=1)
+            logits = np.einsum("he,she->hs", q[0], keys) / np.sqrt(q.shape[-1])
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            if self.policy.name == "h2o":
+                for p, received in zip(cached, probs.sum(axis=0)):
+                    layer_set.scores[p] += received
+            h = self.finish(layer, h, np.einsum("hs,she->he", probs, values)[None])
+        return h[0]
