@@ -27,23 +27,37 @@ from skipvision_jax.vqa import files, scoring
 
 flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
 flags.DEFINE_string("hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory.")
-flags.DEFINE_integer("visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all).")
-flags.DEFINE_string("question_file", None, "Questions, one JSON object a line: question_id, image, text, category.", required=True)
+flags.DEFINE_integer(
+    "visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all)."
+)
+flags.DEFINE_string(
+    "question_file", None, "Questions, one JSON object a line: question_id, image, text, category.", required=True
+)
 flags.DEFINE_string("image_folder", None, "The folder the questions' image paths are relative to.", required=True)
 flags.DEFINE_string("answers_file", None, "Answers jsonl to write (appended to, when it exists).", required=True)
-flags.DEFINE_string("annotation_file", None, "Ground truth: question_id with answer, or answers (a list of human answers).")
+flags.DEFINE_string(
+    "annotation_file", None, "Ground truth: question_id with answer, or answers (a list of human answers)."
+)
 flags.DEFINE_string("kv_policy", "full", f"{' | '.join(POLICIES)} | all")
-flags.DEFINE_integer("kv_budget", None, "KV slots per layer (h2o, snapkv, streaming; with 'all': half of the full cache when unset).")
+flags.DEFINE_integer(
+    "kv_budget", None, "KV slots per layer (h2o, snapkv, streaming; with 'all': half of the full cache when unset)."
+)
 flags.DEFINE_integer("sink_tokens", 4, "Attention sinks kept by streaming and h2o.")
 flags.DEFINE_integer("recent_window", 16, "Recent tokens kept by streaming and h2o.")
 flags.DEFINE_integer("obs_window", 8, "SnapKV observation window.")
 flags.DEFINE_integer("batch_size", 16, "Questions decoded together.")
 flags.DEFINE_integer("max_new_tokens", 16, "Answer tokens at most.")
-flags.DEFINE_integer("num_chunks", 1, "Split the questions in this many chunks (one per process or host), as LLaVA does.")
+flags.DEFINE_integer(
+    "num_chunks", 1, "Split the questions in this many chunks (one per process or host), as LLaVA does."
+)
 flags.DEFINE_integer("chunk_idx", 0, "The chunk this process answers.")
 flags.DEFINE_string("model_id", None, "model_id of the answer lines (default: the checkpoint's directory name).")
 flags.DEFINE_integer("workers", 0, "Threads that read and preprocess images (0: half the cores).")
-flags.DEFINE_integer("fastv_layer", 0, "FastV baseline: prune the visual tokens after this many decoder layers (0: off; plain models only).")
+flags.DEFINE_integer(
+    "fastv_layer",
+    0,
+    "FastV baseline: prune the visual tokens after this many decoder layers (0: off; plain models only).",
+)
 flags.DEFINE_integer("fastv_keep", 0, "FastV baseline: visual tokens kept, by the attention of the last prompt token.")
 flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
 cli.define_distributed_flags()
@@ -57,7 +71,8 @@ def policy_table(answers: dict[str, list[dict]], scores: dict[str, dict]) -> lis
         answered = [a for a in lines if "error" not in a]
         row = {
             "policy": name,
-            "agreement_with_full": sum(reference.get(a["question_id"]) == a["text"] for a in answered) / max(len(answered), 1),
+            "agreement_with_full": sum(reference.get(a["question_id"]) == a["text"] for a in answered)
+            / max(len(answered), 1),
             "kv_slots": max((a["metadata"]["kv_slots"] for a in answered), default=0),
             "ms_per_answer": sum(a["metadata"]["ms_per_answer"] for a in answered) / max(len(answered), 1),
         }
@@ -71,7 +86,9 @@ def format_policy_table(rows: list[dict]) -> str:
     lines = [f"{'policy':<12} {'exact match':>11} {'agrees w/ full':>14} {'kv slots':>8} {'ms/answer':>9}"]
     for row in rows:
         exact = f"{row['exact_match']:.4f}" if "exact_match" in row else "-"
-        lines.append(f"{row['policy']:<12} {exact:>11} {row['agreement_with_full']:>14.4f} {row['kv_slots']:>8} {row['ms_per_answer']:>9.2f}")
+        lines.append(
+            f"{row['policy']:<12} {exact:>11} {row['agreement_with_full']:>14.4f} {row['kv_slots']:>8} {row['ms_per_answer']:>9.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -93,7 +110,9 @@ def main() -> None:
     if annotations is not None:
         missing = [q.question_id for q in questions if q.question_id not in annotations]
         if missing:
-            raise ValueError(f"annotation file: {f.annotation_file} lacks {len(missing)} of the questions (first: {missing[0]!r})")
+            raise ValueError(
+                f"annotation file: {f.annotation_file} lacks {len(missing)} of the questions (first: {missing[0]!r})"
+            )
     model_id = f.model_id or cli.directory_name(f.checkpoint or f.hf_checkpoint)
     mesh = cli.parse_mesh(f.mesh)
     loaded = load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
@@ -104,7 +123,14 @@ def main() -> None:
     answers, scores = {}, {}
     for name in policies:
         path = files.sibling_path(f.answers_file, f"{name}.jsonl") if f.kv_policy == "all" else f.answers_file
-        settings = EvalSettings(dataclasses.replace(base, name=name), f.max_new_tokens, f.batch_size, model_id, f.workers, default_budgets=f.kv_policy == "all")
+        settings = EvalSettings(
+            dataclasses.replace(base, name=name),
+            f.max_new_tokens,
+            f.batch_size,
+            model_id,
+            f.workers,
+            default_budgets=f.kv_policy == "all",
+        )
         summary = evaluate_questions(loaded, questions, f.image_folder, path, settings)
         print(json.dumps({"policy": name, "answers_file": path, **summary}))
         if summary["errors"]:

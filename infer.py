@@ -22,8 +22,12 @@ from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.train.checkpoint import CheckpointError
 
 flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
-flags.DEFINE_string("hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory (weights, tokenizer, processor).")
-flags.DEFINE_integer("visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all).")
+flags.DEFINE_string(
+    "hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory (weights, tokenizer, processor)."
+)
+flags.DEFINE_integer(
+    "visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all)."
+)
 flags.DEFINE_string("image", None, "Image file.", required=True)
 flags.DEFINE_string("prompt", None, "The question.", required=True)
 flags.DEFINE_string("kv_policy", "full", "full | skip_vision | h2o | snapkv | streaming")
@@ -48,7 +52,9 @@ def main() -> None:
 
     f = flags.FLAGS
     policy = KVPolicy(f.kv_policy, f.kv_budget, f.sink_tokens, f.recent_window, f.obs_window)
-    sampling = Sampling(greedy=f.greedy and f.temperature == 1.0, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
+    sampling = Sampling(
+        greedy=f.greedy and f.temperature == 1.0, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p
+    )
     if (f.checkpoint is None) == (f.hf_checkpoint is None):
         raise ValueError("give exactly one of --checkpoint (a train.py workdir) and --hf-checkpoint")
     mesh = cli.parse_mesh(f.mesh)
@@ -59,9 +65,13 @@ def main() -> None:
         if f.json:
             print(json.dumps(rows))
             return
-        print(f"{'policy':<12} {'answer':<24} {'prefill ms':>10} {'decode ms/tok':>13} {'kv slots':>8} {'kv KiB':>8}  agrees")
+        print(
+            f"{'policy':<12} {'answer':<24} {'prefill ms':>10} {'decode ms/tok':>13} {'kv slots':>8} {'kv KiB':>8}  agrees"
+        )
         for row in rows:
-            print(f"{row['policy']:<12} {row['text'][:24]:<24} {row['prefill_ms']:>10.2f} {row['decode_ms_per_token']:>13.3f} {row['kv_slots']:>8} {row['kv_bytes'] / 1024:>8.1f}  {row['agrees_with_full']}")
+            print(
+                f"{row['policy']:<12} {row['text'][:24]:<24} {row['prefill_ms']:>10.2f} {row['decode_ms_per_token']:>13.3f} {row['kv_slots']:>8} {row['kv_bytes'] / 1024:>8.1f}  {row['agrees_with_full']}"
+            )
         return
     result = answer(loaded, batch, model_cfg, policy, f.max_new_tokens, sampling, f.seed)
     print(json.dumps(result) if f.json else result["text"])

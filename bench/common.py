@@ -8,7 +8,7 @@ import os
 import re
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -26,7 +26,14 @@ from skipvision_jax.nn import SkipVisionVLM
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Dense bf16 tensor-core peaks (no sparsity), for MFU. CPUs: unknown, MFU not reported.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12}
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+}
 
 # LLaVA-1.5 geometry (336 px / 14 -> 24 x 24 = 576 visual tokens of CLIP ViT-L
 # width 1024) with the decoder scaled to fit a 2-core CPU: width 512, 8 layers.
@@ -34,7 +41,9 @@ DECODER = DecoderConfig(vocab_size=32000, width=512, num_layers=8, num_heads=8, 
 VISION_576 = VisionConfig(image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096)
 # The paper's multi-scale layout: 4 x 4 and 16 x 16 pooled grids ahead of the
 # 32 x 32 patch grid: 16 + 256 + 1024 = 1296 visual tokens, the 272 coarse kept.
-VISION_1296 = VisionConfig(image_size=448, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096, pooled_grids=(4, 16))
+VISION_1296 = VisionConfig(
+    image_size=448, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096, pooled_grids=(4, 16)
+)
 
 
 def full_config(vision: VisionConfig) -> ModelConfig:
@@ -44,13 +53,25 @@ def full_config(vision: VisionConfig) -> ModelConfig:
 
 def skip_config(vision: VisionConfig, num_kept: int, merge_to: int | None, dtype: str = "float32") -> ModelConfig:
     """Skip-Vision: kept tokens, summary tokens, the rest (merged to `merge_to`) skip every FFN."""
-    return ModelConfig(vision, LayoutConfig(num_kept=num_kept, merge_to=merge_to, summary_tokens=True), SkipConfig(enabled=True), DECODER, dtype=dtype)
+    return ModelConfig(
+        vision,
+        LayoutConfig(num_kept=num_kept, merge_to=merge_to, summary_tokens=True),
+        SkipConfig(enabled=True),
+        DECODER,
+        dtype=dtype,
+    )
 
 
 def init_params(cfg: ModelConfig, inputs: dict) -> dict:
     """Random params for `cfg`, initialized from one row of `inputs` (ids, mask, vision features)."""
     model = SkipVisionVLM(cfg)
-    init = jax.jit(lambda k: nn.unbox(model.init(k, inputs["input_ids"][:1], inputs["text_mask"][:1], vision_features=inputs["vision_features"][:1]))["params"])
+    init = jax.jit(
+        lambda k: nn.unbox(
+            model.init(
+                k, inputs["input_ids"][:1], inputs["text_mask"][:1], vision_features=inputs["vision_features"][:1]
+            )
+        )["params"]
+    )
     return init(jax.random.key(0))
 
 

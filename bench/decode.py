@@ -78,13 +78,27 @@ def matvec_floor_ms(params: dict, batch: int, repeats: int) -> float:
     vector products come to the bandwidth roofline, attention and cache aside."""
     kernels = [k for k in jax.tree.leaves({n: params[n] for n in ("decoder", "lm_head") if n in params}) if k.ndim >= 2]
     # o_proj kernels are [heads, head_dim, out]: their input is the first two dims.
-    matrices = [k.reshape(-1, k.shape[-1]) if k.ndim == 3 and k.shape[-1] == params["final_norm"]["scale"].shape[0] else k.reshape(k.shape[0], -1) for k in kernels]
+    matrices = [
+        k.reshape(-1, k.shape[-1])
+        if k.ndim == 3 and k.shape[-1] == params["final_norm"]["scale"].shape[0]
+        else k.reshape(k.shape[0], -1)
+        for k in kernels
+    ]
     x = jnp.ones((batch, max(m.shape[0] for m in matrices)))
     products = jax.jit(lambda x, ms: sum(jnp.sum(x[:, : m.shape[0]] @ m) for m in ms))
     return median_ms(lambda: products(x, matrices), repeats * 5)
 
 
-def measure(cfg: ModelConfig, params: dict, inputs: dict, policy: KVPolicy, new_tokens: int, repeats: int, roof: Roofs, time_prefill: bool = True) -> dict:
+def measure(
+    cfg: ModelConfig,
+    params: dict,
+    inputs: dict,
+    policy: KVPolicy,
+    new_tokens: int,
+    repeats: int,
+    roof: Roofs,
+    time_prefill: bool = True,
+) -> dict:
     """One policy; `time_prefill=False` runs the prefill once, untimed (large batches)."""
     generator = Generator(cfg, policy, new_tokens)
     rng = jax.random.key(0)
@@ -132,7 +146,12 @@ def main():
     parser.add_argument("--batch-large", type=int, default=16, help="batch of part 3")
     args = parser.parse_args()
     roof = Roofs(read_bandwidth(), matmul_flops())
-    result = {"read_bandwidth_gb_s": roof.bandwidth / 1e9, "matmul_gflops": roof.flops / 1e9, "new_tokens": args.new_tokens, "prompt_text_tokens": PROMPT_TEXT}
+    result = {
+        "read_bandwidth_gb_s": roof.bandwidth / 1e9,
+        "matmul_gflops": roof.flops / 1e9,
+        "new_tokens": args.new_tokens,
+        "prompt_text_tokens": PROMPT_TEXT,
+    }
 
     # 1. 576 tokens, batch 1
     full_cfg, skip_cfg = full_config(VISION_576), skip_config(VISION_576, 100, 156)
@@ -140,7 +159,10 @@ def main():
     full_params, skip_params = init_params(full_cfg, inputs), init_params(skip_cfg, inputs)
     full_path = measure(full_cfg, full_params, inputs, KVPolicy("full"), args.new_tokens, args.repeats, roof)
     full_slots = Generator(skip_cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT)
-    policies = [measure(skip_cfg, skip_params, inputs, p, args.new_tokens, args.repeats, roof) for p in pruning_policies(full_slots, args.new_tokens)]
+    policies = [
+        measure(skip_cfg, skip_params, inputs, p, args.new_tokens, args.repeats, roof)
+        for p in pruning_policies(full_slots, args.new_tokens)
+    ]
     skip_path = next(row for row in policies if row["policy"] == "skip_vision")
     result["llava576_batch1"] = {
         "weight_bytes_read_per_token": decode_weight_bytes(skip_params),
@@ -152,14 +174,21 @@ def main():
     }
 
     # 2. 1296 tokens: prefill FLOPs
-    configs_1296 = {"full": full_config(VISION_1296), "skip": skip_config(VISION_1296, 272, None), "skip_merge256": skip_config(VISION_1296, 272, 256)}
+    configs_1296 = {
+        "full": full_config(VISION_1296),
+        "skip": skip_config(VISION_1296, 272, None),
+        "skip_merge256": skip_config(VISION_1296, 272, 256),
+    }
     inputs = make_inputs(configs_1296["full"], 1)
     prefill_flops = {}
     for name, cfg in configs_1296.items():
         params = jax.eval_shape(lambda c=cfg: init_params(c, inputs))
         generator = Generator(cfg, KVPolicy("skip_vision" if name != "full" else "full"), args.new_tokens)
         prefill_flops[name] = compiled_flops(generator._prefill_jit.lower(params, inputs, jax.random.key(0)).compile())
-    result["layout1296_prefill_flops"] = {**prefill_flops, **{f"saving_{k}": 1 - v / prefill_flops["full"] for k, v in prefill_flops.items() if k != "full"}}
+    result["layout1296_prefill_flops"] = {
+        **prefill_flops,
+        **{f"saving_{k}": 1 - v / prefill_flops["full"] for k, v in prefill_flops.items() if k != "full"},
+    }
 
     # 3. 1296 tokens, large batch: per-token decode of every policy
     cfg = configs_1296["skip"]
@@ -167,14 +196,24 @@ def main():
     params = init_params(cfg, inputs)
     full_slots = Generator(cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT)
     budget = full_slots // 2
-    rows = [measure(cfg, params, inputs, p, args.new_tokens, args.repeats, roof, time_prefill=False) for p in (KVPolicy("full"), KVPolicy("skip_vision"), KVPolicy("h2o", budget), KVPolicy("snapkv", budget), KVPolicy("streaming", budget))]
+    rows = [
+        measure(cfg, params, inputs, p, args.new_tokens, args.repeats, roof, time_prefill=False)
+        for p in (
+            KVPolicy("full"),
+            KVPolicy("skip_vision"),
+            KVPolicy("h2o", budget),
+            KVPolicy("snapkv", budget),
+            KVPolicy("streaming", budget),
+        )
+    ]
     by_name = {row["policy"]: row for row in rows}
     result["layout1296_batch"] = {
         "batch": args.batch_large,
         "weight_bytes_read_per_token": decode_weight_bytes(params),
         "matvec_floor_ms_per_token": matvec_floor_ms(params, args.batch_large, args.repeats),
         "policies": rows,
-        "skip_vision_decode_saving": 1 - by_name["skip_vision"]["decode_ms_per_token"] / by_name["full"]["decode_ms_per_token"],
+        "skip_vision_decode_saving": 1
+        - by_name["skip_vision"]["decode_ms_per_token"] / by_name["full"]["decode_ms_per_token"],
         "worst_measured_over_roofline": max(row["measured_over_roofline"] for row in rows),
     }
     write_result("decode", result)

@@ -48,9 +48,22 @@ def main():
                 settings = EvalSettings(KVPolicy(args.policy), max_new_tokens=4, batch_size=batch_size, progress=False)
                 summary = evaluate_questions(loaded, questions, exported["images"], answers_path, settings)
                 scores = scoring.score_answers(files.read_answers(answers_path), annotations)
-                runs.append({"batch_size": batch_size, "repeat": repeat, "exact_match": scores["exact_match"], **{k: summary[k] for k in ("answered", "warmup_s", "answer_s", "questions_per_s")}})
+                runs.append(
+                    {
+                        "batch_size": batch_size,
+                        "repeat": repeat,
+                        "exact_match": scores["exact_match"],
+                        **{k: summary[k] for k in ("answered", "warmup_s", "answer_s", "questions_per_s")},
+                    }
+                )
     median_qps = {b: statistics.median(r["questions_per_s"] for r in runs if r["batch_size"] == b) for b in batch_sizes}
-    result = {"checkpoint": args.checkpoint, "policy": args.policy, "questions": args.questions, "runs": runs, "median_questions_per_s": median_qps}
+    result = {
+        "checkpoint": args.checkpoint,
+        "policy": args.policy,
+        "questions": args.questions,
+        "runs": runs,
+        "median_questions_per_s": median_qps,
+    }
     if len(batch_sizes) >= 2:
         result["speedup_largest_over_smallest"] = median_qps[max(batch_sizes)] / median_qps[min(batch_sizes)]
     write_result("eval_throughput", result)

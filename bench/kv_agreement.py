@@ -72,13 +72,22 @@ def main():
 
     results = {"full": {"kv_slots": full_slots, **score(reference)}}
     skip = dataclasses.replace(base, name="skip_vision")
-    results["skip_vision"] = {"kv_slots": Generator(loaded.model_cfg, skip, MAX_NEW).budget(prompt_len), **score(run_policy(loaded, skip, prompts, args.batch))}
+    results["skip_vision"] = {
+        "kv_slots": Generator(loaded.model_cfg, skip, MAX_NEW).budget(prompt_len),
+        **score(run_policy(loaded, skip, prompts, args.batch)),
+    }
     for fraction in map(float, args.fractions.split(",")):
         budget = max(int(round(fraction * full_slots)), 1)
         for name in ("h2o", "snapkv", "streaming"):
             policy = dataclasses.replace(base, name=name, budget=budget)
-            results[f"{name}@{fraction:g}"] = {"kv_slots": budget, **score(run_policy(loaded, policy, prompts, args.batch))}
-    write_result("kv_agreement", {"checkpoint": args.checkpoint, "questions": len(answers), "max_new_tokens": MAX_NEW, "results": results})
+            results[f"{name}@{fraction:g}"] = {
+                "kv_slots": budget,
+                **score(run_policy(loaded, policy, prompts, args.batch)),
+            }
+    write_result(
+        "kv_agreement",
+        {"checkpoint": args.checkpoint, "questions": len(answers), "max_new_tokens": MAX_NEW, "results": results},
+    )
 
 
 if __name__ == "__main__":

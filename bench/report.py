@@ -41,10 +41,19 @@ def pyplot():
 
     return plt
 
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 TRAIN_RUNS = {  # name -> (metrics file, the command that produced it, model overrides)
-    "full": ("train_full.metrics.jsonl", "python train.py --workdir runs/full --config.model.skip.enabled=False --config.model.layout.merge_to=16 --config.model.layout.summary_tokens=False", {"skip": {"enabled": False}, "layout": {"merge_to": 16, "summary_tokens": False}}),
-    "merge": ("train_noskip.metrics.jsonl", "python train.py --workdir runs/noskip --config.model.skip.enabled=False", {"skip": {"enabled": False}}),
+    "full": (
+        "train_full.metrics.jsonl",
+        "python train.py --workdir runs/full --config.model.skip.enabled=False --config.model.layout.merge_to=16 --config.model.layout.summary_tokens=False",
+        {"skip": {"enabled": False}, "layout": {"merge_to": 16, "summary_tokens": False}},
+    ),
+    "merge": (
+        "train_noskip.metrics.jsonl",
+        "python train.py --workdir runs/noskip --config.model.skip.enabled=False",
+        {"skip": {"enabled": False}},
+    ),
     "skip": ("train_default.metrics.jsonl", "python train.py --workdir runs/default", {}),
 }
 
@@ -75,7 +84,15 @@ def embedded_task_rows(folder: str) -> list[dict]:
             model[section].update(values)
         cfg = model_config_from_dict(model)
         flops = sum(forward_flops(cfg, get_config().data.text_len, 1).values())
-        rows.append({"name": name, "exact_match": evals[-1]["val_exact_match"], "chance": evals[-1].get("val_chance_exact_match"), "gflops": flops / 1e9, "command": command})
+        rows.append(
+            {
+                "name": name,
+                "exact_match": evals[-1]["val_exact_match"],
+                "chance": evals[-1].get("val_chance_exact_match"),
+                "gflops": flops / 1e9,
+                "command": command,
+            }
+        )
     return rows
 
 
@@ -92,20 +109,36 @@ def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for row in rows:
         axes[0].scatter(row["gflops"], 100 * row["exact_match"], s=40)
-        axes[0].annotate(row["name"], (row["gflops"], 100 * row["exact_match"]), textcoords="offset points", xytext=(5, 5))
-    axes[0].set(xlabel="forward GFLOPs per example", ylabel="val exact match (%)", title="Embedded task: visual tokens", ylim=(0, 100))
+        axes[0].annotate(
+            row["name"], (row["gflops"], 100 * row["exact_match"]), textcoords="offset points", xytext=(5, 5)
+        )
+    axes[0].set(
+        xlabel="forward GFLOPs per example",
+        ylabel="val exact match (%)",
+        title="Embedded task: visual tokens",
+        ylim=(0, 100),
+    )
     chance = next((r["chance"] for r in rows if r.get("chance")), None)
     for ax in axes:
         if chance:
             ax.axhline(100 * chance, linestyle="--", color="gray", label="chance")
     if kv:
         for policy in ("h2o", "snapkv", "streaming"):
-            points = sorted((v["kv_slots"], 100 * v["exact_match"]) for k, v in kv["results"].items() if k.startswith(policy + "@"))
+            points = sorted(
+                (v["kv_slots"], 100 * v["exact_match"]) for k, v in kv["results"].items() if k.startswith(policy + "@")
+            )
             points.append((kv["results"]["full"]["kv_slots"], 100 * kv["results"]["full"]["exact_match"]))
             axes[1].plot(*zip(*sorted(points)), marker="o", label=policy)
         sv = kv["results"]["skip_vision"]
-        axes[1].scatter(sv["kv_slots"], 100 * sv["exact_match"], marker="*", s=150, color="black", label="skip_vision", zorder=3)
-        axes[1].set(xlabel="KV slots per layer", ylabel="val exact match (%)", title="Embedded task: KV cache budget", ylim=(0, 100))
+        axes[1].scatter(
+            sv["kv_slots"], 100 * sv["exact_match"], marker="*", s=150, color="black", label="skip_vision", zorder=3
+        )
+        axes[1].set(
+            xlabel="KV slots per layer",
+            ylabel="val exact match (%)",
+            title="Embedded task: KV cache budget",
+            ylim=(0, 100),
+        )
         axes[1].legend()
     save_figure(fig, folder, "quality_cost.png")
 
@@ -115,10 +148,17 @@ def plot_decode(folder: str, decode: dict | None) -> None:
         return
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = [(decode["llava576_batch1"]["skip_model_policies"], "576 tokens, batch 1"), (decode["layout1296_batch"]["policies"], f"1296 tokens, batch {decode['layout1296_batch']['batch']}")]
+    panels = [
+        (decode["llava576_batch1"]["skip_model_policies"], "576 tokens, batch 1"),
+        (decode["layout1296_batch"]["policies"], f"1296 tokens, batch {decode['layout1296_batch']['batch']}"),
+    ]
     for ax, (rows, title) in zip(axes, panels):
         for policy in sorted({r["policy"] for r in rows}):
-            points = sorted((r["kv_slots"], r["decode_ms_per_token"], r["roofline_ms_per_token"]) for r in rows if r["policy"] == policy)
+            points = sorted(
+                (r["kv_slots"], r["decode_ms_per_token"], r["roofline_ms_per_token"])
+                for r in rows
+                if r["policy"] == policy
+            )
             slots, measured, roofline = zip(*points)
             line = ax.plot(slots, measured, marker="o", label=policy)[0]
             ax.plot(slots, roofline, linestyle=":", color=line.get_color())
@@ -145,29 +185,52 @@ def section(folder: str, draw: bool) -> list[str]:
     device = os.path.basename(folder)
     lines = [f"### {device}", ""]
     rows = embedded_task_rows(folder)
-    kv, decode, skip_ffn, vs_hf, throughput = (load(folder, f) for f in ("kv_agreement.json", "decode.json", "skip_ffn.json", "vs_transformers.json", "eval_throughput.json"))
+    kv, decode, skip_ffn, vs_hf, throughput = (
+        load(folder, f)
+        for f in ("kv_agreement.json", "decode.json", "skip_ffn.json", "vs_transformers.json", "eval_throughput.json")
+    )
     if draw:
         plot_quality_cost(folder, rows, kv)
         plot_decode(folder, decode)
         plot_shares(folder, skip_ffn)
     figures = sorted(glob.glob(os.path.join(folder, "*.png")))
     if rows:
-        lines += ["**Embedded task** (2500 steps x 64; `train_*.metrics.jsonl`):", "", "| visual tokens | val exact match | forward GFLOPs / example | command |", "| --- | --- | --- | --- |"]
+        lines += [
+            "**Embedded task** (2500 steps x 64; `train_*.metrics.jsonl`):",
+            "",
+            "| visual tokens | val exact match | forward GFLOPs / example | command |",
+            "| --- | --- | --- | --- |",
+        ]
         lines += [f"| {r['name']} | {pct(r['exact_match'])} | {r['gflops']:.3f} | `{r['command']}` |" for r in rows]
         lines.append("")
     if kv:
-        lines += [f"**KV policies on the trained model** (`python bench/kv_agreement.py --checkpoint runs/default`, {kv['questions']} val questions):", "", "| policy | slots | agreement with full | exact match |", "| --- | --- | --- | --- |"]
-        lines += [f"| {k} | {v['kv_slots']} | {pct(v['agreement_with_full'])} | {pct(v['exact_match'])} |" for k, v in kv["results"].items()]
+        lines += [
+            f"**KV policies on the trained model** (`python bench/kv_agreement.py --checkpoint runs/default`, {kv['questions']} val questions):",
+            "",
+            "| policy | slots | agreement with full | exact match |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {k} | {v['kv_slots']} | {pct(v['agreement_with_full'])} | {pct(v['exact_match'])} |"
+            for k, v in kv["results"].items()
+        ]
         lines.append("")
     if skip_ffn and "shares" in skip_ffn:
         g = skip_ffn["geometry"]
-        lines += [f"**Skip-FFN train step** (`python bench/skip_ffn.py`, {skip_ffn['dtype']}, batch {g['batch']}, {g['visual_tokens']} visual + {g['text_tokens']} text tokens; target: realized >= 90% of the FLOP-ideal saving):", "", "| variant | compiled GFLOPs | step ms | ideal saving | realized saving | realized / ideal | MFU |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"**Skip-FFN train step** (`python bench/skip_ffn.py`, {skip_ffn['dtype']}, batch {g['batch']}, {g['visual_tokens']} visual + {g['text_tokens']} text tokens; target: realized >= 90% of the FLOP-ideal saving):",
+            "",
+            "| variant | compiled GFLOPs | step ms | ideal saving | realized saving | realized / ideal | MFU |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for group in ("shares", "layout"):
             for name, row in skip_ffn[group].items():
                 ratio = "" if row["realized_over_ideal"] is None else pct(row["realized_over_ideal"])
                 mfu = "" if row["mfu"] is None else pct(row["mfu"])
                 label = f"{name} skipped" if group == "shares" else f"paper layout: {name}"
-                lines.append(f"| {label} | {row['flops'] / 1e9:.1f} | {row['ms']:.1f} | {pct(row['ideal_saving'])} | {pct(row['realized_saving'])} | {ratio} | {mfu} |")
+                lines.append(
+                    f"| {label} | {row['flops'] / 1e9:.1f} | {row['ms']:.1f} | {pct(row['ideal_saving'])} | {pct(row['realized_saving'])} | {ratio} | {mfu} |"
+                )
         lines.append("")
     if decode:
         a, p, b = decode["llava576_batch1"], decode["layout1296_prefill_flops"], decode["layout1296_batch"]
@@ -185,26 +248,54 @@ def section(folder: str, draw: bool) -> list[str]:
             "| policy (576, batch 1, skip model) | budget | KV KiB | prefill ms | decode ms / token | roofline ms | measured / roofline |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for r in [a["full_path"] | {"policy": "full path (plain model)"}] + a["skip_model_policies"] + [r | {"policy": f"{r['policy']} (1296, batch {b['batch']})"} for r in b["policies"]]:
+        for r in (
+            [a["full_path"] | {"policy": "full path (plain model)"}]
+            + a["skip_model_policies"]
+            + [r | {"policy": f"{r['policy']} (1296, batch {b['batch']})"} for r in b["policies"]]
+        ):
             prefill = "-" if r["prefill_ms"] is None else f"{r['prefill_ms']:.1f}"
-            lines.append(f"| {r['policy']} | {r['budget'] or r['kv_slots']} | {r['kv_bytes'] / 1024:.0f} | {prefill} | {r['decode_ms_per_token']:.2f} | {r['roofline_ms_per_token']:.2f} | {r['measured_over_roofline']:.2f}x |")
+            lines.append(
+                f"| {r['policy']} | {r['budget'] or r['kv_slots']} | {r['kv_bytes'] / 1024:.0f} | {prefill} | {r['decode_ms_per_token']:.2f} | {r['roofline_ms_per_token']:.2f} | {r['measured_over_roofline']:.2f}x |"
+            )
         lines.append("")
     if vs_hf and "ours" in vs_hf and "error" not in vs_hf["ours"]:
-        lines += ["**Against transformers** (`python bench/vs_transformers.py`, same imported weights, batch 1, fp32; targets: >= 2x prefill speed, >= 1.5x decode tokens/s against eager `generate`):", "", "| runner | prefill ms | decode ms / token | peak RSS MiB | same greedy tokens |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "**Against transformers** (`python bench/vs_transformers.py`, same imported weights, batch 1, fp32; targets: >= 2x prefill speed, >= 1.5x decode tokens/s against eager `generate`):",
+            "",
+            "| runner | prefill ms | decode ms / token | peak RSS MiB | same greedy tokens |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for kind in ("ours", "hf_eager", "hf_static"):
             row = vs_hf.get(kind, {})
             if "error" in row or not row:
                 lines.append(f"| {kind} | failed: {row.get('error', 'missing')} | | | |")
                 continue
             same = "-" if kind == "ours" else str(row["same_tokens_as_ours"])
-            lines.append(f"| {kind} | {row['prefill_ms']:.1f} | {row['decode_ms_per_token']:.2f} | {row['peak_rss_bytes'] / 2**20:.0f} | {same} |")
-        ratios = [f"{k.replace('_', ' ')}: {v:.2f}x" for k, v in vs_hf.items() if k.startswith(("prefill_speedup", "decode_tokens_per_s_ratio"))]
+            lines.append(
+                f"| {kind} | {row['prefill_ms']:.1f} | {row['decode_ms_per_token']:.2f} | {row['peak_rss_bytes'] / 2**20:.0f} | {same} |"
+            )
+        ratios = [
+            f"{k.replace('_', ' ')}: {v:.2f}x"
+            for k, v in vs_hf.items()
+            if k.startswith(("prefill_speedup", "decode_tokens_per_s_ratio"))
+        ]
         lines += ["", "Ratios (theirs / ours time): " + "; ".join(ratios) + ".", ""]
     if throughput:
-        lines += [f"**eval.py throughput** (`python bench/eval_throughput.py --checkpoint {throughput['checkpoint']}`, {throughput['questions']} exported val questions, `{throughput['policy']}`; compilation apart; target: the largest batch >= 5x the questions/s of batch 1):", "", "| batch | run | questions/s | warm-up s (compile) | answering s | exact match |", "| --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['batch_size']} | {r['repeat'] + 1} | {r['questions_per_s']:.1f} | {r['warmup_s']:.1f} | {r['answer_s']:.2f} | {pct(r['exact_match'])} |" for r in throughput["runs"]]
+        lines += [
+            f"**eval.py throughput** (`python bench/eval_throughput.py --checkpoint {throughput['checkpoint']}`, {throughput['questions']} exported val questions, `{throughput['policy']}`; compilation apart; target: the largest batch >= 5x the questions/s of batch 1):",
+            "",
+            "| batch | run | questions/s | warm-up s (compile) | answering s | exact match |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['batch_size']} | {r['repeat'] + 1} | {r['questions_per_s']:.1f} | {r['warmup_s']:.1f} | {r['answer_s']:.2f} | {pct(r['exact_match'])} |"
+            for r in throughput["runs"]
+        ]
         if "speedup_largest_over_smallest" in throughput:
-            lines += ["", f"Median questions/s, largest over smallest batch: {throughput['speedup_largest_over_smallest']:.2f}x."]
+            lines += [
+                "",
+                f"Median questions/s, largest over smallest batch: {throughput['speedup_largest_over_smallest']:.2f}x.",
+            ]
         lines.append("")
     lines += [f"![{os.path.basename(p)}](bench/results/{device}/{os.path.basename(p)})" for p in figures]
     return lines + [""]
@@ -212,7 +303,11 @@ def section(folder: str, draw: bool) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="draw nothing, write nothing; exit 1 if README.md's block differs from the results")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="draw nothing, write nothing; exit 1 if README.md's block differs from the results",
+    )
     args = parser.parse_args()
     folders = sorted(f for f in glob.glob(os.path.join(HERE, "results", "*")) if os.path.isdir(f))
     block = [BEGIN, "<!-- generated by python bench/report.py from bench/results/; do not edit by hand -->", ""]

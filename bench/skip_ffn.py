@@ -50,12 +50,24 @@ SHARES = (0.0, 0.25, 0.5, 0.75)
 def share_config(share: float, dtype: str) -> ModelConfig:
     num_visual = VISION_576.num_features
     kept = num_visual - round(share * num_visual)
-    return ModelConfig(VISION_576, LayoutConfig(num_kept=kept, merge_to=None, summary_tokens=False), SkipConfig(enabled=share > 0), DECODER, dtype=dtype)
+    return ModelConfig(
+        VISION_576,
+        LayoutConfig(num_kept=kept, merge_to=None, summary_tokens=False),
+        SkipConfig(enabled=share > 0),
+        DECODER,
+        dtype=dtype,
+    )
 
 
 def layout_variants(dtype: str) -> dict[str, ModelConfig]:
     full = dataclasses.replace(full_config(VISION_576), dtype=dtype)
-    merge = ModelConfig(VISION_576, LayoutConfig(num_kept=NUM_KEPT, merge_to=MERGE_TO, summary_tokens=False), SkipConfig(enabled=False), DECODER, dtype=dtype)
+    merge = ModelConfig(
+        VISION_576,
+        LayoutConfig(num_kept=NUM_KEPT, merge_to=MERGE_TO, summary_tokens=False),
+        SkipConfig(enabled=False),
+        DECODER,
+        dtype=dtype,
+    )
     return {"full": full, "merge": merge, "skip": skip_config(VISION_576, NUM_KEPT, MERGE_TO, dtype)}
 
 
@@ -86,7 +98,14 @@ def time_interleaved(configs: dict[str, ModelConfig], batch_size: int, steps: in
             jax.block_until_ready(metrics)
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
-    return {name: {"flops": compiled[name][3], "analytic_flops": train_step_flops(cfg, NUM_TEXT, batch_size), "ms": 1000 * statistics.median(times[name])} for name, cfg in configs.items()}
+    return {
+        name: {
+            "flops": compiled[name][3],
+            "analytic_flops": train_step_flops(cfg, NUM_TEXT, batch_size),
+            "ms": 1000 * statistics.median(times[name]),
+        }
+        for name, cfg in configs.items()
+    }
 
 
 def savings(rows: dict[str, dict], baseline: str, peak: float | None) -> dict[str, dict]:
@@ -102,18 +121,36 @@ def savings(rows: dict[str, dict], baseline: str, peak: float | None) -> dict[st
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
-    parser.add_argument("--batch", type=int, default=4, help="examples per step (batch 1 under-fills the CPU matmuls of the short retained slice)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="examples per step (batch 1 under-fills the CPU matmuls of the short retained slice)",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--name", default="skip_ffn", help="result file name")
     args = parser.parse_args()
     peak = peak_flops() if args.dtype == "bfloat16" else None
-    shares = savings(time_interleaved({f"{int(100 * s)}%": share_config(s, args.dtype) for s in SHARES}, args.batch, args.steps), "0%", peak)
+    shares = savings(
+        time_interleaved({f"{int(100 * s)}%": share_config(s, args.dtype) for s in SHARES}, args.batch, args.steps),
+        "0%",
+        peak,
+    )
     layout = savings(time_interleaved(layout_variants(args.dtype), args.batch, args.steps), "full", peak)
     d = DECODER
     result = {
         "geometry": {
-            "visual_tokens": VISION_576.num_features, "kept": NUM_KEPT, "merge_to": MERGE_TO, "text_tokens": NUM_TEXT, "batch": args.batch,
-            "width": d.width, "layers": d.num_layers, "heads": d.num_heads, "kv_heads": d.num_kv_heads, "mlp_dim": d.mlp_dim, "vocab": d.vocab_size,
+            "visual_tokens": VISION_576.num_features,
+            "kept": NUM_KEPT,
+            "merge_to": MERGE_TO,
+            "text_tokens": NUM_TEXT,
+            "batch": args.batch,
+            "width": d.width,
+            "layers": d.num_layers,
+            "heads": d.num_heads,
+            "kv_heads": d.num_kv_heads,
+            "mlp_dim": d.mlp_dim,
+            "vocab": d.vocab_size,
             "vision": f"fixed random features, {VISION_576.num_features} x {VISION_576.width} (tower not run)",
         },
         "dtype": args.dtype,

@@ -46,8 +46,25 @@ def build_checkpoint(directory: str) -> None:
         LlavaForConditionalGeneration,
     )
 
-    text = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
-    vision = CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, image_size=336, patch_size=14)
+    text = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=336,
+        patch_size=14,
+    )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999, vision_feature_layer=-2)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
@@ -93,7 +110,14 @@ def worker_ours(directory: str, new_tokens: int, repeats: int) -> dict:
     tn = timed(lambda: jax.block_until_ready(many(hf.params, batch, rng).tokens), repeats)
     tokens = np.asarray(many(hf.params, batch, rng).tokens[0]).tolist()
     memory = jax.devices()[0].memory_stats() or {}
-    return {"prefill_ms": prefill_ms, "decode_ms_per_token": (tn - t1) / (new_tokens - 1), "answer_ms": tn, "tokens": tokens, "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": memory.get("peak_bytes_in_use")}
+    return {
+        "prefill_ms": prefill_ms,
+        "decode_ms_per_token": (tn - t1) / (new_tokens - 1),
+        "answer_ms": tn,
+        "tokens": tokens,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_device_bytes": memory.get("peak_bytes_in_use"),
+    }
 
 
 def worker_hf(directory: str, new_tokens: int, repeats: int, cache: str | None) -> dict:
@@ -102,12 +126,24 @@ def worker_hf(directory: str, new_tokens: int, repeats: int, cache: str | None) 
 
     model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
     ids, pixels = prompt(model.config.vision_config.image_size**2 // model.config.vision_config.patch_size**2)
-    inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones(ids.shape, dtype=torch.long), "pixel_values": torch.from_numpy(pixels)}
+    inputs = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.ones(ids.shape, dtype=torch.long),
+        "pixel_values": torch.from_numpy(pixels),
+    }
     extra = {"cache_implementation": cache} if cache else {}
 
     def generate(n):
         with torch.inference_mode():
-            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0, **extra)
+            return model.generate(
+                **inputs,
+                max_new_tokens=n,
+                min_new_tokens=0,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                **extra,
+            )
 
     with torch.inference_mode():
         # logits of the last position only, as generate's own prefill computes
@@ -115,11 +151,29 @@ def worker_hf(directory: str, new_tokens: int, repeats: int, cache: str | None) 
     t1 = timed(lambda: generate(1), repeats)
     tn = timed(lambda: generate(new_tokens), repeats)
     tokens = generate(new_tokens)[0, ids.shape[1] :].tolist()
-    return {"prefill_ms": prefill_ms, "decode_ms_per_token": (tn - t1) / (new_tokens - 1), "answer_ms": tn, "tokens": tokens, "peak_rss_bytes": peak_rss_bytes(), "torch_threads": torch.get_num_threads()}
+    return {
+        "prefill_ms": prefill_ms,
+        "decode_ms_per_token": (tn - t1) / (new_tokens - 1),
+        "answer_ms": tn,
+        "tokens": tokens,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_worker(kind: str, directory: str, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--dir", directory, "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--dir",
+        directory,
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+    ]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -137,7 +191,11 @@ def main():
         print(json.dumps(worker_ours(args.dir, args.new_tokens, args.repeats)))
         return
     if args.worker:
-        print(json.dumps(worker_hf(args.dir, args.new_tokens, args.repeats, "static" if args.worker == "hf_static" else None)))
+        print(
+            json.dumps(
+                worker_hf(args.dir, args.new_tokens, args.repeats, "static" if args.worker == "hf_static" else None)
+            )
+        )
         return
 
     from common import write_result
@@ -146,7 +204,18 @@ def main():
         build_checkpoint(directory)
         rows = {kind: run_worker(kind, directory, args) for kind in ("ours", "hf_eager", "hf_static")}
     ours = rows["ours"]
-    result = {"geometry": {"image_tokens": 576, "text_tokens": PROMPT_TEXT, "new_tokens": args.new_tokens, "batch": 1, "dtype": "float32", "decoder": "width 512, 8 layers, 8/2 heads, mlp 1408, vocab 32000", "tower": "CLIP 336/14, 2 layers, width 256"}, **rows}
+    result = {
+        "geometry": {
+            "image_tokens": 576,
+            "text_tokens": PROMPT_TEXT,
+            "new_tokens": args.new_tokens,
+            "batch": 1,
+            "dtype": "float32",
+            "decoder": "width 512, 8 layers, 8/2 heads, mlp 1408, vocab 32000",
+            "tower": "CLIP 336/14, 2 layers, width 256",
+        },
+        **rows,
+    }
     for kind in ("hf_eager", "hf_static"):
         row = rows[kind]
         if "error" in row:

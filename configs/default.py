@@ -23,10 +23,26 @@ def get_config() -> ConfigDict:
     cfg = ConfigDict()
     cfg.model = ConfigDict(
         {
-            "vision": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 96, "depth": 1, "num_heads": 4, "mlp_dim": 192, "select_layer": 0, "pooled_grids": (2,)},
+            "vision": {
+                "image_size": IMAGE_SIZE,
+                "patch_size": 8,
+                "width": 96,
+                "depth": 1,
+                "num_heads": 4,
+                "mlp_dim": 192,
+                "select_layer": 0,
+                "pooled_grids": (2,),
+            },
             "layout": {"image_offset": SyntheticVQA.image_offset, "num_kept": 4, "merge_to": 8, "summary_tokens": True},
             "skip": {"enabled": True, "partition": "positional", "layer_start": 0, "layer_end": -1},
-            "decoder": {"vocab_size": len(SyntheticVQA.tokenizer), "width": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 384},
+            "decoder": {
+                "vocab_size": len(SyntheticVQA.tokenizer),
+                "width": 128,
+                "num_layers": 4,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "mlp_dim": 384,
+            },
             "dtype": "float32",
             "remat": False,
             "scan_layers": False,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,7 +28,9 @@ def define_config_flag(default_path: str) -> None:
     """`--config path.py` plus `--config.a.b=value` overrides. ml_collections
     applies the overrides while defining the flag, so an unknown key fails here."""
     try:
-        config_flags.DEFINE_config_file("config", default_path, "Experiment config file (Python, get_config()).", lock_config=True)
+        config_flags.DEFINE_config_file(
+            "config", default_path, "Experiment config file (Python, get_config()).", lock_config=True
+        )
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         fail(f"bad config override: {one_line(err)}", code=2)
 
@@ -45,18 +48,20 @@ def load_config():
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data,fsdp,tensor" sizes, e.g. "1,1,-1"."""
+    """ "data,fsdp,tensor" sizes, e.g. "1,1,-1"."""
     try:
         sizes = [int(part) for part in text.split(",")]
     except ValueError:
         sizes = []
     if len(sizes) != len(sharding.MESH_AXES):
-        raise ValueError(f"--mesh: expected {len(sharding.MESH_AXES)} comma-separated sizes (data,fsdp,tensor), got {text!r}")
+        raise ValueError(
+            f"--mesh: expected {len(sharding.MESH_AXES)} comma-separated sizes (data,fsdp,tensor), got {text!r}"
+        )
     return dict(zip(sharding.MESH_AXES, sizes))
 
 
 def directory_name(path: str) -> str:
-    """"runs/default/" -> "default"."""
+    """ "runs/default/" -> "default"."""
     return os.path.basename(os.path.normpath(path))
 
 
@@ -72,7 +77,11 @@ def define_distributed_flags() -> None:
     flags.DEFINE_string("coordinator", None, "host:port of process 0, for jax.distributed.initialize.")
     flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator).")
     flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with its cluster auto-detection (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() with its cluster auto-detection (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).",
+    )
 
 
 def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ...]) -> None:

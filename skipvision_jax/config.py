@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 PARTITION_KINDS = ("positional", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SELECT_STRATEGIES = ("patch", "full")
+POS_EMBED_INITS = ("sincos2d", "normal")
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -49,16 +51,45 @@ class VisionConfig:
     # grid go before the patch tokens (coarse first, as in the paper's
     # 16 + 256 + 1024 layout: pooled_grids=(4, 16) over 32 x 32 patches).
     pooled_grids: tuple[int, ...] = ()
+    # Initial position embedding: "sincos2d" (a 2-D sine-cosine table, as MAE
+    # and big_vision start from; trained from scratch, the "normal" start of
+    # std 0.02 left position unreadable) or "normal". Imported towers overwrite it.
+    pos_embed_init: str = "sincos2d"
 
     def __post_init__(self):
-        _require_positive(self, "vision", "image_size", "patch_size", "num_channels", "width", "depth", "num_heads", "mlp_dim")
-        _require(self.image_size % self.patch_size == 0, "vision.patch_size", f"{self.patch_size} does not divide image_size {self.image_size}")
-        _require(self.width % self.num_heads == 0, "vision.num_heads", f"{self.num_heads} does not divide width {self.width}")
-        _require(-(self.depth + 1) <= self.select_layer <= self.depth, "vision.select_layer", f"{self.select_layer} is outside [-{self.depth + 1}, {self.depth}]")
-        _require(self.select_strategy in SELECT_STRATEGIES, "vision.select_strategy", f"unknown {self.select_strategy!r}, expected one of {SELECT_STRATEGIES}")
+        _require_positive(
+            self, "vision", "image_size", "patch_size", "num_channels", "width", "depth", "num_heads", "mlp_dim"
+        )
+        _require(
+            self.image_size % self.patch_size == 0,
+            "vision.patch_size",
+            f"{self.patch_size} does not divide image_size {self.image_size}",
+        )
+        _require(
+            self.width % self.num_heads == 0, "vision.num_heads", f"{self.num_heads} does not divide width {self.width}"
+        )
+        _require(
+            -(self.depth + 1) <= self.select_layer <= self.depth,
+            "vision.select_layer",
+            f"{self.select_layer} is outside [-{self.depth + 1}, {self.depth}]",
+        )
+        _require(
+            self.select_strategy in SELECT_STRATEGIES,
+            "vision.select_strategy",
+            f"unknown {self.select_strategy!r}, expected one of {SELECT_STRATEGIES}",
+        )
+        _require(
+            self.pos_embed_init in POS_EMBED_INITS,
+            "vision.pos_embed_init",
+            f"unknown {self.pos_embed_init!r}, expected one of {POS_EMBED_INITS}",
+        )
         object.__setattr__(self, "pooled_grids", tuple(self.pooled_grids))
         for grid in self.pooled_grids:
-            _require(isinstance(grid, int) and grid > 0 and self.patch_grid % grid == 0, "vision.pooled_grids", f"{grid} does not divide the {self.patch_grid} x {self.patch_grid} patch grid")
+            _require(
+                isinstance(grid, int) and grid > 0 and self.patch_grid % grid == 0,
+                "vision.pooled_grids",
+                f"{grid} does not divide the {self.patch_grid} x {self.patch_grid} patch grid",
+            )
 
     @property
     def patch_grid(self) -> int:
@@ -97,15 +128,31 @@ class LayoutConfig:
     drop_fine: bool = False
 
     @classmethod
-    def plain(cls, num_visual: int, image_offset: int = 0) -> "LayoutConfig":
+    def plain(cls, num_visual: int, image_offset: int = 0) -> LayoutConfig:
         """Plain LLaVA: every visual token kept, no merge, no summary tokens."""
         return cls(image_offset=image_offset, num_kept=num_visual, merge_to=None, summary_tokens=False)
 
     def __post_init__(self):
-        _require(isinstance(self.image_offset, int) and self.image_offset >= 0, "layout.image_offset", f"must be >= 0, got {self.image_offset!r}")
-        _require(isinstance(self.num_kept, int) and self.num_kept >= 0, "layout.num_kept", f"must be >= 0, got {self.num_kept!r}")
-        _require(self.merge_to is None or (isinstance(self.merge_to, int) and self.merge_to >= 0), "layout.merge_to", f"must be None or >= 0, got {self.merge_to!r}")
-        _require(not (self.drop_fine and self.merge_to is not None), "layout.drop_fine", "the fine tokens are dropped, so there is nothing to merge; set merge_to to None")
+        _require(
+            isinstance(self.image_offset, int) and self.image_offset >= 0,
+            "layout.image_offset",
+            f"must be >= 0, got {self.image_offset!r}",
+        )
+        _require(
+            isinstance(self.num_kept, int) and self.num_kept >= 0,
+            "layout.num_kept",
+            f"must be >= 0, got {self.num_kept!r}",
+        )
+        _require(
+            self.merge_to is None or (isinstance(self.merge_to, int) and self.merge_to >= 0),
+            "layout.merge_to",
+            f"must be None or >= 0, got {self.merge_to!r}",
+        )
+        _require(
+            not (self.drop_fine and self.merge_to is not None),
+            "layout.drop_fine",
+            "the fine tokens are dropped, so there is nothing to merge; set merge_to to None",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +166,11 @@ class SkipConfig:
     layer_end: int = -1
 
     def __post_init__(self):
-        _require(self.partition in PARTITION_KINDS, "skip.partition", f"unknown partition kind {self.partition!r}, expected one of {PARTITION_KINDS}")
+        _require(
+            self.partition in PARTITION_KINDS,
+            "skip.partition",
+            f"unknown partition kind {self.partition!r}, expected one of {PARTITION_KINDS}",
+        )
         _require(self.layer_start >= 0, "skip.layer_start", f"must be >= 0, got {self.layer_start}")
 
 
@@ -138,8 +189,14 @@ class FastVConfig:
         return self.layer > 0
 
     def __post_init__(self):
-        _require(isinstance(self.layer, int) and self.layer >= 0, "fastv.layer", f"must be >= 0 (0: off), got {self.layer!r}")
-        _require(not self.enabled or (isinstance(self.keep, int) and self.keep > 0), "fastv.keep", f"must be > 0 with fastv.layer set, got {self.keep!r}")
+        _require(
+            isinstance(self.layer, int) and self.layer >= 0, "fastv.layer", f"must be >= 0 (0: off), got {self.layer!r}"
+        )
+        _require(
+            not self.enabled or (isinstance(self.keep, int) and self.keep > 0),
+            "fastv.keep",
+            f"must be > 0 with fastv.layer set, got {self.keep!r}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +217,18 @@ class DecoderConfig:
     def __post_init__(self):
         _require_positive(self, "decoder", "vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
         if self.head_dim is None:
-            _require(self.width % self.num_heads == 0, "decoder.num_heads", f"{self.num_heads} heads do not divide width {self.width}")
+            _require(
+                self.width % self.num_heads == 0,
+                "decoder.num_heads",
+                f"{self.num_heads} heads do not divide width {self.width}",
+            )
         else:
             _require_positive(self, "decoder", "head_dim")
-        _require(self.num_heads % self.num_kv_heads == 0, "decoder.num_kv_heads", f"{self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            "decoder.num_kv_heads",
+            f"{self.num_kv_heads} does not divide num_heads {self.num_heads}",
+        )
         _require(self.rope_theta > 0, "decoder.rope_theta", f"must be > 0, got {self.rope_theta}")
 
     @property
@@ -184,21 +249,51 @@ class ModelConfig:
 
     def __post_init__(self):
         num_visual = self.vision.num_features
-        _require(self.layout.num_kept <= num_visual, "layout.num_kept", f"{self.layout.num_kept} kept tokens exceed the {num_visual} visual tokens")
+        _require(
+            self.layout.num_kept <= num_visual,
+            "layout.num_kept",
+            f"{self.layout.num_kept} kept tokens exceed the {num_visual} visual tokens",
+        )
         num_fine = num_visual - self.layout.num_kept
         if self.layout.merge_to is not None:
-            _require(self.layout.merge_to <= num_fine, "layout.merge_to", f"{self.layout.merge_to} exceeds the {num_fine} fine tokens")
-        _require(not (self.layout.summary_tokens and self.num_skipped == 0), "layout.summary_tokens", "q2 would pool over an empty skipped set; disable summaries or keep fewer tokens")
-        _require(not (self.layout.summary_tokens and self.layout.num_kept == 0), "layout.summary_tokens", "q1 would pool over an empty kept set")
+            _require(
+                self.layout.merge_to <= num_fine,
+                "layout.merge_to",
+                f"{self.layout.merge_to} exceeds the {num_fine} fine tokens",
+            )
+        _require(
+            not (self.layout.summary_tokens and self.num_skipped == 0),
+            "layout.summary_tokens",
+            "q2 would pool over an empty skipped set; disable summaries or keep fewer tokens",
+        )
+        _require(
+            not (self.layout.summary_tokens and self.layout.num_kept == 0),
+            "layout.summary_tokens",
+            "q1 would pool over an empty kept set",
+        )
         _require(self.dtype in COMPUTE_DTYPES, "dtype", f"unknown {self.dtype!r}, expected one of {COMPUTE_DTYPES}")
         n = self.decoder.num_layers
         _require(self.skip.layer_start <= n, "skip.layer_start", f"{self.skip.layer_start} exceeds num_layers {n}")
-        _require(self.skip.layer_end == -1 or self.skip.layer_start <= self.skip.layer_end <= n, "skip.layer_end", f"{self.skip.layer_end} is not -1 or in [layer_start, {n}]")
+        _require(
+            self.skip.layer_end == -1 or self.skip.layer_start <= self.skip.layer_end <= n,
+            "skip.layer_end",
+            f"{self.skip.layer_end} is not -1 or in [layer_start, {n}]",
+        )
         if self.fastv.enabled:
-            _require(self.fastv.layer < n, "fastv.layer", f"{self.fastv.layer} leaves no layer to prune for (num_layers {n})")
-            _require(self.fastv.keep <= self.visual_length, "fastv.keep", f"{self.fastv.keep} exceeds the {self.visual_length} visual tokens")
-            _require(not self.skip.enabled, "fastv.layer", "FastV pruning is a baseline for the plain model; disable skip")
-            _require(not self.scan_layers, "fastv.layer", "FastV pruning needs unrolled layers; set scan_layers to False")
+            _require(
+                self.fastv.layer < n, "fastv.layer", f"{self.fastv.layer} leaves no layer to prune for (num_layers {n})"
+            )
+            _require(
+                self.fastv.keep <= self.visual_length,
+                "fastv.keep",
+                f"{self.fastv.keep} exceeds the {self.visual_length} visual tokens",
+            )
+            _require(
+                not self.skip.enabled, "fastv.layer", "FastV pruning is a baseline for the plain model; disable skip"
+            )
+            _require(
+                not self.scan_layers, "fastv.layer", "FastV pruning needs unrolled layers; set scan_layers to False"
+            )
 
     @property
     def visual_length(self) -> int:
@@ -221,7 +316,13 @@ class ModelConfig:
         return range(self.skip.layer_start, end)
 
 
-_SECTIONS = {"vision": VisionConfig, "layout": LayoutConfig, "skip": SkipConfig, "decoder": DecoderConfig, "fastv": FastVConfig}
+_SECTIONS = {
+    "vision": VisionConfig,
+    "layout": LayoutConfig,
+    "skip": SkipConfig,
+    "decoder": DecoderConfig,
+    "fastv": FastVConfig,
+}
 
 
 def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
@@ -260,7 +361,15 @@ def validate_experiment(cfg: Mapping[str, Any]) -> None:
     `ValueError` naming the first field that cannot be right."""
     positive, non_negative = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
     integer = lambda check, what: (lambda v: float(v).is_integer() and check(v), f"an integer {what}")
-    _check_numbers(cfg["data"], "data", {"train_size": integer(*positive), "val_size": integer(*non_negative), "text_len": integer(lambda v: v >= 2, ">= 2")})
+    _check_numbers(
+        cfg["data"],
+        "data",
+        {
+            "train_size": integer(*positive),
+            "val_size": integer(*non_negative),
+            "text_len": integer(lambda v: v >= 2, ">= 2"),
+        },
+    )
     _check_numbers(
         cfg["train"],
         "train",

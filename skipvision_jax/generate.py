@@ -42,7 +42,7 @@ class Sampling:
             raise ValueError(f"sampling.top_p: must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> Int[Array, "B"]:
+def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> Int[Array, " B"]:
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
@@ -63,8 +63,8 @@ def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> I
 class DecodeState:
     step: Int[Array, ""]  # tokens generated so far
     tokens: Int[Array, "B N"]  # N = max_new_tokens; pad_id after a stop token
-    done: Bool[Array, "B"]
-    next_pos: Int[Array, "B"]  # position of the token in tokens[:, step - 1]
+    done: Bool[Array, " B"]
+    next_pos: Int[Array, " B"]  # position of the token in tokens[:, step - 1]
     caches: tuple[LayerCache, ...]
     rng: jax.Array
     logits: Float[Array, "B N V"] | None = None  # kept only with record_logits (tests)
@@ -79,7 +79,7 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
             continue
         start, end = map(int, name.split("_")[1:])
         for i in range(start, end):
-            decoder[f"layer_{i}"] = jax.tree.map(lambda x: x[i - start], value["block"])
+            decoder[f"layer_{i}"] = jax.tree.map(lambda x, index=i - start: x[index], value["block"])
     assert len([k for k in decoder if k.startswith("layer_")]) == num_layers
     return {**params, "decoder": decoder}
 
@@ -91,7 +91,18 @@ class Generator:
     same padded length never recompile, and the decode loop is one
     `lax.while_loop`, so steps never do either."""
 
-    def __init__(self, cfg: ModelConfig, policy: KVPolicy, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids: tuple[int, ...] = (), pad_id: int = 0, record_logits: bool = False, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        policy: KVPolicy,
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        stop_ids: tuple[int, ...] = (),
+        pad_id: int = 0,
+        record_logits: bool = False,
+        mesh: Mesh | None = None,
+        rules=sharding.DEFAULT_RULES,
+    ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
         self.cfg = dataclasses.replace(cfg, scan_layers=False, remat=False)
@@ -110,7 +121,10 @@ class Generator:
     def prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
         """Prompt -> caches and the first token (jitted)."""
         if self.mesh is not None:
-            batch = {k: jax.device_put(np.asarray(v), sharding.rows_sharding(self.mesh, np.shape(v))) for k, v in batch.items()}
+            batch = {
+                k: jax.device_put(np.asarray(v), sharding.rows_sharding(self.mesh, np.shape(v)))
+                for k, v in batch.items()
+            }
         with self._sharded():
             return self._prefill_jit(params, batch, rng)
 
@@ -124,7 +138,9 @@ class Generator:
         return self.policy.resolve_budget(layout.length, layout.skipped, self.max_new_tokens)
 
     def _is_stop(self, tokens):
-        return jnp.isin(tokens, jnp.asarray(self.stop_ids, jnp.int32)) if self.stop_ids else jnp.zeros(tokens.shape, bool)
+        return (
+            jnp.isin(tokens, jnp.asarray(self.stop_ids, jnp.int32)) if self.stop_ids else jnp.zeros(tokens.shape, bool)
+        )
 
     def _prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
         input_ids, text_mask = batch["input_ids"], batch["text_mask"]
@@ -141,8 +157,18 @@ class Generator:
         if self.policy.name == "h2o":
             query_weights = key_valid.astype(jnp.float32)
         elif self.policy.name == "snapkv":
-            query_weights = (key_valid & (positions >= prompt_lens[:, None] - self.policy.obs_window)).astype(jnp.float32)
-        logits, captured = self.model.apply({"params": params}, input_ids, text_mask, **image, query_weights=query_weights, method=SkipVisionVLM.prefill, mutable=["prefill"])
+            query_weights = (key_valid & (positions >= prompt_lens[:, None] - self.policy.obs_window)).astype(
+                jnp.float32
+            )
+        logits, captured = self.model.apply(
+            {"params": params},
+            input_ids,
+            text_mask,
+            **image,
+            query_weights=query_weights,
+            method=SkipVisionVLM.prefill,
+            mutable=["prefill"],
+        )
         captured = captured["prefill"]["decoder"]
         caches = []
         for i in range(self.cfg.decoder.num_layers):
@@ -150,13 +176,26 @@ class Generator:
             if "fastv_index" in captured and i >= self.cfg.fastv.layer:
                 # FastV removed visual rows: these layers cache only the rows that stayed.
                 kept_rows = captured["fastv_index"][0]
-                layer_positions, layer_valid = (jnp.take_along_axis(x, kept_rows, axis=1) for x in (positions, key_valid))
+                layer_positions, layer_valid = (
+                    jnp.take_along_axis(x, kept_rows, axis=1) for x in (positions, key_valid)
+                )
             else:
                 layer_positions, layer_valid = positions, key_valid
             scores = layer["key_scores"][0] if "key_scores" in layer else None
-            priority = kvcache.prompt_priority(self.policy, layer_positions, layer_valid, prompt_lens, (layout.skipped_start, layout.skipped_end), scores)
+            priority = kvcache.prompt_priority(
+                self.policy,
+                layer_positions,
+                layer_valid,
+                prompt_lens,
+                (layout.skipped_start, layout.skipped_end),
+                scores,
+            )
             num_slots = self.policy.prompt_slots(budget, layer_positions.shape[1], self.max_new_tokens)
-            caches.append(kvcache.compact(layer["k"][0], layer["v"][0], layer_positions, layer_valid, priority, scores, num_slots, budget))
+            caches.append(
+                kvcache.compact(
+                    layer["k"][0], layer["v"][0], layer_positions, layer_valid, priority, scores, num_slots, budget
+                )
+            )
         rng, first_rng = jax.random.split(rng)
         first = sample(logits, first_rng, self.sampling)
         batch_size = input_ids.shape[0]
@@ -164,16 +203,33 @@ class Generator:
         recorded = None
         if self.record_logits:
             recorded = jnp.zeros((batch_size, self.max_new_tokens, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
-        return DecodeState(step=jnp.ones((), jnp.int32), tokens=tokens, done=self._is_stop(first), next_pos=prompt_lens, caches=tuple(caches), rng=rng, logits=recorded)
+        return DecodeState(
+            step=jnp.ones((), jnp.int32),
+            tokens=tokens,
+            done=self._is_stop(first),
+            next_pos=prompt_lens,
+            caches=tuple(caches),
+            rng=rng,
+            logits=recorded,
+        )
 
     def _decode_step(self, params, state: DecodeState) -> DecodeState:
-        last = jnp.take_along_axis(state.tokens, (state.step - 1)[None, None].repeat(state.tokens.shape[0], 0), axis=1)  # [B, 1]
+        last = jnp.take_along_axis(
+            state.tokens, (state.step - 1)[None, None].repeat(state.tokens.shape[0], 0), axis=1
+        )  # [B, 1]
         h = self.model.apply({"params": params}, last, method=lambda m, t: m.embed(t))
         positions = state.next_pos[:, None]
         caches = []
         block = DecoderBlock(self.cfg.decoder, None, dtype=compute_dtype(self.cfg))
         for i, cache in enumerate(state.caches):
-            h, cache = block.apply({"params": params["decoder"][f"layer_{i}"]}, h, positions, cache, self.policy, method=DecoderBlock.decode)
+            h, cache = block.apply(
+                {"params": params["decoder"][f"layer_{i}"]},
+                h,
+                positions,
+                cache,
+                self.policy,
+                method=DecoderBlock.decode,
+            )
             caches.append(cache)
         logits = self.model.apply({"params": params}, h[:, 0], method=SkipVisionVLM.logits)
         rng, step_rng = jax.random.split(state.rng)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -81,11 +81,19 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
             raise ValueError("prompt: empty")
         ids = data.encode_prompt(prompt)
         if len(ids) > max_text_len:
-            raise ValueError(f"prompt: {len(ids)} tokens exceed the model's text length ({max_text_len} + 1 answer token at least)")
+            raise ValueError(
+                f"prompt: {len(ids)} tokens exceed the model's text length ({max_text_len} + 1 answer token at least)"
+            )
         pixels = preprocess(load_image(image_path), model_cfg.vision.image_size)
-        return {"input_ids": np.asarray([ids], np.int32), "text_mask": np.ones((1, len(ids)), bool), "pixels": pixels[None]}, model_cfg
+        return {
+            "input_ids": np.asarray([ids], np.int32),
+            "text_mask": np.ones((1, len(ids)), bool),
+            "pixels": pixels[None],
+        }, model_cfg
 
-    return LoadedModel(model_cfg, params, mesh, rules, data.stop_ids, data.pad_id, data.decode, make_batch, max_text_len, cfg, data)
+    return LoadedModel(
+        model_cfg, params, mesh, rules, data.stop_ids, data.pad_id, data.decode, make_batch, max_text_len, cfg, data
+    )
 
 
 def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel:
@@ -113,7 +121,17 @@ def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
     max_text_len = hf_model.max_positions(hf) - hf.model_cfg.vision.num_features
-    return LoadedModel(hf.model_cfg, hf.params, mesh, sharding.DEFAULT_RULES, hf_model.stop_ids(hf), pad_id, decode, make_batch, max_text_len)
+    return LoadedModel(
+        hf.model_cfg,
+        hf.params,
+        mesh,
+        sharding.DEFAULT_RULES,
+        hf_model.stop_ids(hf),
+        pad_id,
+        decode,
+        make_batch,
+        max_text_len,
+    )
 
 
 def with_model_config(loaded: LoadedModel, change: Callable[[ModelConfig], ModelConfig]) -> LoadedModel:
@@ -136,12 +154,32 @@ def answer_text(loaded: LoadedModel, tokens: np.ndarray) -> str:
 def default_budget(base: KVPolicy, full_slots: int, max_new_tokens: int) -> int:
     """A pruning policy's budget when none is given: `base.budget`, or half of
     the full cache, but at least what the policy needs to run."""
-    return base.budget or max(full_slots // 2, base.sink_tokens + base.recent_window + 1, base.obs_window + max_new_tokens)
+    return base.budget or max(
+        full_slots // 2, base.sink_tokens + base.recent_window + 1, base.obs_window + max_new_tokens
+    )
 
 
-def answer(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, policy: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0, repeats: int = 3) -> dict:
+def answer(
+    loaded: LoadedModel,
+    batch: dict,
+    model_cfg: ModelConfig,
+    policy: KVPolicy,
+    max_new_tokens: int,
+    sampling: Sampling,
+    seed: int = 0,
+    repeats: int = 3,
+) -> dict:
     """Generates, timing prefill and decode on compiled functions (first call compiles)."""
-    generator = Generator(model_cfg, policy, max_new_tokens, sampling, stop_ids=loaded.stop_ids, pad_id=loaded.pad_id, mesh=loaded.mesh, rules=loaded.rules)
+    generator = Generator(
+        model_cfg,
+        policy,
+        max_new_tokens,
+        sampling,
+        stop_ids=loaded.stop_ids,
+        pad_id=loaded.pad_id,
+        mesh=loaded.mesh,
+        rules=loaded.rules,
+    )
     generator.budget(batch["input_ids"].shape[1])  # validate before compiling
     rng = jax.random.key(seed)
     jax.block_until_ready(generator(loaded.params, batch, rng).tokens)  # compile both
@@ -165,7 +203,15 @@ def answer(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, policy: KVP
     }
 
 
-def compare_policies(loaded: LoadedModel, batch: dict, model_cfg: ModelConfig, base: KVPolicy, max_new_tokens: int, sampling: Sampling, seed: int = 0) -> list[dict]:
+def compare_policies(
+    loaded: LoadedModel,
+    batch: dict,
+    model_cfg: ModelConfig,
+    base: KVPolicy,
+    max_new_tokens: int,
+    sampling: Sampling,
+    seed: int = 0,
+) -> list[dict]:
     """Every policy on one input; pruning policies get `base.budget`, or half of
     the full cache (at least sinks + window + 1) when it is unset."""
     full_slots = Generator(model_cfg, KVPolicy("full"), max_new_tokens).budget(batch["input_ids"].shape[1])

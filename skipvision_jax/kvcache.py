@@ -62,17 +62,25 @@ class KVPolicy:
 
     def resolve_budget(self, prompt_len: int, skipped: int, max_new_tokens: int) -> int:
         """The buffer size for a padded prompt of `prompt_len` rows; ValueError if impossible."""
-        needed = {"full": prompt_len + max_new_tokens, "skip_vision": prompt_len - skipped + max_new_tokens}.get(self.name)
+        needed = {"full": prompt_len + max_new_tokens, "skip_vision": prompt_len - skipped + max_new_tokens}.get(
+            self.name
+        )
         if self.budget is None:
             if needed is None:
                 raise ValueError(f"kv.budget: the {self.name} policy needs a budget")
             return needed
         if needed is not None and self.budget < needed:
-            raise ValueError(f"kv.budget: {self.budget} is smaller than the {needed} slots the {self.name} policy needs for this prompt")
+            raise ValueError(
+                f"kv.budget: {self.budget} is smaller than the {needed} slots the {self.name} policy needs for this prompt"
+            )
         if self.evicts and self.budget < self.sink_tokens + self.recent_window + 1:
-            raise ValueError(f"kv.budget: {self.budget} is smaller than sink_tokens + recent_window + 1 ({self.sink_tokens + self.recent_window + 1})")
+            raise ValueError(
+                f"kv.budget: {self.budget} is smaller than sink_tokens + recent_window + 1 ({self.sink_tokens + self.recent_window + 1})"
+            )
         if self.name == "snapkv" and self.budget - max_new_tokens < self.obs_window:
-            raise ValueError(f"kv.budget: {self.budget} leaves fewer than obs_window={self.obs_window} prompt slots after {max_new_tokens} new tokens")
+            raise ValueError(
+                f"kv.budget: {self.budget} leaves fewer than obs_window={self.obs_window} prompt slots after {max_new_tokens} new tokens"
+            )
         return self.budget
 
     def prompt_slots(self, budget: int, prompt_len: int, max_new_tokens: int) -> int:
@@ -108,7 +116,14 @@ def _pool(scores: Float[Array, "B L"], kernel: int) -> Float[Array, "B L"]:
     return jax.lax.reduce_window(scores, -jnp.inf, jax.lax.max, (1, kernel), (1, 1), "SAME")
 
 
-def prompt_priority(policy: KVPolicy, positions: Int[Array, "B L"], key_valid: Bool[Array, "B L"], prompt_lens: Int[Array, "B"], skipped: tuple[int, int], scores: Float[Array, "B L"] | None) -> Float[Array, "B L"]:
+def prompt_priority(
+    policy: KVPolicy,
+    positions: Int[Array, "B L"],
+    key_valid: Bool[Array, "B L"],
+    prompt_lens: Int[Array, " B"],
+    skipped: tuple[int, int],
+    scores: Float[Array, "B L"] | None,
+) -> Float[Array, "B L"]:
     """Higher is kept first; -inf (padding, and the skipped segment under
     `skip_vision`) is never stored as a valid slot."""
     recent = positions >= (prompt_lens[:, None] - policy.recent_window)
@@ -137,20 +152,24 @@ def compact(k, v, positions, key_valid, priority, scores, num_slots: int, budget
     _, keep = jax.lax.top_k(priority, num_slots)
     keep = jnp.sort(keep, axis=1)
     take = lambda x: jnp.take_along_axis(x, keep, axis=1)  # [B, L] -> [B, S]
-    take_heads = lambda x: jnp.take_along_axis(x.transpose(0, 2, 1, 3), keep[:, None, :, None], axis=2)  # [B, L, KV, Dh] -> [B, KV, S, Dh]
+    take_heads = lambda x: jnp.take_along_axis(
+        x.transpose(0, 2, 1, 3), keep[:, None, :, None], axis=2
+    )  # [B, L, KV, Dh] -> [B, KV, S, Dh]
     pad = budget - num_slots
     pad_rows = lambda x, value: jnp.pad(x, [(0, 0), (0, pad)], constant_values=value)
     pad_heads = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)])
-    return constrain_cache(LayerCache(
-        k=pad_heads(take_heads(k)),
-        v=pad_heads(take_heads(v)),
-        pos=pad_rows(take(positions), -1),
-        valid=pad_rows(take(key_valid & (priority > -jnp.inf)), False),
-        score=pad_rows(take(scores if scores is not None else jnp.zeros(positions.shape)), 0.0),
-    ))
+    return constrain_cache(
+        LayerCache(
+            k=pad_heads(take_heads(k)),
+            v=pad_heads(take_heads(v)),
+            pos=pad_rows(take(positions), -1),
+            valid=pad_rows(take(key_valid & (priority > -jnp.inf)), False),
+            score=pad_rows(take(scores if scores is not None else jnp.zeros(positions.shape)), 0.0),
+        )
+    )
 
 
-def insert_slot(cache: LayerCache, policy: KVPolicy, new_pos: Int[Array, "B"]) -> Int[Array, "B"]:
+def insert_slot(cache: LayerCache, policy: KVPolicy, new_pos: Int[Array, " B"]) -> Int[Array, " B"]:
     """Where each row writes its new token: a free slot if any, else (evicting
     policies) the lowest-ranked token outside the sinks and the recent window."""
     free = ~cache.valid
@@ -162,16 +181,24 @@ def insert_slot(cache: LayerCache, policy: KVPolicy, new_pos: Int[Array, "B"]) -
     return jnp.argmax(evict_rank, axis=1)
 
 
-def insert(cache: LayerCache, policy: KVPolicy, k_new: Float[Array, "B KV Dh"], v_new: Float[Array, "B KV Dh"], new_pos: Int[Array, "B"]) -> LayerCache:
+def insert(
+    cache: LayerCache,
+    policy: KVPolicy,
+    k_new: Float[Array, "B KV Dh"],
+    v_new: Float[Array, "B KV Dh"],
+    new_pos: Int[Array, " B"],
+) -> LayerCache:
     slot = insert_slot(cache, policy, new_pos)
     rows = jnp.arange(slot.shape[0])
-    return constrain_cache(LayerCache(
-        k=cache.k.at[rows, :, slot].set(k_new.astype(cache.k.dtype)),
-        v=cache.v.at[rows, :, slot].set(v_new.astype(cache.v.dtype)),
-        pos=cache.pos.at[rows, slot].set(new_pos),
-        valid=cache.valid.at[rows, slot].set(True),
-        score=cache.score.at[rows, slot].set(0.0),
-    ))
+    return constrain_cache(
+        LayerCache(
+            k=cache.k.at[rows, :, slot].set(k_new.astype(cache.k.dtype)),
+            v=cache.v.at[rows, :, slot].set(v_new.astype(cache.v.dtype)),
+            pos=cache.pos.at[rows, slot].set(new_pos),
+            valid=cache.valid.at[rows, slot].set(True),
+            score=cache.score.at[rows, slot].set(0.0),
+        )
+    )
 
 
 def cache_bytes(caches) -> int:

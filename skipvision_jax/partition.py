@@ -34,16 +34,16 @@ class SequenceLayout:
     text: int  # all text tokens, prefix included
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, num_text: int) -> "SequenceLayout":
+    def from_config(cls, cfg: ModelConfig, num_text: int) -> SequenceLayout:
         if cfg.layout.image_offset > num_text:
             raise ValueError(f"layout.image_offset: {cfg.layout.image_offset} exceeds the {num_text} text tokens")
         return cls(cfg.layout.image_offset, cfg.layout.num_kept, cfg.num_skipped, cfg.layout.summary_tokens, num_text)
 
-    def pruned(self, visual_rows: int) -> "SequenceLayout":
+    def pruned(self, visual_rows: int) -> SequenceLayout:
         """The sequence after a pruner (FastV) kept `visual_rows` of the visual block."""
         return SequenceLayout(self.prefix, visual_rows, 0, False, self.text)
 
-    def for_length(self, length: int) -> "SequenceLayout":
+    def for_length(self, length: int) -> SequenceLayout:
         """The same visual layout in a sequence of `length` rows (text count derived)."""
         return dataclasses.replace(self, text=length - self.visual_length)
 
@@ -94,12 +94,19 @@ class SequenceLayout:
 
     def routable_positions(self) -> np.ndarray:
         """Visual tokens a score-based partition chooses among (summaries excluded). [K + S]"""
-        return np.concatenate([np.arange(self.visual_start, self.visual_start + self.kept), np.arange(self.skipped_start, self.skipped_end)])
+        return np.concatenate(
+            [
+                np.arange(self.visual_start, self.visual_start + self.kept),
+                np.arange(self.skipped_start, self.skipped_end),
+            ]
+        )
 
     def always_retained_positions(self) -> np.ndarray:
         """Rows that run the FFN under every partition: text and summaries."""
         summaries = [self.q1_index, self.q2_index] if self.summary_tokens else []
-        return np.concatenate([np.arange(self.prefix), np.asarray(summaries, dtype=np.int64), np.arange(self.visual_end, self.length)])
+        return np.concatenate(
+            [np.arange(self.prefix), np.asarray(summaries, dtype=np.int64), np.arange(self.visual_end, self.length)]
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +125,9 @@ class SlicePartition:
         return jnp.concatenate([h[:, : self.start], h[:, self.end :]], axis=1)
 
     def scatter(self, h: Float[Array, "B L D"], retained: Float[Array, "B R D"]) -> Float[Array, "B L D"]:
-        return jnp.concatenate([retained[:, : self.start], h[:, self.start : self.end], retained[:, self.start :]], axis=1)
+        return jnp.concatenate(
+            [retained[:, : self.start], h[:, self.start : self.end], retained[:, self.start :]], axis=1
+        )
 
 
 @flax.struct.dataclass
@@ -156,8 +165,12 @@ def topk_partition(layout: SequenceLayout, router_logits: Float[Array, "B V"]) -
     batch = router_logits.shape[0]
     routable = jnp.asarray(layout.routable_positions(), dtype=jnp.int32)
     top_scores, top = jax.lax.top_k(router_logits, layout.kept)  # [B, K]
-    always = jnp.broadcast_to(jnp.asarray(layout.always_retained_positions(), dtype=jnp.int32), (batch, layout.num_retained - layout.kept))
+    always = jnp.broadcast_to(
+        jnp.asarray(layout.always_retained_positions(), dtype=jnp.int32), (batch, layout.num_retained - layout.kept)
+    )
     idx = jnp.concatenate([routable[top], always], axis=1)
     gate = jnp.concatenate([jax.nn.sigmoid(top_scores), jnp.ones(always.shape, router_logits.dtype)], axis=1)
     order = jnp.argsort(idx, axis=1)
-    return IndexPartition(retained_idx=jnp.take_along_axis(idx, order, axis=1), gate=jnp.take_along_axis(gate, order, axis=1))
+    return IndexPartition(
+        retained_idx=jnp.take_along_axis(idx, order, axis=1), gate=jnp.take_along_axis(gate, order, axis=1)
+    )

@@ -22,7 +22,8 @@ import contextvars
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -75,7 +76,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
             raise ValueError(f"mesh: {num_devices} devices are not divisible by {dict(zip(MESH_AXES, sizes))}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there are {num_devices}")
+        raise ValueError(
+            f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but there are {num_devices}"
+        )
     return tuple(sizes)
 
 
@@ -127,10 +130,17 @@ def tree_shardings(boxed_abstract, mesh: Mesh, rules) -> Any:
         spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
         fit = fit_spec(spec, value.shape, mesh_axis_sizes)
         if fit != PartitionSpec(*(tuple(spec) + (None,) * (len(value.shape) - len(spec)))):
-            log.warning("%s %s: not divisible by the mesh for %s; replicating those dimensions", jax.tree_util.keystr(path), value.shape, spec)
+            log.warning(
+                "%s %s: not divisible by the mesh for %s; replicating those dimensions",
+                jax.tree_util.keystr(path),
+                value.shape,
+                spec,
+            )
         return NamedSharding(mesh, fit)
 
-    return jax.tree_util.tree_map_with_path(fitted, mesh_specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+    return jax.tree_util.tree_map_with_path(
+        fitted, mesh_specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
+    )
 
 
 @dataclasses.dataclass
@@ -150,7 +160,9 @@ def plan_init(init_boxed: Callable[[], Any], mesh: Mesh, rules) -> ShardedInit:
     """`init_boxed` returns a pytree whose leaves may be boxed with logical axis names."""
     boxed = jax.eval_shape(init_boxed)
     shardings = tree_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda value, s: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s), nn.unbox(boxed), shardings)
+    abstract = jax.tree.map(
+        lambda value, s: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
     # Called outside `activate`: the out_shardings place every leaf, and flax's
     # per-parameter constraints would see DenseGeneral's flattened init shapes.
     return ShardedInit(abstract, shardings, lambda: jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=shardings)())
@@ -204,7 +216,9 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, global_rows: int) -> 
     out = {}
     for key, value in local.items():
         value = np.asarray(value)
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value, (global_rows,) + value.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, value.ndim), value, (global_rows,) + value.shape[1:]
+        )
     return out
 
 
@@ -213,13 +227,17 @@ def process_rows(mesh: Mesh, global_rows: int) -> tuple[int, int]:
     devices hold under `batch_sharding` (all of them if the batch axes do not
     cross processes)."""
     if global_rows % _axis_size(dict(mesh.shape), BATCH_AXES):
-        raise ValueError(f"train.batch_size: {global_rows} is not divisible by the mesh's data x fsdp = {_axis_size(dict(mesh.shape), BATCH_AXES)}")
+        raise ValueError(
+            f"train.batch_size: {global_rows} is not divisible by the mesh's data x fsdp = {_axis_size(dict(mesh.shape), BATCH_AXES)}"
+        )
     slices = batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()
     starts = sorted({s[0].start or 0 for s in slices})
     stops = sorted({s[0].stop if s[0].stop is not None else global_rows for s in slices})
     start, stop = starts[0], stops[-1]
     if sum(b - a for a, b in zip(starts, stops)) != stop - start:
-        raise ValueError("mesh: this process's devices hold non-contiguous batch rows; order the mesh so that each process owns a block")
+        raise ValueError(
+            "mesh: this process's devices hold non-contiguous batch rows; order the mesh so that each process owns a block"
+        )
     return start, stop
 
 
@@ -232,7 +250,9 @@ def per_device_bytes(tree) -> int:
     return max(totals.values(), default=0)
 
 
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None, auto: bool) -> None:
+def initialize_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None, auto: bool
+) -> None:
     """`jax.distributed.initialize` with explicit flags, or with `auto` its own
     detection (TPU pods, SLURM, Open MPI, the JAX_COORDINATOR_ADDRESS environment)."""
     if coordinator is None and not auto:
@@ -240,4 +260,10 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
             raise ValueError("--num-processes/--process-id need --coordinator (or --distributed to detect the cluster)")
         return
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

@@ -43,7 +43,7 @@ def tiny_batch(cfg: ModelConfig, batch: int = 2, num_text: int = 7, seed: int = 
     return {"input_ids": input_ids, "text_mask": text_mask, "loss_mask": loss_mask, "pixels": pixels}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def init_params(cfg: ModelConfig, seed: int = 0):
     """(model, params); cached, since compiling `init` dominates a tiny test."""
     model = SkipVisionVLM(cfg)

@@ -21,11 +21,25 @@ from skipvision_jax.train.loop import (
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_OVERRIDES = {
-    "model.vision.width": 32, "model.vision.depth": 1, "model.vision.num_heads": 2, "model.vision.mlp_dim": 32, "model.vision.patch_size": 8,
-    "model.vision.pooled_grids": (2,), "model.layout.num_kept": 4, "model.layout.merge_to": 6,
-    "model.decoder.width": 32, "model.decoder.num_layers": 2, "model.decoder.mlp_dim": 64,
-    "data.train_size": 256, "data.val_size": 16, "train.batch_size": 8, "train.steps": 12,
-    "train.log_every": 1, "train.eval_every": 6, "train.checkpoint_every": 6, "optimizer.warmup_steps": 2,
+    "model.vision.width": 32,
+    "model.vision.depth": 1,
+    "model.vision.num_heads": 2,
+    "model.vision.mlp_dim": 32,
+    "model.vision.patch_size": 8,
+    "model.vision.pooled_grids": (2,),
+    "model.layout.num_kept": 4,
+    "model.layout.merge_to": 6,
+    "model.decoder.width": 32,
+    "model.decoder.num_layers": 2,
+    "model.decoder.mlp_dim": 64,
+    "data.train_size": 256,
+    "data.val_size": 16,
+    "train.batch_size": 8,
+    "train.steps": 12,
+    "train.log_every": 1,
+    "train.eval_every": 6,
+    "train.checkpoint_every": 6,
+    "optimizer.warmup_steps": 2,
     "optimizer.decay_steps": 12,  # one schedule whether a run stops at 6 or goes on to 12
 }
 
@@ -78,4 +92,9 @@ def free_port() -> int:
 
 def subprocess_env(devices: int) -> dict[str, str]:
     """Environment for a child JAX process with `devices` fake CPU devices."""
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "PYTHONPATH": REPO,
+        "JAX_PLATFORMS": "cpu",
+    }

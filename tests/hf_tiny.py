@@ -19,13 +19,44 @@ CHAT_TEMPLATE = (
 # the class token kept and the last vision layer selected.
 VARIANTS = {
     "gqa": dict(
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4, hidden_act="quick_gelu"),
-        text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+            hidden_act="quick_gelu",
+        ),
+        text=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+        ),
         llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False),
     ),
     "mha_odd": dict(
-        vision=dict(hidden_size=36, intermediate_size=52, num_hidden_layers=2, num_attention_heads=3, image_size=21, patch_size=7, hidden_act="gelu"),
-        text=dict(hidden_size=42, intermediate_size=70, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3, rope_theta=500.0, tie_word_embeddings=True),
+        vision=dict(
+            hidden_size=36,
+            intermediate_size=52,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=21,
+            patch_size=7,
+            hidden_act="gelu",
+        ),
+        text=dict(
+            hidden_size=42,
+            intermediate_size=70,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            rope_theta=500.0,
+            tie_word_embeddings=True,
+        ),
         llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True),
     ),
 }
@@ -38,7 +69,9 @@ def build_tokenizer():
     vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.add_tokens(["USER:", "ASSISTANT:"])
     return tokenizer
@@ -60,7 +93,14 @@ def make_hf_llava(directory: str, variant: str = "gqa", seed: int = 0):
     spec = VARIANTS[variant]
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3, **spec["text"])
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        **spec["text"],
+    )
     vision = CLIPVisionConfig(projection_dim=16, **spec["vision"])
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id, **spec["llava"])
     torch.manual_seed(seed)

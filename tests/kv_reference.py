@@ -30,7 +30,10 @@ def rope(x, positions, theta):
     dh = x.shape[-1]
     inv_freq = 1.0 / theta ** (np.arange(0, dh, 2) / dh)
     angles = positions[:, None] * inv_freq
-    cos, sin = np.cos(np.concatenate([angles, angles], -1))[:, None], np.sin(np.concatenate([angles, angles], -1))[:, None]
+    cos, sin = (
+        np.cos(np.concatenate([angles, angles], -1))[:, None],
+        np.sin(np.concatenate([angles, angles], -1))[:, None],
+    )
     rotated = np.concatenate([-x[..., dh // 2 :], x[..., : dh // 2]], axis=-1)
     return x * cos + rotated * sin
 
@@ -54,7 +57,10 @@ class ReferenceDecoder:
         self.budget, self.max_new_tokens = policy.budget, max_new_tokens
         self.group = self.cfg.num_heads // self.cfg.num_kv_heads
         head = params["embed"]["embedding"].T if self.cfg.tie_embeddings else params["lm_head"]["kernel"]
-        self.head, self.final_scale = np.asarray(head, np.float64), np.asarray(params["final_norm"]["scale"], np.float64)
+        self.head, self.final_scale = (
+            np.asarray(head, np.float64),
+            np.asarray(params["final_norm"]["scale"], np.float64),
+        )
 
     def w(self, layer, *path):
         node = self.params["decoder"][f"layer_{layer}"]
@@ -64,7 +70,10 @@ class ReferenceDecoder:
 
     def qkv(self, layer, h, positions):
         a = rms_norm(h, self.w(layer, "attn_norm", "scale"), self.cfg.norm_eps)
-        q, k, v = (np.einsum("ld,dhe->lhe", a, self.w(layer, "attn", name, "kernel")) for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (
+            np.einsum("ld,dhe->lhe", a, self.w(layer, "attn", name, "kernel"))
+            for name in ("q_proj", "k_proj", "v_proj")
+        )
         return rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta), v
 
     def finish(self, layer, h, attended):
@@ -95,7 +104,13 @@ class ReferenceDecoder:
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
             kept, scores = self.select_prompt(probs, positions)
-            sets.append(LayerSet({positions[j]: k[j] for j in kept}, {positions[j]: v[j] for j in kept}, {positions[j]: scores[j] for j in kept}))
+            sets.append(
+                LayerSet(
+                    {positions[j]: k[j] for j in kept},
+                    {positions[j]: v[j] for j in kept},
+                    {positions[j]: scores[j] for j in kept},
+                )
+            )
             h = self.finish(layer, h, np.einsum("hts,she->the", probs, v_heads))
             if fastv is not None and layer == fastv[0] - 1:
                 _, keep, start, end = fastv

@@ -51,7 +51,11 @@ def _compiled_train_step_flops(cfg: ModelConfig, num_text: int, batch: int) -> f
         "loss_mask": jnp.ones((batch, num_text), bool),
         "vision_features": jnp.ones((batch, cfg.vision.num_features, cfg.vision.width)),
     }
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs["input_ids"], inputs["text_mask"], vision_features=inputs["vision_features"]))["params"]
+    params = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0), inputs["input_ids"], inputs["text_mask"], vision_features=inputs["vision_features"]
+        )
+    )["params"]
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), __import__("flax").linen.unbox(params))
     optimizer = optax.sgd(1e-3)
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer, TRAINABLE_PRESETS["all"], seed=0), params)
@@ -63,7 +67,9 @@ def test_train_step_flops_fall_with_skipped_share_and_match_the_analytic_count()
     num_text, batch = 16, 2
     shares = {}
     for kept in (64, 48, 32, 16):  # 0%, 25%, 50%, 75% of the 64 visual tokens skipped
-        cfg = ModelConfig(FLOPS_VISION, LayoutConfig(num_kept=kept, summary_tokens=False), SkipConfig(enabled=True), FLOPS_DECODER)
+        cfg = ModelConfig(
+            FLOPS_VISION, LayoutConfig(num_kept=kept, summary_tokens=False), SkipConfig(enabled=True), FLOPS_DECODER
+        )
         shares[kept] = (_compiled_train_step_flops(cfg, num_text, batch), train_step_flops(cfg, num_text, batch))
     compiled = np.array([c for c, _ in shares.values()])
     analytic = np.array([a for _, a in shares.values()])

@@ -32,7 +32,10 @@ from tests.conftest import TINY_DECODER, TINY_VISION, tiny_config
         (lambda: tiny_config(fastv=FastVConfig(layer=1, keep=2)), "fastv.layer"),
         (lambda: tiny_config(skip=SkipConfig(enabled=False), fastv=FastVConfig(layer=1, keep=99)), "fastv.keep"),
         (lambda: LayoutConfig(num_kept=4, merge_to=3, drop_fine=True), "layout.drop_fine"),
-        (lambda: tiny_config(layout=LayoutConfig(num_kept=4, drop_fine=True, summary_tokens=True)), "layout.summary_tokens"),
+        (
+            lambda: tiny_config(layout=LayoutConfig(num_kept=4, drop_fine=True, summary_tokens=True)),
+            "layout.summary_tokens",
+        ),
     ],
 )
 def test_bad_values_raise_one_line_value_error_naming_the_field(build, field):

@@ -62,7 +62,12 @@ def llava_dir(tmp_path):
         {"id": "missing", "image": "nope.png", "conversations": turn("what is in the image ?", "a dog")},
         {"id": "corrupt", "image": "corrupt.png", "conversations": turn("what is in the image ?", "a dog")},
         {"id": "malformed", "image": "good1.png", "conversations": [{"from": "gpt", "value": "a cat"}]},
-        {"id": "good-2", "image": "good2.png", "conversations": turn("what is in the image ?", "red") + [{"from": "human", "value": "what is it ?"}, {"from": "gpt", "value": "a dog"}]},
+        {
+            "id": "good-2",
+            "image": "good2.png",
+            "conversations": turn("what is in the image ?", "red")
+            + [{"from": "human", "value": "what is it ?"}, {"from": "gpt", "value": "a dog"}],
+        },
     ]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records))
@@ -70,7 +75,18 @@ def llava_dir(tmp_path):
 
 
 def _llava_cfg(json_path, image_dir, tokenizer, on_bad_record="skip"):
-    return ConfigDict({"kind": "llava", "json_path": json_path, "val_json_path": json_path, "image_dir": image_dir, "tokenizer": tokenizer, "text_len": 64, "on_bad_record": on_bad_record, "seed": 0})
+    return ConfigDict(
+        {
+            "kind": "llava",
+            "json_path": json_path,
+            "val_json_path": json_path,
+            "image_dir": image_dir,
+            "tokenizer": tokenizer,
+            "text_len": 64,
+            "on_bad_record": on_bad_record,
+            "seed": 0,
+        }
+    )
 
 
 def test_bad_records_are_counted_and_skipped(llava_dir, tokenizer_path):
@@ -132,7 +148,9 @@ def test_missing_json_is_a_clear_error(tmp_path):
 
 
 def test_each_epoch_is_a_fresh_permutation_and_process_rows_rebuild_the_global_batch():
-    spec = DataSpec(ConfigDict({"kind": "synthetic", "seed": 0, "train_size": 16, "val_size": 4, "text_len": 16}), image_size=32)
+    spec = DataSpec(
+        ConfigDict({"kind": "synthetic", "seed": 0, "train_size": 16, "val_size": 4, "text_len": 16}), image_size=32
+    )
     key = lambda batch: [bytes(p.tobytes()) for p in batch["pixels"]]
     iterator = spec.train_iterator(global_batch=4, seed=0)
     epochs = [[k for _ in range(4) for k in key(next(iterator))] for _ in range(2)]

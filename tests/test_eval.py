@@ -29,7 +29,15 @@ VAL_SIZE = 32
 def workdir(tmp_path_factory):
     """A tiny model trained far enough to be right on some questions and wrong on others."""
     path = str(tmp_path_factory.mktemp("eval") / "run")
-    overrides = {"train.steps": 60, "train.checkpoint_every": 60, "train.eval_every": 60, "optimizer.decay_steps": 60, "optimizer.lr": 3e-3, "data.val_size": VAL_SIZE, "train.batch_size": 16}
+    overrides = {
+        "train.steps": 60,
+        "train.checkpoint_every": 60,
+        "train.eval_every": 60,
+        "optimizer.decay_steps": 60,
+        "optimizer.lr": 3e-3,
+        "data.val_size": VAL_SIZE,
+        "train.batch_size": 16,
+    }
     train_and_evaluate(tiny_train_config(**overrides), path)
     return path
 
@@ -40,11 +48,23 @@ def exported(tmp_path_factory):
 
 
 def run_eval(*args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "eval.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def eval_args(workdir, exported, answers, *extra):
-    return [f"--checkpoint={workdir}", f"--question-file={exported['questions']}", f"--image-folder={exported['images']}", f"--answers-file={answers}", *extra]
+    return [
+        f"--checkpoint={workdir}",
+        f"--question-file={exported['questions']}",
+        f"--image-folder={exported['images']}",
+        f"--answers-file={answers}",
+        *extra,
+    ]
 
 
 def test_export_is_the_validation_split(exported):
@@ -63,12 +83,17 @@ def test_export_is_the_validation_split(exported):
 
 def test_eval_answers_as_infer_one_at_a_time_and_scores_as_train(workdir, exported, tmp_path):
     answers_path = str(tmp_path / "answers.jsonl")
-    proc = run_eval(*eval_args(workdir, exported, answers_path, f"--annotation-file={exported['annotations']}", "--batch-size=8"))
+    proc = run_eval(
+        *eval_args(workdir, exported, answers_path, f"--annotation-file={exported['annotations']}", "--batch-size=8")
+    )
     assert proc.returncode == 0, proc.stderr
     answers = {a["question_id"]: a for a in files.read_answers(answers_path)}
     assert sorted(answers) == list(range(VAL_SIZE))
     line = answers[0]
-    assert set(line) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} and line["model_id"] == "run"
+    assert (
+        set(line) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        and line["model_id"] == "run"
+    )
     assert line["metadata"]["policy"] == "full" and line["metadata"]["batch_size"] == 8
 
     # Batched, padded to buckets == one question at a time, unpadded, batch of 1 (infer.py's path).
@@ -83,7 +108,19 @@ def test_eval_answers_as_infer_one_at_a_time_and_scores_as_train(workdir, export
         assert answer_text(loaded, np.asarray(state.tokens[0])[: int(state.step)]) == answers[q.question_id]["text"], q
     # ... and infer.py itself, as a person runs it.
     for q in files.read_questions(exported["questions"])[:2]:
-        infer = subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), f"--checkpoint={workdir}", f"--image={os.path.join(exported['images'], q.image)}", f"--prompt={q.text}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        infer = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(REPO, "infer.py"),
+                f"--checkpoint={workdir}",
+                f"--image={os.path.join(exported['images'], q.image)}",
+                f"--prompt={q.text}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert infer.returncode == 0, infer.stderr
         assert infer.stdout.strip() == answers[q.question_id]["text"]
 
@@ -99,7 +136,20 @@ def test_eval_answers_as_infer_one_at_a_time_and_scores_as_train(workdir, export
 
 def test_every_policy_writes_its_file_and_the_table(workdir, exported, tmp_path):
     answers_path = str(tmp_path / "a.jsonl")
-    proc = run_eval(*eval_args(workdir, exported, answers_path, f"--annotation-file={exported['annotations']}", "--kv-policy=all", "--batch-size=16", "--max-new-tokens=3", "--sink-tokens=1", "--recent-window=4", "--obs-window=2"))
+    proc = run_eval(
+        *eval_args(
+            workdir,
+            exported,
+            answers_path,
+            f"--annotation-file={exported['annotations']}",
+            "--kv-policy=all",
+            "--batch-size=16",
+            "--max-new-tokens=3",
+            "--sink-tokens=1",
+            "--recent-window=4",
+            "--obs-window=2",
+        )
+    )
     assert proc.returncode == 0, proc.stderr
     table = {row["policy"]: row for row in json.loads((tmp_path / "a.policies.json").read_text())}
     assert list(table) == ["full", "skip_vision", "h2o", "snapkv", "streaming"]
@@ -112,7 +162,9 @@ def test_every_policy_writes_its_file_and_the_table(workdir, exported, tmp_path)
     # Agreement is computed, not assumed: it is the share of identical answer texts.
     full = {a["question_id"]: a["text"] for a in files.read_answers(str(tmp_path / "a.full.jsonl"))}
     streaming = files.read_answers(str(tmp_path / "a.streaming.jsonl"))
-    assert table["streaming"]["agreement_with_full"] == pytest.approx(np.mean([full[a["question_id"]] == a["text"] for a in streaming]))
+    assert table["streaming"]["agreement_with_full"] == pytest.approx(
+        np.mean([full[a["question_id"]] == a["text"] for a in streaming])
+    )
 
 
 def test_compilations_are_bounded_by_the_length_buckets(workdir, exported, tmp_path, compile_counter):
@@ -121,13 +173,17 @@ def test_compilations_are_bounded_by_the_length_buckets(workdir, exported, tmp_p
     loaded = load_trained(workdir)
     assert length_buckets(loaded.max_text_len) == (8, 15)
     questions = files.read_questions(exported["questions"])
-    lengths = {len(loaded.make_batch(os.path.join(exported["images"], q.image), q.text)[0]["input_ids"][0]) for q in questions}
+    lengths = {
+        len(loaded.make_batch(os.path.join(exported["images"], q.image), q.text)[0]["input_ids"][0]) for q in questions
+    }
     assert len(lengths) >= 4 and min(lengths) <= 8 < max(lengths)  # both buckets, several lengths in each
     settings = EvalSettings(KVPolicy("skip_vision"), max_new_tokens=4, batch_size=4, progress=False)
     counts = []
     for size in (8, 32):
         before = compile_counter.count
-        summary = evaluate_questions(loaded, questions[:size], exported["images"], str(tmp_path / f"{size}.jsonl"), settings)
+        summary = evaluate_questions(
+            loaded, questions[:size], exported["images"], str(tmp_path / f"{size}.jsonl"), settings
+        )
         assert summary["answered"] == size
         counts.append(compile_counter.count - before)
     buckets_used = 2
@@ -138,7 +194,12 @@ def test_killed_mid_file_the_rerun_answers_every_question_exactly_once(workdir, 
     exported = export_llava_eval(str(tmp_path / "export"), "val", 400)
     answers_path = tmp_path / "answers.jsonl"
     args = eval_args(workdir, exported, str(answers_path), "--batch-size=1", "--max-new-tokens=2")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "eval.py"), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if answers_path.exists() and answers_path.read_text().count("\n") >= 5:
@@ -190,7 +251,10 @@ def write_lines(path, lines) -> str:
         ([{"image": "a.png", "text": "Q?"}], "line 1 has no 'question_id'"),
         ([{"question_id": 0, "text": "Q?"}], "line 1 has no 'image'"),
         ([{"question_id": 0, "image": "a.png"}], "line 1 has no 'text'"),
-        ([{"question_id": 0, "image": "a.png", "text": "Q?"}, {"question_id": 0, "image": "b.png", "text": "R?"}], "line 2 repeats question_id 0 (first on line 1)"),
+        (
+            [{"question_id": 0, "image": "a.png", "text": "Q?"}, {"question_id": 0, "image": "b.png", "text": "R?"}],
+            "line 2 repeats question_id 0 (first on line 1)",
+        ),
         ([], "holds no question"),
     ],
 )
@@ -217,7 +281,9 @@ def test_bad_arguments_are_one_line_errors(workdir, exported, tmp_path, extra, m
     answers = tmp_path / "answers.jsonl"
     proc = run_eval(*eval_args(workdir, exported, str(answers)), *extra)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+        proc.stderr
+    )
     assert not answers.exists() or answers.read_text() == ""
 
 
@@ -225,14 +291,23 @@ def test_missing_and_corrupt_images_are_answered_as_errors_and_counted(workdir, 
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00garbage")
     good = files.read_questions(exported["questions"])[0]
     os.symlink(os.path.join(exported["images"], good.image), tmp_path / "good.png")
-    questions = write_lines(tmp_path / "q.jsonl", [
-        {"question_id": "good", "image": "good.png", "text": good.text},
-        {"question_id": "missing", "image": "missing.png", "text": good.text},
-        {"question_id": "corrupt", "image": "corrupt.png", "text": good.text},
-        {"question_id": "unknown word", "image": "good.png", "text": "What colour is it?"},
-    ])
+    questions = write_lines(
+        tmp_path / "q.jsonl",
+        [
+            {"question_id": "good", "image": "good.png", "text": good.text},
+            {"question_id": "missing", "image": "missing.png", "text": good.text},
+            {"question_id": "corrupt", "image": "corrupt.png", "text": good.text},
+            {"question_id": "unknown word", "image": "good.png", "text": "What colour is it?"},
+        ],
+    )
     answers = tmp_path / "answers.jsonl"
-    proc = run_eval(f"--checkpoint={workdir}", f"--question-file={questions}", f"--image-folder={tmp_path}", f"--answers-file={answers}", "--max-new-tokens=3")
+    proc = run_eval(
+        f"--checkpoint={workdir}",
+        f"--question-file={questions}",
+        f"--image-folder={tmp_path}",
+        f"--answers-file={answers}",
+        "--max-new-tokens=3",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "3 questions could not be answered" in proc.stdout
     lines = {a["question_id"]: a for a in files.read_answers(str(answers))}

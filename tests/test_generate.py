@@ -49,7 +49,15 @@ def _reference_logits(model, params, prompts, tokens, skipped_mask_for_new=False
     return np.stack([logits[row, lens[row] - 1 : lens[row] - 1 + MAX_NEW] for row in range(b)])
 
 
-@pytest.mark.parametrize("policy", [KVPolicy("full"), KVPolicy("h2o", budget=40), KVPolicy("snapkv", budget=40, obs_window=3), KVPolicy("streaming", budget=40, sink_tokens=2, recent_window=4)])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        KVPolicy("full"),
+        KVPolicy("h2o", budget=40),
+        KVPolicy("snapkv", budget=40, obs_window=3),
+        KVPolicy("streaming", budget=40, sink_tokens=2, recent_window=4),
+    ],
+)
 def test_unpruned_policies_reproduce_the_cache_free_forward_at_every_step(policy):
     model, params = init_params(CFG)
     prompts = _prompts()
@@ -91,7 +99,16 @@ def test_budget_is_exact_and_sinks_and_recent_window_survive_every_step(name):
                 assert set(range(newest - 3, newest + 1)) <= kept, (kept, newest)
 
 
-@pytest.mark.parametrize("policy", [KVPolicy("full"), KVPolicy("skip_vision"), KVPolicy("streaming", budget=14, sink_tokens=2, recent_window=4), KVPolicy("h2o", budget=14, sink_tokens=1, recent_window=3), KVPolicy("snapkv", budget=16, obs_window=3)])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        KVPolicy("full"),
+        KVPolicy("skip_vision"),
+        KVPolicy("streaming", budget=14, sink_tokens=2, recent_window=4),
+        KVPolicy("h2o", budget=14, sink_tokens=1, recent_window=3),
+        KVPolicy("snapkv", budget=16, obs_window=3),
+    ],
+)
 def test_ragged_batch_gives_the_same_tokens_as_each_prompt_alone(policy):
     _, params = init_params(CFG)
     prompts = _prompts()
@@ -99,7 +116,11 @@ def test_ragged_batch_gives_the_same_tokens_as_each_prompt_alone(policy):
     together = np.asarray(generator(params, prompts).tokens)
     lens = np.asarray(prompts["text_mask"]).sum(1)
     for row in range(2):
-        alone = {"input_ids": prompts["input_ids"][row : row + 1, : lens[row]], "text_mask": prompts["text_mask"][row : row + 1, : lens[row]], "pixels": prompts["pixels"][row : row + 1]}
+        alone = {
+            "input_ids": prompts["input_ids"][row : row + 1, : lens[row]],
+            "text_mask": prompts["text_mask"][row : row + 1, : lens[row]],
+            "pixels": prompts["pixels"][row : row + 1],
+        }
         np.testing.assert_array_equal(np.asarray(generator(params, alone).tokens)[0], together[row])
 
 
@@ -157,7 +178,9 @@ def test_unknown_policy_is_a_clear_error():
 
 # A plain model (no Skip-FFN, every visual token kept), so that the NumPy
 # reference is a plain decoder: 2 + 16 + 5 = 23 prompt rows, 21 real in row 1.
-PLAIN_CFG = tiny_config(layout=LayoutConfig.plain(TINY_VISION.num_features, image_offset=2), skip=SkipConfig(enabled=False))
+PLAIN_CFG = tiny_config(
+    layout=LayoutConfig.plain(TINY_VISION.num_features, image_offset=2), skip=SkipConfig(enabled=False)
+)
 
 
 def _cached_positions(state, layer: int, row: int) -> list[int]:
@@ -182,7 +205,9 @@ def test_evicting_policies_keep_the_slots_and_logits_of_a_numpy_reference(policy
     assert evicted_while_decoding == policy.evicts
 
 
-@pytest.mark.parametrize("policy", [KVPolicy("full"), KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4)], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "policy", [KVPolicy("full"), KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4)], ids=lambda p: p.name
+)
 def test_fastv_prunes_the_visual_rows_the_last_prompt_token_attends_least(policy):
     """FastV after layer 1 of 3, 5 of the 16 visual rows kept: layers 1 and 2
     cache only those (and the text), as the NumPy reference decides them."""
@@ -201,7 +226,9 @@ def _check_against_reference(cfg, policy, fastv=None) -> bool:
     for _ in range(MAX_NEW - 1):
         states.append(step(params, states[-1]))
     features = model.apply({"params": params}, prompts["pixels"], method=SkipVisionVLM.encode_images)
-    h, key_valid = model.apply({"params": params}, prompts["input_ids"], prompts["text_mask"], features, method=SkipVisionVLM.embed_sequence)
+    h, key_valid = model.apply(
+        {"params": params}, prompts["input_ids"], prompts["text_mask"], features, method=SkipVisionVLM.embed_sequence
+    )
     embedding = np.asarray(params["embed"]["embedding"], np.float64)
     evicted_while_decoding = False
     for row in range(2):
@@ -230,12 +257,20 @@ def test_drop_fine_leaves_the_fine_tokens_out_of_the_sequence():
     NumPy reference decodes that sequence."""
     vision = dataclasses.replace(TINY_VISION, pooled_grids=(2,))  # 4 coarse + 16 fine
     plain = dict(vision=vision, skip=SkipConfig(enabled=False))
-    dropped = tiny_config(layout=LayoutConfig(image_offset=2, num_kept=4, summary_tokens=False, drop_fine=True), **plain)
+    dropped = tiny_config(
+        layout=LayoutConfig(image_offset=2, num_kept=4, summary_tokens=False, drop_fine=True), **plain
+    )
     everything = tiny_config(layout=LayoutConfig(image_offset=2, num_kept=4, summary_tokens=False), **plain)
     assert dropped.num_skipped == 0 and dropped.visual_length == 4
     model, params = init_params(dropped)
     batch = tiny_batch(dropped)
-    embed = lambda cfg: SkipVisionVLM(cfg).apply({"params": params}, batch["input_ids"], batch["text_mask"], batch["pixels"], method=lambda m, i, t, p: m.embed_sequence(i, t, m.encode_images(p)))[0]
+    embed = lambda cfg: SkipVisionVLM(cfg).apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["text_mask"],
+        batch["pixels"],
+        method=lambda m, i, t, p: m.embed_sequence(i, t, m.encode_images(p)),
+    )[0]
     all_rows = np.asarray(embed(everything))
     np.testing.assert_array_equal(embed(dropped), np.concatenate([all_rows[:, :6], all_rows[:, 22:]], axis=1))
     _check_against_reference(dropped, KVPolicy("full"))

@@ -39,7 +39,9 @@ def image_path(tmp_path_factory):
 
 
 def torch_inputs(hf, image_path):
-    return hf.processor(images=Image.open(image_path), text=hf_model.chat_prompt(hf.processor, QUESTION), return_tensors="pt")
+    return hf.processor(
+        images=Image.open(image_path), text=hf_model.chat_prompt(hf.processor, QUESTION), return_tensors="pt"
+    )
 
 
 def torch_text_logits(torch_model, inputs, image_token_id) -> np.ndarray:
@@ -49,7 +51,9 @@ def torch_text_logits(torch_model, inputs, image_token_id) -> np.ndarray:
 
 
 def our_logits(params, cfg, batch) -> np.ndarray:
-    return np.asarray(SkipVisionVLM(cfg).apply({"params": params}, batch["input_ids"], batch["text_mask"], batch["pixels"])[0])
+    return np.asarray(
+        SkipVisionVLM(cfg).apply({"params": params}, batch["input_ids"], batch["text_mask"], batch["pixels"])[0]
+    )
 
 
 def test_imported_logits_match_transformers(hf_dir, image_path):
@@ -66,7 +70,9 @@ def test_greedy_generation_matches_transformers_generate(hf_dir, image_path):
     batch, cfg = hf_model.encode(hf, Image.open(image_path), QUESTION)
     inputs = torch_inputs(hf, image_path)
     with torch.no_grad():
-        generated = torch_model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1] :].numpy()
+        generated = torch_model.generate(**inputs, max_new_tokens=16, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ].numpy()
     state = Generator(cfg, KVPolicy("full"), 16, stop_ids=hf_model.stop_ids(hf), pad_id=3)(hf.params, batch)
     ours = np.asarray(state.tokens[0])[: len(generated)]
     assert len(generated) >= 8  # a real sequence, not an immediate stop
@@ -116,11 +122,22 @@ print(json.dumps({"q_shape": q.shape, "q_shard": q.addressable_shards[0].data.sh
 def test_loading_onto_a_mesh_shards_each_weight_and_computes_the_same(hf_dir, image_path):
     directory, torch_model = hf_dir
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": REPO}
-    proc = subprocess.run([sys.executable, "-c", ON_MESH, directory, image_path], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", ON_MESH, directory, image_path],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     width, heads, head_dim = result["q_shape"]
-    assert result["q_shard"] == [width // 2 if width % 2 == 0 else width, heads // 2 if heads % 2 == 0 else heads, head_dim]
+    assert result["q_shard"] == [
+        width // 2 if width % 2 == 0 else width,
+        heads // 2 if heads % 2 == 0 else heads,
+        head_dim,
+    ]
     assert result["q_shard"] != result["q_shape"]
     hf = hf_model.load(directory)
     expected = torch_text_logits(torch_model, torch_inputs(hf, image_path), hf.image_token_id)
@@ -152,7 +169,10 @@ def _edit_config(directory, edit):
     "damage, message",
     [
         ("missing_shard", r"missing shard\(s\) \['model-00002-of-00002.safetensors'\]"),
-        ("wrong_shape", r"tensor language_model.model.layers.0.mlp.gate_proj.weight of shape \[.*\] does not fit decoder/layer_0/mlp/gate/kernel"),
+        (
+            "wrong_shape",
+            r"tensor language_model.model.layers.0.mlp.gate_proj.weight of shape \[.*\] does not fit decoder/layer_0/mlp/gate/kernel",
+        ),
         ("rope_scaling", r"text_config.rope_scaling: rope type 'llama3' is not supported"),
         ("feature_layers", r"vision_feature_layer: \[-2, -1\] is not supported"),
         ("mistral", r"text_config.model_type: 'mistral' is not supported"),
@@ -163,13 +183,26 @@ def test_malformed_directories_fail_with_a_clear_error(gqa_dir, tmp_path, damage
     broken = _broken_copy(gqa_dir, tmp_path, damage)
     weights = os.path.join(broken, "model.safetensors")
     if damage == "missing_shard":
-        index = {"metadata": {}, "weight_map": {"language_model.model.norm.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}}
+        index = {
+            "metadata": {},
+            "weight_map": {
+                "language_model.model.norm.weight": "model-00001-of-00002.safetensors",
+                "lm_head.weight": "model-00002-of-00002.safetensors",
+            },
+        }
         os.rename(weights, os.path.join(broken, "model-00001-of-00002.safetensors"))
         json.dump(index, open(os.path.join(broken, "model.safetensors.index.json"), "w"))
     elif damage == "wrong_shape":
-        _edit_config(broken, lambda c: c["text_config"].update(intermediate_size=c["text_config"]["intermediate_size"] + 2))
+        _edit_config(
+            broken, lambda c: c["text_config"].update(intermediate_size=c["text_config"]["intermediate_size"] + 2)
+        )
     elif damage == "rope_scaling":
-        _edit_config(broken, lambda c: c["text_config"].update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}))
+        _edit_config(
+            broken,
+            lambda c: c["text_config"].update(
+                rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}
+            ),
+        )
     elif damage == "feature_layers":
         _edit_config(broken, lambda c: c.update(vision_feature_layer=[-2, -1]))
     elif damage == "mistral":
@@ -183,8 +216,23 @@ def test_malformed_directories_fail_with_a_clear_error(gqa_dir, tmp_path, damage
 def test_infer_cli_runs_every_policy_on_a_hf_checkpoint(gqa_dir, image_path):
     directory = gqa_dir
     proc = subprocess.run(
-        [sys.executable, "infer.py", f"--hf-checkpoint={directory}", f"--image={image_path}", f"--prompt={QUESTION}", "--max-new-tokens=4", "--recent-window=4", "--sink-tokens=1", "--obs-window=2", "--compare-policies", "--json"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "infer.py",
+            f"--hf-checkpoint={directory}",
+            f"--image={image_path}",
+            f"--prompt={QUESTION}",
+            "--max-new-tokens=4",
+            "--recent-window=4",
+            "--sink-tokens=1",
+            "--obs-window=2",
+            "--compare-policies",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -203,26 +251,57 @@ def test_train_cli_fine_tunes_from_a_hf_checkpoint_with_skip_ffn(gqa_dir, tmp_pa
     records = []
     for i, answer in enumerate(["a red square", "two", "a blue ring", "left"]):
         write_image(str(images / f"{i}.png"), seed=i)
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nwhat is in the picture ?"}, {"from": "gpt", "value": answer}]})
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat is in the picture ?"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
     json.dump(records, open(tmp_path / "data.json", "w"))
     tokenizer_path = os.path.join(gqa_dir, "tokenizer.json")
     offset = LlavaTransform(Tokenizer.from_file(tokenizer_path), str(images), 16, 40).image_offset
     overrides = {
-        "init_from_hf": gqa_dir, "data.kind": "llava", "data.json_path": str(tmp_path / "data.json"), "data.val_json_path": str(tmp_path / "data.json"),
-        "data.image_dir": str(images), "data.tokenizer": tokenizer_path, "data.text_len": 40,
-        "model.layout.image_offset": offset, "model.layout.num_kept": 4, "model.layout.merge_to": 6, "model.layout.summary_tokens": True, "model.skip.enabled": True,
-        "train.steps": 2, "train.batch_size": 2, "train.eval_every": 2, "train.checkpoint_every": 2, "train.log_every": 1,
+        "init_from_hf": gqa_dir,
+        "data.kind": "llava",
+        "data.json_path": str(tmp_path / "data.json"),
+        "data.val_json_path": str(tmp_path / "data.json"),
+        "data.image_dir": str(images),
+        "data.tokenizer": tokenizer_path,
+        "data.text_len": 40,
+        "model.layout.image_offset": offset,
+        "model.layout.num_kept": 4,
+        "model.layout.merge_to": 6,
+        "model.layout.summary_tokens": True,
+        "model.skip.enabled": True,
+        "train.steps": 2,
+        "train.batch_size": 2,
+        "train.eval_every": 2,
+        "train.checkpoint_every": 2,
+        "train.log_every": 1,
         "optimizer.lr": 0.0,  # the checkpoint must then hold exactly the imported weights
     }
     workdir = str(tmp_path / "run")
     flags = [f"--config.{k}={v}" for k, v in overrides.items()]
-    proc = subprocess.run([sys.executable, "train.py", f"--workdir={workdir}", *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"--workdir={workdir}", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.isfinite(json.loads(proc.stdout.strip().splitlines()[-1])["loss"])
     cfg = tiny_train_config(**overrides)
     state, _ = restore_params(workdir, cfg)
     imported = hf_model.load(gqa_dir).params
-    np.testing.assert_array_equal(state.params["decoder"]["layer_2"]["mlp"]["down"]["kernel"], imported["decoder"]["layer_2"]["mlp"]["down"]["kernel"])
+    np.testing.assert_array_equal(
+        state.params["decoder"]["layer_2"]["mlp"]["down"]["kernel"],
+        imported["decoder"]["layer_2"]["mlp"]["down"]["kernel"],
+    )
     np.testing.assert_array_equal(state.params["vision"]["pos_embed"], imported["vision"]["pos_embed"])
     assert "summary_skipped" in state.params["visual_tokens"]  # Skip-Vision's own part, freshly initialized
 
@@ -239,8 +318,20 @@ def test_eval_cli_batches_mixed_prompt_lengths_as_transformers_generates_each(gq
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     answers_path = str(tmp_path / "answers.jsonl")
     proc = subprocess.run(
-        [sys.executable, "eval.py", f"--hf-checkpoint={gqa_dir}", f"--question-file={tmp_path / 'q.jsonl'}", f"--image-folder={tmp_path}", f"--answers-file={answers_path}", "--batch-size=4", "--max-new-tokens=12"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "eval.py",
+            f"--hf-checkpoint={gqa_dir}",
+            f"--question-file={tmp_path / 'q.jsonl'}",
+            f"--image-folder={tmp_path}",
+            f"--answers-file={answers_path}",
+            "--batch-size=4",
+            "--max-new-tokens=12",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     answers = {a["question_id"]: a for a in files.read_answers(answers_path)}
@@ -250,10 +341,16 @@ def test_eval_cli_batches_mixed_prompt_lengths_as_transformers_generates_each(gq
     tokenizer = hf.processor.tokenizer
     lengths = set()
     for line in lines:
-        inputs = hf.processor(images=Image.open(tmp_path / line["image"]), text=hf_model.chat_prompt(hf.processor, line["text"]), return_tensors="pt")
+        inputs = hf.processor(
+            images=Image.open(tmp_path / line["image"]),
+            text=hf_model.chat_prompt(hf.processor, line["text"]),
+            return_tensors="pt",
+        )
         lengths.add(inputs["input_ids"].shape[1])
         with torch.no_grad():
-            generated = torch_model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
+            generated = torch_model.generate(**inputs, max_new_tokens=12, do_sample=False)[
+                0, inputs["input_ids"].shape[1] :
+            ].tolist()
         if tokenizer.eos_token_id in generated:
             generated = generated[: generated.index(tokenizer.eos_token_id)]
         assert answers[line["question_id"]]["text"] == tokenizer.decode(generated, skip_special_tokens=True), line

@@ -33,11 +33,20 @@ def image_path(tmp_path_factory):
 
 
 def run_infer(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "infer.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "infer.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_json_answer(workdir, image_path):
-    proc = run_infer(f"--checkpoint={workdir}", f"--image={image_path}", "--prompt=What color is the ring?", "--kv-policy=skip_vision", "--max-new-tokens=3", "--json")
+    proc = run_infer(
+        f"--checkpoint={workdir}",
+        f"--image={image_path}",
+        "--prompt=What color is the ring?",
+        "--kv-policy=skip_vision",
+        "--max-new-tokens=3",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert set(result) >= {"text", "tokens", "prefill_ms", "decode_ms_per_token", "kv_slots", "policy"}
@@ -45,7 +54,17 @@ def test_json_answer(workdir, image_path):
 
 
 def test_compare_policies_table(workdir, image_path):
-    common = [f"--checkpoint={workdir}", f"--image={image_path}", "--prompt=how many objects are there ?", "--max_new_tokens=2", "--recent_window=4", "--sink_tokens=1", "--obs_window=2", "--compare_policies", "--json"]
+    common = [
+        f"--checkpoint={workdir}",
+        f"--image={image_path}",
+        "--prompt=how many objects are there ?",
+        "--max_new_tokens=2",
+        "--recent_window=4",
+        "--sink_tokens=1",
+        "--obs_window=2",
+        "--compare_policies",
+        "--json",
+    ]
     proc = run_infer(*common)
     assert proc.returncode == 0, proc.stderr
     rows = {r["policy"]: r for r in json.loads(proc.stdout)}
@@ -88,4 +107,3 @@ def test_bad_input_is_a_one_line_error(workdir, image_path, corrupt_image, overr
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-

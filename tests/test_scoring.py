@@ -66,7 +66,9 @@ def test_scores_by_category_with_errors_counted_apart(tmp_path):
     assert scores["count"] == 3 and scores["errors"] == 1
     assert scores["exact_match"] == pytest.approx(2 / 3)  # 1 right, 2 wrong, 3 in the human list
     assert scores["vqa_accuracy"] == pytest.approx(0.9)  # only question 3 has human answers
-    assert scores["by_category"]["count"]["exact_match"] == 1.0 and scores["by_category"]["colour"]["exact_match"] == 0.0
+    assert (
+        scores["by_category"]["count"]["exact_match"] == 1.0 and scores["by_category"]["colour"]["exact_match"] == 0.0
+    )
     with pytest.raises(ValueError, match="lacks 1 answered question ids"):
         score_answers(answers + [{"question_id": 9, "text": "x"}], annotations)
 

@@ -60,7 +60,9 @@ def one_device_run(tmp_path_factory):
 
 def _train_cli(workdir: str, devices: int, *extra: str, **overrides) -> subprocess.Popen:
     command = [sys.executable, "train.py", f"--workdir={workdir}", *override_flags(**STEPS, **overrides), *extra]
-    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen) -> tuple[dict, str]:
@@ -93,7 +95,10 @@ def test_two_processes_on_loopback_train_like_one_and_their_checkpoint_restores_
     workdir = str(tmp_path / "two_hosts")
     port = free_port()
     mesh = {"mesh.data": 2, "mesh.fsdp": 2}  # 2 processes x 2 fake devices
-    procs = [_train_cli(workdir, 2, f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}", **mesh) for i in range(2)]
+    procs = [
+        _train_cli(workdir, 2, f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}", **mesh)
+        for i in range(2)
+    ]
     results = [_finish(proc)[0] for proc in procs]
     assert results[0]["loss"] == results[1]["loss"]
     reference_dir, _ = one_device_run
@@ -111,13 +116,24 @@ def test_two_processes_on_loopback_train_like_one_and_their_checkpoint_restores_
 @pytest.fixture(scope="module")
 def mesh_run():
     """tests/multidevice/decode_on_mesh.py on 8 fake devices."""
-    out = subprocess.run([sys.executable, os.path.join("tests", "multidevice", "decode_on_mesh.py")], cwd=REPO, env=subprocess_env(8), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, os.path.join("tests", "multidevice", "decode_on_mesh.py")],
+        cwd=REPO,
+        env=subprocess_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_every_decoder_matrix_is_split_four_ways_over_fsdp_and_tensor(mesh_run):
-    matrices = [(name, shape, shard) for name, shape, shard in mesh_run["param_shards"] if "decoder" in name and "kernel" in name]
+    matrices = [
+        (name, shape, shard)
+        for name, shape, shard in mesh_run["param_shards"]
+        if "decoder" in name and "kernel" in name
+    ]
     assert len(matrices) == 3 * 7  # 3 layers x (q, k, v, o, gate, up, down)
     for name, shape, shard in matrices:
         assert np.prod(shape) == 4 * np.prod(shard), (name, shape, shard)

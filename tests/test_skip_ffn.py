@@ -66,7 +66,9 @@ def test_skipped_rows_get_attention_only_and_retained_rows_match_the_plain_block
     out = skip_block.apply({"params": params}, h, positions, mask)
     plain = DecoderBlock(cfg, None).apply({"params": params}, h, positions, mask)
 
-    attn_only = h + _attention_by_hand(params["attn"], _rms_norm(h, params["attn_norm"]["scale"], cfg.norm_eps), positions, mask, cfg)
+    attn_only = h + _attention_by_hand(
+        params["attn"], _rms_norm(h, params["attn_norm"]["scale"], cfg.norm_eps), positions, mask, cfg
+    )
     skipped = slice(LAYOUT.skipped_start, LAYOUT.skipped_end)
     np.testing.assert_allclose(out[:, skipped], attn_only[:, skipped], rtol=1e-5, atol=1e-5)
     retained = np.r_[0 : LAYOUT.skipped_start, LAYOUT.skipped_end : LAYOUT.length]
@@ -130,7 +132,9 @@ def test_topk_block_skips_unselected_rows_and_trains_its_router():
     block = DecoderBlock(TINY_DECODER, LAYOUT, partition_kind="topk")
     params = nn.unbox(block.init(jax.random.key(0), h, positions, mask))["params"]
     out = block.apply({"params": params}, h, positions, mask)
-    attn_only = h + _attention_by_hand(params["attn"], _rms_norm(h, params["attn_norm"]["scale"], TINY_DECODER.norm_eps), positions, mask, TINY_DECODER)
+    attn_only = h + _attention_by_hand(
+        params["attn"], _rms_norm(h, params["attn_norm"]["scale"], TINY_DECODER.norm_eps), positions, mask, TINY_DECODER
+    )
     # The router scores the post-attention rows.
     scores = jnp.einsum("bvd,do->bv", attn_only[:, LAYOUT.routable_positions()], params["router"]["kernel"])
     part = topk_partition(LAYOUT, scores)

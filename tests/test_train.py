@@ -87,7 +87,9 @@ def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path):
 
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     workdir = str(tmp_path)
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}"] + override_flags(**{"train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 100000})
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}"] + override_flags(
+        **{"train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 100000}
+    )
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 240
@@ -106,7 +108,13 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
 
 
 def test_bad_config_override_is_a_one_line_error():
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--workdir=/tmp/unused", "--config.train.stepz=3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--workdir=/tmp/unused", "--config.train.stepz=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: bad config override") and "steps" in lines[0]
@@ -129,7 +137,13 @@ def test_config_values_that_cannot_be_right_are_refused(tmp_path, args, message)
     broken.write_text("x = (\n")
     workdir = tmp_path / "run"
     args = [arg.replace("BROKEN", str(broken)) for arg in args]
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr
     assert not workdir.exists()  # refused before anything is written
@@ -168,5 +182,8 @@ def test_frozen_parts_get_no_optimizer_state_and_do_not_move():
     for name in ("vision", "decoder", "embed", "lm_head"):
         for x, y in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after.params[name])):
             np.testing.assert_array_equal(x, y)
-    moved = [np.any(x != y) for x, y in zip(jax.tree.leaves(before["visual_tokens"]), jax.tree.leaves(after.params["visual_tokens"]))]
+    moved = [
+        np.any(x != y)
+        for x, y in zip(jax.tree.leaves(before["visual_tokens"]), jax.tree.leaves(after.params["visual_tokens"]))
+    ]
     assert all(moved)

@@ -74,7 +74,9 @@ def sample_glyph_scene(rng: np.random.Generator) -> GlyphScene:
     pairs = [(c, d) for c in COLOURS for d in DIGITS]
     chosen = rng.choice(len(pairs), size=count, replace=False)
     cells = np.sort(rng.choice(GRID * GRID, size=count, replace=False))
-    return GlyphScene(tuple((pairs[p][0], pairs[p][1], int(cell) // GRID, int(cell) % GRID) for p, cell in zip(chosen, cells)))
+    return GlyphScene(
+        tuple((pairs[p][0], pairs[p][1], int(cell) // GRID, int(cell) % GRID) for p, cell in zip(chosen, cells))
+    )
 
 
 def sample_glyph_question(scene: GlyphScene, rng: np.random.Generator) -> tuple[str, str, str]:

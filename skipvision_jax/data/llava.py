@@ -98,8 +98,23 @@ class LlavaTransform:
     static (`image_offset`), which keeps every Skip-FFN partition static.
     """
 
-    def __init__(self, tokenizer, image_dir: str, image_size: int, text_len: int, template: ChatTemplate = ChatTemplate(), bos: str = "<s>", eos: str = "</s>"):
-        self.tokenizer, self.image_dir, self.image_size, self.text_len, self.template = tokenizer, image_dir, image_size, text_len, template
+    def __init__(
+        self,
+        tokenizer,
+        image_dir: str,
+        image_size: int,
+        text_len: int,
+        template: ChatTemplate = ChatTemplate(),
+        bos: str = "<s>",
+        eos: str = "</s>",
+    ):
+        self.tokenizer, self.image_dir, self.image_size, self.text_len, self.template = (
+            tokenizer,
+            image_dir,
+            image_size,
+            text_len,
+            template,
+        )
         self.bos_id, self.eos_id = tokenizer.token_to_id(bos), tokenizer.token_to_id(eos)
         if self.bos_id is None or self.eos_id is None:
             raise ValueError(f"data.tokenizer: the tokenizer has no {bos!r} or {eos!r} token")

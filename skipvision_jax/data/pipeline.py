@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import grain
 import numpy as np
@@ -61,8 +61,13 @@ class DataSpec:
             except Exception as err:  # tokenizers raises a bare Exception on a bad file
                 raise ValueError(f"data.tokenizer: cannot load {data_cfg.tokenizer!r} ({err})") from None
             self.train_source = LlavaSource(data_cfg.json_path, data_cfg.on_bad_record)
-            self.val_source = LlavaSource(data_cfg.val_json_path, data_cfg.on_bad_record) if data_cfg.val_json_path else None
-            self.transform = SkipBadRecords(LlavaTransform(tokenizer, data_cfg.image_dir, image_size, data_cfg.text_len), strict=data_cfg.on_bad_record == "raise")
+            self.val_source = (
+                LlavaSource(data_cfg.val_json_path, data_cfg.on_bad_record) if data_cfg.val_json_path else None
+            )
+            self.transform = SkipBadRecords(
+                LlavaTransform(tokenizer, data_cfg.image_dir, image_size, data_cfg.text_len),
+                strict=data_cfg.on_bad_record == "raise",
+            )
             self.image_offset = self.transform.transform.image_offset
             self.vocab_size = tokenizer.get_vocab_size()
             self.question_kinds = ()
@@ -86,7 +91,9 @@ class DataSpec:
             return dataset
         return dataset.map(self.transform).filter(lambda example: example is not None)
 
-    def train_iterator(self, global_batch: int, seed: int, rows: tuple[int, int] | None = None) -> grain.DatasetIterator:
+    def train_iterator(
+        self, global_batch: int, seed: int, rows: tuple[int, int] | None = None
+    ) -> grain.DatasetIterator:
         """Endless shuffled batches; checkpointable (`get_state`/`set_state`).
 
         One global order for any number of processes: each process reads only
@@ -97,10 +104,14 @@ class DataSpec:
         # shuffle-then-repeat: each epoch is a fresh permutation.
         ordered = grain.MapDataset.source(self.train_source).shuffle(seed=seed).repeat(None)
         local = stop - start
-        own_rows = grain.MapDataset.range(len(ordered) // global_batch * local).map(lambda i: ordered[(i // local) * global_batch + start + i % local])
+        own_rows = grain.MapDataset.range(len(ordered) // global_batch * local).map(
+            lambda i: ordered[(i // local) * global_batch + start + i % local]
+        )
         return iter(self._mapped(own_rows).to_iter_dataset().batch(local, drop_remainder=True))
 
-    def val_batches(self, global_batch: int, max_batches: int | None = None, rows: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def val_batches(
+        self, global_batch: int, max_batches: int | None = None, rows: tuple[int, int] | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
         """The validation set in order, this process's `rows` of each global
         batch; the last batch is padded with examples that have no answer
         tokens (they count for nothing)."""

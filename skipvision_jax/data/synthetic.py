@@ -32,7 +32,12 @@ KINDS = ("colour", "shape", "count", "position")
 GRID, CELL = 4, 8
 IMAGE_SIZE = GRID * CELL
 SPLITS = {"train": 0, "val": 1}
-WORDS = ("what color is the shape object how many objects are there ? left of above yes no".split() + list(COLOURS) + list(SHAPES) + list(COUNTS))
+WORDS = (
+    "what color is the shape object how many objects are there ? left of above yes no".split()
+    + list(COLOURS)
+    + list(SHAPES)
+    + list(COUNTS)
+)
 
 
 def shape_mask(shape: str) -> np.ndarray:
@@ -73,7 +78,9 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     colours = rng.permutation(list(COLOURS))[:count]
     shapes = rng.permutation(list(SHAPES))[:count]
     cells = rng.choice(GRID * GRID, size=count, replace=False)
-    return Scene(tuple((str(c), str(s), int(cell) // GRID, int(cell) % GRID) for c, s, cell in zip(colours, shapes, cells)))
+    return Scene(
+        tuple((str(c), str(s), int(cell) // GRID, int(cell) % GRID) for c, s, cell in zip(colours, shapes, cells))
+    )
 
 
 def sample_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
@@ -198,13 +205,19 @@ def export_llava_eval(directory: str, split: str, size: int, seed: int = 0, task
     source = generated_task(task)(split, size, seed)
     image_dir = os.path.join(directory, "images")
     os.makedirs(image_dir, exist_ok=True)
-    paths = {"images": image_dir, "questions": os.path.join(directory, "questions.jsonl"), "annotations": os.path.join(directory, "annotations.jsonl")}
+    paths = {
+        "images": image_dir,
+        "questions": os.path.join(directory, "questions.jsonl"),
+        "annotations": os.path.join(directory, "annotations.jsonl"),
+    }
     with open(paths["questions"], "w") as questions, open(paths["annotations"], "w") as annotations:
         for index in range(size):
             scene, kind, question, answer, rng = source.sample(index)
             image = f"{split}_{index:06d}.png"
             Image.fromarray(np.round(scene.render(rng) * 255).astype(np.uint8)).save(os.path.join(image_dir, image))
-            questions.write(json.dumps({"question_id": index, "image": image, "text": as_typed(question), "category": kind}) + "\n")
+            questions.write(
+                json.dumps({"question_id": index, "image": image, "text": as_typed(question), "category": kind}) + "\n"
+            )
             annotations.write(json.dumps({"question_id": index, "answer": answer, "category": kind}) + "\n")
     return paths
 

@@ -4,7 +4,7 @@ built on Hugging Face `tokenizers`: lower-cased, punctuation split off, so
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -22,7 +22,9 @@ class WordTokenizer:
         # silently mapping it to one.
         self.tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=None))
         self.tokenizer.normalizer = normalizers.Lowercase()
-        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+        self.tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+        )
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
 
     def __len__(self) -> int:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,7 +57,9 @@ def _expect(config: dict, key: str, allowed: tuple, where: str, default: Any = N
     return value
 
 
-def model_config_from_hf(hf: dict, layout: LayoutConfig | None = None, skip: SkipConfig | None = None, dtype: str = "float32") -> ModelConfig:
+def model_config_from_hf(
+    hf: dict, layout: LayoutConfig | None = None, skip: SkipConfig | None = None, dtype: str = "float32"
+) -> ModelConfig:
     """Our ModelConfig for a LLaVA config.json. By default the layout keeps
     every visual token and Skip-FFN is off: the same computation as transformers."""
     _expect(hf, "model_type", ("llava",), "")
@@ -101,21 +104,50 @@ def model_config_from_hf(hf: dict, layout: LayoutConfig | None = None, skip: Ski
         tie_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
     )
     layout = layout or LayoutConfig.plain(vision_cfg.num_features)
-    return ModelConfig(vision=vision_cfg, layout=layout, skip=skip or SkipConfig(enabled=False), decoder=decoder_cfg, dtype=dtype)
+    return ModelConfig(
+        vision=vision_cfg, layout=layout, skip=skip or SkipConfig(enabled=False), decoder=decoder_cfg, dtype=dtype
+    )
 
 
 def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | None = None) -> dict:
     """A LLaVA config.json for our config (`base`, the imported one, keeps fields we do not model)."""
     if cfg.vision.pooled_grids or cfg.layout != LayoutConfig.plain(cfg.vision.num_features, cfg.layout.image_offset):
-        raise HFCheckpointError("layout: only the plain LLaVA layout (every visual token kept, no merge, no summary tokens, no pooled grids) exists in transformers")
+        raise HFCheckpointError(
+            "layout: only the plain LLaVA layout (every visual token kept, no merge, no summary tokens, no pooled grids) exists in transformers"
+        )
     if cfg.skip.enabled and cfg.skip.partition == "topk":
         raise HFCheckpointError("skip.partition: the topk router has no transformers counterpart")
     v, d = cfg.vision, cfg.decoder
     hf = json.loads(json.dumps(base or {}))
     vision = hf.setdefault("vision_config", {})
     text = hf.setdefault("text_config", {})
-    vision.update(model_type="clip_vision_model", image_size=v.image_size, patch_size=v.patch_size, num_channels=v.num_channels, hidden_size=v.width, num_hidden_layers=v.depth, num_attention_heads=v.num_heads, intermediate_size=v.mlp_dim, hidden_act="quick_gelu" if v.quick_gelu else "gelu", layer_norm_eps=v.layer_norm_eps)
-    text.update(model_type="llama", vocab_size=d.vocab_size, hidden_size=d.width, num_hidden_layers=d.num_layers, num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads, head_dim=d.resolved_head_dim, intermediate_size=d.mlp_dim, rms_norm_eps=d.norm_eps, hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=d.tie_embeddings)
+    vision.update(
+        model_type="clip_vision_model",
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        num_channels=v.num_channels,
+        hidden_size=v.width,
+        num_hidden_layers=v.depth,
+        num_attention_heads=v.num_heads,
+        intermediate_size=v.mlp_dim,
+        hidden_act="quick_gelu" if v.quick_gelu else "gelu",
+        layer_norm_eps=v.layer_norm_eps,
+    )
+    text.update(
+        model_type="llama",
+        vocab_size=d.vocab_size,
+        hidden_size=d.width,
+        num_hidden_layers=d.num_layers,
+        num_attention_heads=d.num_heads,
+        num_key_value_heads=d.num_kv_heads,
+        head_dim=d.resolved_head_dim,
+        intermediate_size=d.mlp_dim,
+        rms_norm_eps=d.norm_eps,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=d.tie_embeddings,
+    )
     text.pop("rope_scaling", None)
     if "rope_parameters" in text or "rope_theta" not in text:
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": d.rope_theta}
@@ -151,7 +183,12 @@ _PREFIXES = (
     ("lm_head.", "lm_head."),
 )
 # The layout transformers itself writes (5.x save_pretrained), for export.
-_EXPORT_PREFIXES = {"vision.": "vision_tower.", "projector.": "multi_modal_projector.", "text.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+_EXPORT_PREFIXES = {
+    "vision.": "vision_tower.",
+    "projector.": "multi_modal_projector.",
+    "text.": "language_model.model.",
+    "lm_head.": "language_model.lm_head.",
+}
 
 
 def normalize_name(name: str) -> str:
@@ -323,14 +360,22 @@ def load_params(directory: str, abstract_params: dict, strict: bool = True) -> t
         try:
             value = _to_ours(value, kind, target.shape).astype(target.dtype)
         except ValueError as err:
-            raise HFCheckpointError(f"{directory}: tensor {files.names[hf_name][1]} of shape {list(value.shape)} does not fit {path} {list(target.shape)}: {err}") from None
+            raise HFCheckpointError(
+                f"{directory}: tensor {files.names[hf_name][1]} of shape {list(value.shape)} does not fit {path} {list(target.shape)}: {err}"
+            ) from None
         sharding = getattr(target, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         loaded[path] = jax.make_array_from_callback(target.shape, sharding, lambda index, v=value: v[index])
         used.add(hf_name)
     missing = sorted(set(flat_abstract) - set(loaded))
     if missing and strict:
-        raise HFCheckpointError(f"{directory}: no tensor for our parameter(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    unused = {files.names[name][1]: files.read(name) for name in files.names if name not in used and not _is_tied_head(name, abstract_params)}
+        raise HFCheckpointError(
+            f"{directory}: no tensor for our parameter(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+        )
+    unused = {
+        files.names[name][1]: files.read(name)
+        for name in files.names
+        if name not in used and not _is_tied_head(name, abstract_params)
+    }
     return traverse_util.unflatten_dict(loaded, sep="/"), unused
 
 
@@ -340,7 +385,9 @@ def _is_tied_head(normalized: str, params: dict) -> bool:
 
 def export_tensors(params: dict, unused: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """HF tensors (transformers' own save layout) for our params, plus `unused` passed through."""
-    flat = {path: np.asarray(jax.device_get(value)) for path, value in traverse_util.flatten_dict(params, sep="/").items()}
+    flat = {
+        path: np.asarray(jax.device_get(value)) for path, value in traverse_util.flatten_dict(params, sep="/").items()
+    }
     tensors = {}
     for hf_name, path, kind in _expand_rules(set(flat)):
         tensors[export_name(hf_name)] = np.ascontiguousarray(_to_hf(flat[path], kind))
@@ -351,10 +398,20 @@ def export_tensors(params: dict, unused: dict[str, np.ndarray] | None = None) ->
 
 def identity_tail(cfg: ModelConfig) -> dict[str, np.ndarray]:
     """For a model we trained: the vision post-norm transformers expects but never uses for LLaVA features."""
-    return {"vision_tower.post_layernorm.weight": np.ones(cfg.vision.width, np.float32), "vision_tower.post_layernorm.bias": np.zeros(cfg.vision.width, np.float32)}
+    return {
+        "vision_tower.post_layernorm.weight": np.ones(cfg.vision.width, np.float32),
+        "vision_tower.post_layernorm.bias": np.zeros(cfg.vision.width, np.float32),
+    }
 
 
-def save(directory: str, params: dict, cfg: ModelConfig, image_token_id: int, base_config: dict | None = None, unused: dict[str, np.ndarray] | None = None) -> None:
+def save(
+    directory: str,
+    params: dict,
+    cfg: ModelConfig,
+    image_token_id: int,
+    base_config: dict | None = None,
+    unused: dict[str, np.ndarray] | None = None,
+) -> None:
     """Writes config.json + model.safetensors that transformers loads as LlavaForConditionalGeneration."""
     from safetensors.numpy import save_file
 
@@ -384,6 +441,10 @@ def read_config(directory: str) -> dict:
 def merge_into(fresh: dict, imported: dict) -> dict:
     """`fresh` params with every leaf `imported` has replaced (for fine-tuning
     with parts transformers lacks: summary tokens, routers)."""
-    flat_fresh, flat_imported = traverse_util.flatten_dict(fresh, sep="/"), traverse_util.flatten_dict(imported, sep="/")
-    return traverse_util.unflatten_dict({path: flat_imported.get(path, value) for path, value in flat_fresh.items()}, sep="/")
-
+    flat_fresh, flat_imported = (
+        traverse_util.flatten_dict(fresh, sep="/"),
+        traverse_util.flatten_dict(imported, sep="/"),
+    )
+    return traverse_util.unflatten_dict(
+        {path: flat_imported.get(path, value) for path, value in flat_fresh.items()}, sep="/"
+    )

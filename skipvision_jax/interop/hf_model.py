@@ -57,7 +57,14 @@ def load_processor(directory: str):
         return None  # weights-only directory: no tokenizer or image processor
 
 
-def load(directory: str, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES, dtype: str = "float32", layout: LayoutConfig | None = None, skip: SkipConfig | None = None) -> HFLlava:
+def load(
+    directory: str,
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    dtype: str = "float32",
+    layout: LayoutConfig | None = None,
+    skip: SkipConfig | None = None,
+) -> HFLlava:
     """Reads a LLaVA directory; params go straight to their shardings on `mesh`."""
     hf_config = hf_llava.read_config(directory)
     model_cfg = hf_llava.model_config_from_hf(hf_config, layout=layout, skip=skip, dtype=dtype)
@@ -79,18 +86,26 @@ def split_image_tokens(input_ids: np.ndarray, image_token_id: int, num_features:
     is_image = input_ids == image_token_id
     positions = np.flatnonzero(is_image)
     if len(positions) != num_features or (len(positions) and positions[-1] - positions[0] + 1 != num_features):
-        raise HFCheckpointError(f"prompt: expected one run of {num_features} image tokens (id {image_token_id}), found {len(positions)}")
+        raise HFCheckpointError(
+            f"prompt: expected one run of {num_features} image tokens (id {image_token_id}), found {len(positions)}"
+        )
     return input_ids[~is_image], int(positions[0])
 
 
-def from_hf_inputs(hf: HFLlava, input_ids: np.ndarray, pixel_values: np.ndarray) -> tuple[dict[str, np.ndarray], ModelConfig]:
+def from_hf_inputs(
+    hf: HFLlava, input_ids: np.ndarray, pixel_values: np.ndarray
+) -> tuple[dict[str, np.ndarray], ModelConfig]:
     """transformers' inputs for one prompt (ids [T] with the image token run,
     pixels [1, C, H, W]) as our batch of 1, and the config whose layout puts
     the image where the run was."""
     text_ids, offset = split_image_tokens(input_ids, hf.image_token_id, hf.model_cfg.vision.num_features)
     pixels = pixel_values.transpose(0, 2, 3, 1).astype(np.float32)  # NCHW -> NHWC
     layout = dataclasses.replace(hf.model_cfg.layout, image_offset=offset)
-    batch = {"input_ids": text_ids[None].astype(np.int32), "text_mask": np.ones((1, len(text_ids)), bool), "pixels": pixels}
+    batch = {
+        "input_ids": text_ids[None].astype(np.int32),
+        "text_mask": np.ones((1, len(text_ids)), bool),
+        "pixels": pixels,
+    }
     return batch, dataclasses.replace(hf.model_cfg, layout=layout)
 
 
@@ -101,7 +116,9 @@ def encode(hf: HFLlava, image: Image.Image, question: str) -> tuple[dict[str, np
     inputs = hf.processor(images=image, text=chat_prompt(hf.processor, question), return_tensors="np")
     limit = max_positions(hf)
     if len(inputs["input_ids"][0]) > limit:
-        raise HFCheckpointError(f"prompt: {len(inputs['input_ids'][0])} tokens with the image exceed max_position_embeddings={limit}")
+        raise HFCheckpointError(
+            f"prompt: {len(inputs['input_ids'][0])} tokens with the image exceed max_position_embeddings={limit}"
+        )
     return from_hf_inputs(hf, inputs["input_ids"][0], inputs["pixel_values"])
 
 

@@ -22,13 +22,20 @@ def causal_mask(key_valid: Bool[Array, "B L"]) -> Bool[Array, "B 1 L L"]:
     return causal[None, None] & key_valid[:, None, None, :]
 
 
-def attend(q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], v: Float[Array, "B S KV Dh"], mask: Bool[Array, "B 1 T S"] | None) -> Float[Array, "B T H Dh"]:
+def attend(
+    q: Float[Array, "B T H Dh"],
+    k: Float[Array, "B S KV Dh"],
+    v: Float[Array, "B S KV Dh"],
+    mask: Bool[Array, "B 1 T S"] | None,
+) -> Float[Array, "B T H Dh"]:
     # jax.nn.dot_product_attention handles GQA natively and dispatches to a fused
     # kernel (cuDNN) where the platform has one.
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
-def attend_cache(q: Float[Array, "B T H Dh"], k: Float[Array, "B KV S Dh"], v: Float[Array, "B KV S Dh"], valid: Bool[Array, "B S"]) -> tuple[Float[Array, "B T H Dh"], Float[Array, "B H T S"]]:
+def attend_cache(
+    q: Float[Array, "B T H Dh"], k: Float[Array, "B KV S Dh"], v: Float[Array, "B KV S Dh"], valid: Bool[Array, "B S"]
+) -> tuple[Float[Array, "B T H Dh"], Float[Array, "B H T S"]]:
     """Attention of a few new queries over a head-major KV cache, and its weights.
 
     Each (row, KV head) reads one contiguous [S, Dh] slab, which is what makes
@@ -44,11 +51,15 @@ def attend_cache(q: Float[Array, "B T H Dh"], k: Float[Array, "B KV S Dh"], v: F
     return out.reshape(b, t, h, dh).astype(v.dtype), probs.reshape(b, h, t, -1)
 
 
-def attention_probs(q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], mask: Bool[Array, "B 1 T S"]) -> Float[Array, "B H T S"]:
+def attention_probs(
+    q: Float[Array, "B T H Dh"], k: Float[Array, "B S KV Dh"], mask: Bool[Array, "B 1 T S"]
+) -> Float[Array, "B H T S"]:
     """Softmax attention weights, for the cache policies that score keys by attention received."""
     groups = q.shape[2] // k.shape[2]
     qg = q.reshape(q.shape[:2] + (k.shape[2], groups, q.shape[3]))
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32)) / jnp.sqrt(
+        jnp.float32(q.shape[-1])
+    )
     logits = logits.reshape(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1)
@@ -64,11 +75,21 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        proj = lambda heads, axis, name: dense((heads, self.head_dim), "embed", (axis, "head_dim"), use_bias=self.use_bias, dtype=self.dtype, name=name)
+        proj = lambda heads, axis, name: dense(
+            (heads, self.head_dim), "embed", (axis, "head_dim"), use_bias=self.use_bias, dtype=self.dtype, name=name
+        )
         self.q_proj = proj(self.num_heads, "heads", "q_proj")
         self.k_proj = proj(self.num_kv_heads, "kv_heads", "k_proj")
         self.v_proj = proj(self.num_kv_heads, "kv_heads", "v_proj")
-        self.o_proj = dense(self.width, ("heads", "head_dim"), ("embed",), use_bias=self.use_bias, dtype=self.dtype, name="o_proj", axis=(-2, -1))
+        self.o_proj = dense(
+            self.width,
+            ("heads", "head_dim"),
+            ("embed",),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            name="o_proj",
+            axis=(-2, -1),
+        )
 
     def project(self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None):
         """q [B, L, H, Dh], k and v [B, L, KV, Dh], rotary positions applied to q and k."""
@@ -78,7 +99,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return constrain(q, HEADS_ACTIVATION), constrain(k, KV_ACTIVATION), constrain(v, KV_ACTIVATION)
 
-    def __call__(self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None, mask: Bool[Array, "B 1 L L"] | None) -> Float[Array, "B L D"]:
+    def __call__(
+        self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None, mask: Bool[Array, "B 1 L L"] | None
+    ) -> Float[Array, "B L D"]:
         q, k, v = self.project(x, positions)
         return self.o_proj(attend(q, k, v, mask))
 

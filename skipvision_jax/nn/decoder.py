@@ -39,7 +39,15 @@ class DecoderBlock(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.attn_norm = RMSNorm(cfg.norm_eps, self.dtype)
-        self.attn = Attention(cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta, use_bias=False, dtype=self.dtype)
+        self.attn = Attention(
+            cfg.width,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.resolved_head_dim,
+            cfg.rope_theta,
+            use_bias=False,
+            dtype=self.dtype,
+        )
         self.mlp_norm = RMSNorm(cfg.norm_eps, self.dtype)
         self.mlp = SwiGLU(cfg.mlp_dim, self.dtype)
         if self.layout is not None and self.partition_kind == "topk":
@@ -55,7 +63,13 @@ class DecoderBlock(nn.Module):
         routable = h[:, layout.routable_positions()]
         return topk_partition(layout, self.router(routable)[..., 0])
 
-    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"], query_weights: Float[Array, "B L"] | None = None) -> Float[Array, "B L D"]:
+    def __call__(
+        self,
+        h: Float[Array, "B L D"],
+        positions: Int[Array, "B L"],
+        mask: Bool[Array, "B 1 L L"],
+        query_weights: Float[Array, "B L"] | None = None,
+    ) -> Float[Array, "B L D"]:
         q, k, v = self.attn.project(self.attn_norm(h), positions)
         if self.is_mutable_collection("prefill"):
             # Prefill for decoding: hand the keys and values (RoPE applied) to the
@@ -76,7 +90,13 @@ class DecoderBlock(nn.Module):
             update = update * partition.gate[..., None].astype(update.dtype)
         return partition.scatter(h, retained + update)
 
-    def attention_received(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"], query_index: Int[Array, "B"]) -> Float[Array, "B L"]:
+    def attention_received(
+        self,
+        h: Float[Array, "B L D"],
+        positions: Int[Array, "B L"],
+        mask: Bool[Array, "B 1 L L"],
+        query_index: Int[Array, " B"],
+    ) -> Float[Array, "B L"]:
         """Attention each key gets from row `query_index` of its example, the
         mean over heads, as this block computes it on input `h` (FastV's ranking)."""
         q, k, _ = self.attn.project(self.attn_norm(h), positions)
@@ -84,7 +104,9 @@ class DecoderBlock(nn.Module):
         query_mask = jnp.take_along_axis(mask, query_index[:, None, None, None], axis=2)  # [B, 1, 1, L]
         return attention_probs(query, k, query_mask).mean(axis=(1, 2))
 
-    def decode(self, h: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], cache: LayerCache, policy: KVPolicy) -> tuple[Float[Array, "B 1 D"], LayerCache]:
+    def decode(
+        self, h: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], cache: LayerCache, policy: KVPolicy
+    ) -> tuple[Float[Array, "B 1 D"], LayerCache]:
         """One new token per row against the layer's fixed-budget cache."""
         q, k, v = self.attn.project(self.attn_norm(h), positions)
         cache = kvcache.insert(cache, policy, k[:, 0], v[:, 0], positions[:, 0])
@@ -107,7 +129,10 @@ class _ScanStep(nn.Module):
     @nn.compact
     def __call__(self, h, positions, mask):
         block_cls = nn.remat(DecoderBlock, prevent_cse=False) if self.remat else DecoderBlock
-        return constrain(block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")(h, positions, mask), HIDDEN_ACTIVATION), None
+        return constrain(
+            block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")(h, positions, mask),
+            HIDDEN_ACTIVATION,
+        ), None
 
 
 def fastv_keep_index(layout: SequenceLayout, scores: Float[Array, "B L"], keep: int) -> Int[Array, "B M"]:
@@ -148,9 +173,18 @@ class DecoderStack(nn.Module):
         return [seg for seg in candidates if seg[1] > seg[0]]
 
     @nn.compact
-    def __call__(self, h: Float[Array, "B L D"], positions: Int[Array, "B L"], mask: Bool[Array, "B 1 L L"], query_weights: Float[Array, "B L"] | None = None, fastv_query: Int[Array, "B"] | None = None) -> Float[Array, "B M D"]:
+    def __call__(
+        self,
+        h: Float[Array, "B L D"],
+        positions: Int[Array, "B L"],
+        mask: Bool[Array, "B 1 L L"],
+        query_weights: Float[Array, "B L"] | None = None,
+        fastv_query: Int[Array, " B"] | None = None,
+    ) -> Float[Array, "B M D"]:
         if self.scan_layers and self.is_mutable_collection("prefill"):
-            raise ValueError("model.scan_layers: decoding needs unrolled layers; load the params with scan_layers=False (see skipvision_jax.generate.unstack_layers)")
+            raise ValueError(
+                "model.scan_layers: decoding needs unrolled layers; load the params with scan_layers=False (see skipvision_jax.generate.unstack_layers)"
+            )
         for start, end, skip in self.segments():
             layout = self.layout if skip else None
             if self.scan_layers:
@@ -162,7 +196,9 @@ class DecoderStack(nn.Module):
                     length=end - start,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
-                h, _ = scanned(self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=f"layers_{start}_{end}")(h, positions, mask)
+                h, _ = scanned(
+                    self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=f"layers_{start}_{end}"
+                )(h, positions, mask)
                 continue
             block_cls = nn.remat(DecoderBlock) if self.remat else DecoderBlock
             for i in range(start, end):
@@ -176,6 +212,8 @@ class DecoderStack(nn.Module):
                         self.sow("prefill", "fastv_index", keep)
                     h = jnp.take_along_axis(h, keep[:, :, None], axis=1)
                     positions = jnp.take_along_axis(positions, keep, axis=1)
-                    mask = jnp.take_along_axis(jnp.take_along_axis(mask, keep[:, None, :, None], axis=2), keep[:, None, None, :], axis=3)
+                    mask = jnp.take_along_axis(
+                        jnp.take_along_axis(mask, keep[:, None, :, None], axis=2), keep[:, None, None, :], axis=3
+                    )
                     query_weights = None if query_weights is None else jnp.take_along_axis(query_weights, keep, axis=1)
         return h

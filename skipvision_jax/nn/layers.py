@@ -7,7 +7,7 @@ Every weight carries logical axis names (`embed`, `heads`, `kv_heads`,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,9 @@ def logical(init, axes: Sequence[str | None]):
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
-def dense(features, in_axis: str, out_axes: Sequence[str], *, use_bias: bool, dtype, name: str | None = None, axis=-1) -> nn.DenseGeneral:
+def dense(
+    features, in_axis: str, out_axes: Sequence[str], *, use_bias: bool, dtype, name: str | None = None, axis=-1
+) -> nn.DenseGeneral:
     """DenseGeneral with logical axis names on its kernel and bias."""
     in_axes = (in_axis,) if isinstance(in_axis, str) else tuple(in_axis)
     return nn.DenseGeneral(
@@ -79,7 +81,9 @@ class SwiGLU(nn.Module):
         return dense(x.shape[-1], "mlp", ("embed",), use_bias=False, dtype=self.dtype, name="down")(nn.silu(gate) * up)
 
 
-def rope_tables(positions: Int[Array, "B L"], head_dim: int, theta: float) -> tuple[Float[Array, "B L 1 Dh"], Float[Array, "B L 1 Dh"]]:
+def rope_tables(
+    positions: Int[Array, "B L"], head_dim: int, theta: float
+) -> tuple[Float[Array, "B L 1 Dh"], Float[Array, "B L 1 Dh"]]:
     """cos/sin for rotary embeddings, Hugging Face Llama convention (halves, not interleaved)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]

@@ -22,7 +22,9 @@ class Projector(nn.Module):
     def __call__(self, features: Float[Array, "B N W"]) -> Float[Array, "B N D"]:
         # Column- then row-parallel under tensor parallelism (the hidden is `mlp`).
         x = dense(self.width, "vision_embed", ("mlp",), use_bias=True, dtype=self.dtype, name="linear_1")(features)
-        return dense(self.width, "mlp", ("embed",), use_bias=True, dtype=self.dtype, name="linear_2")(nn.gelu(x, approximate=False))
+        return dense(self.width, "mlp", ("embed",), use_bias=True, dtype=self.dtype, name="linear_2")(
+            nn.gelu(x, approximate=False)
+        )
 
 
 class SummaryPool(nn.Module):
@@ -32,7 +34,9 @@ class SummaryPool(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B N D"]) -> Float[Array, "B 1 D"]:
-        score = dense(1, "embed", (None,), use_bias=True, dtype=jnp.float32, name="score")(LayerNorm(dtype=jnp.float32, name="norm")(x))
+        score = dense(1, "embed", (None,), use_bias=True, dtype=jnp.float32, name="score")(
+            LayerNorm(dtype=jnp.float32, name="norm")(x)
+        )
         weights = jax.nn.softmax(score[..., 0], axis=-1)
         return jnp.einsum("bn,bnd->bd", weights, x.astype(jnp.float32))[:, None].astype(x.dtype)
 

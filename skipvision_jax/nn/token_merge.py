@@ -31,7 +31,9 @@ def merge_schedule(num_tokens: int, target: int) -> list[int]:
     return rounds
 
 
-def bipartite_merge_round(x: Float[Array, "B N D"], size: Float[Array, "B N"], r: int) -> tuple[Float[Array, "B M D"], Float[Array, "B M"]]:
+def bipartite_merge_round(
+    x: Float[Array, "B N D"], size: Float[Array, "B N"], r: int
+) -> tuple[Float[Array, "B M D"], Float[Array, "B M"]]:
     """Merges r tokens of set A into their most similar tokens of set B; M = N - r."""
     a, b = x[:, ::2], x[:, 1::2]
     size_a, size_b = size[:, ::2], size[:, 1::2]

@@ -24,7 +24,16 @@ class VisionBlock(nn.Module):
     def __call__(self, x: Float[Array, "B N W"]) -> Float[Array, "B N W"]:
         cfg = self.cfg
         head_dim = cfg.width // cfg.num_heads
-        attn = Attention(cfg.width, cfg.num_heads, cfg.num_heads, head_dim, rope_theta=None, use_bias=True, dtype=self.dtype, name="attn")
+        attn = Attention(
+            cfg.width,
+            cfg.num_heads,
+            cfg.num_heads,
+            head_dim,
+            rope_theta=None,
+            use_bias=True,
+            dtype=self.dtype,
+            name="attn",
+        )
         x = x + attn(LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln1")(x), None, None)
         act = quick_gelu if cfg.quick_gelu else (lambda y: nn.gelu(y, approximate=False))
         y = LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln2")(x)
@@ -60,8 +69,11 @@ class VisionTower(nn.Module):
         batch = patches.shape[0]
         patches = patches.reshape(batch, -1, cfg.width)
         cls = self.param("class_embed", logical(default_kernel_init, ("embed",)), (cfg.width,), jnp.float32)
-        pos = self.param("pos_embed", logical(default_kernel_init, (None, "embed")), (cfg.num_patches + 1, cfg.width), jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.width)), patches], axis=1) + pos.astype(self.dtype)
+        pos_init = sincos2d_init(cfg.patch_grid) if cfg.pos_embed_init == "sincos2d" else default_kernel_init
+        pos = self.param("pos_embed", logical(pos_init, (None, "embed")), (cfg.num_patches + 1, cfg.width), jnp.float32)
+        x = jnp.concatenate(
+            [jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.width)), patches], axis=1
+        ) + pos.astype(self.dtype)
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_norm")(x)
         for i in range(cfg.layers_used):
             x = VisionBlock(cfg, self.dtype, name=f"layer_{i}")(x)
@@ -70,6 +82,28 @@ class VisionTower(nn.Module):
         if cfg.select_strategy == "full":
             tokens.insert(0, cls)
         return jnp.concatenate(tokens, axis=1)
+
+
+def sincos2d_init(grid: int):
+    """Initializer of a [1 + grid * grid, W] position table: zeros for the class
+    token, then per patch sin/cos of its row (first half of W) and column
+    (second half) at geometric frequencies (MAE's 2-D table)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        width = shape[-1]
+        quarter = width // 4
+        omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / max(quarter, 1))
+        rows, cols = jnp.meshgrid(
+            jnp.arange(grid, dtype=jnp.float32), jnp.arange(grid, dtype=jnp.float32), indexing="ij"
+        )
+        angles = lambda coord: coord.reshape(-1, 1) * omega[None]
+        table = jnp.concatenate(
+            [jnp.sin(angles(rows)), jnp.cos(angles(rows)), jnp.sin(angles(cols)), jnp.cos(angles(cols))], axis=1
+        )
+        table = jnp.pad(table, [(1, 0), (0, width - table.shape[1])])  # class token row, odd widths
+        return table.astype(dtype)
+
+    return init
 
 
 def pool_grid(patches: Float[Array, "B N W"], side: int, grid: int) -> Float[Array, "B G W"]:

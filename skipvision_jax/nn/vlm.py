@@ -52,7 +52,9 @@ class SkipVisionVLM(nn.Module):
         )
         self.final_norm = RMSNorm(cfg.decoder.norm_eps, dtype)
         if not cfg.decoder.tie_embeddings:
-            self.lm_head = dense(cfg.decoder.vocab_size, "embed", ("vocab",), use_bias=False, dtype=dtype, name="lm_head")
+            self.lm_head = dense(
+                cfg.decoder.vocab_size, "embed", ("vocab",), use_bias=False, dtype=dtype, name="lm_head"
+            )
 
     def layout(self, num_text: int) -> SequenceLayout:
         return SequenceLayout.from_config(self.cfg, num_text)
@@ -60,7 +62,9 @@ class SkipVisionVLM(nn.Module):
     def encode_images(self, pixels: Float[Array, "B H W C"]) -> Float[Array, "B N W"]:
         return self.vision(pixels)
 
-    def embed_sequence(self, input_ids: Int[Array, "B T"], text_mask: Bool[Array, "B T"], features: Float[Array, "B N W"]):
+    def embed_sequence(
+        self, input_ids: Int[Array, "B T"], text_mask: Bool[Array, "B T"], features: Float[Array, "B N W"]
+    ):
         """Builds the decoder input `[prefix | visual block | rest of text]`.
 
         Returns h [B, L, D] and key_valid [B, L] (False on text padding).
@@ -77,7 +81,9 @@ class SkipVisionVLM(nn.Module):
         logits = self.embed.attend(h) if self.cfg.decoder.tie_embeddings else self.lm_head(h)
         return constrain(logits.astype(jnp.float32), logits_axes(logits.ndim))
 
-    def hidden_states(self, input_ids, text_mask, pixels, vision_features, extra_mask=None, query_weights=None, fastv_query=None):
+    def hidden_states(
+        self, input_ids, text_mask, pixels, vision_features, extra_mask=None, query_weights=None, fastv_query=None
+    ):
         """Final hidden states [B, M, D] (before the norm; M = L unless FastV pruned) and key_valid [B, L]."""
         if (pixels is None) == (vision_features is None):
             raise ValueError("pass exactly one of pixels or vision_features")
@@ -104,7 +110,9 @@ class SkipVisionVLM(nn.Module):
         reference computations such as decoding without the skipped keys.
         """
         if self.cfg.fastv.enabled:
-            raise ValueError("fastv: FastV pruning applies at prefill (decoding) only; train and score the plain model, then decode with fastv set")
+            raise ValueError(
+                "fastv: FastV pruning applies at prefill (decoding) only; train and score the plain model, then decode with fastv set"
+            )
         h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, extra_mask)
         return self.logits(h[:, self.layout(input_ids.shape[1]).text_positions()])
 
@@ -119,7 +127,9 @@ class SkipVisionVLM(nn.Module):
         layout = self.layout(input_ids.shape[1])
         last_text = text_mask.sum(axis=1) - 1  # [B]
         fastv_query = jnp.asarray(layout.text_positions())[last_text] if self.cfg.fastv.enabled else None
-        h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, query_weights=query_weights, fastv_query=fastv_query)
+        h, _ = self.hidden_states(
+            input_ids, text_mask, pixels, vision_features, query_weights=query_weights, fastv_query=fastv_query
+        )
         if self.cfg.fastv.enabled:
             layout = layout.pruned(self.cfg.fastv.keep)
         last = jnp.asarray(layout.text_positions())[last_text]

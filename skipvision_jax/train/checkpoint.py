@@ -37,7 +37,9 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict) -> None:
         meta = {"data": data_state, "fingerprint": float(fingerprint(state)), "step": step}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
@@ -53,18 +55,29 @@ class Checkpointer:
         steps = self.steps()
         for step in reversed(steps):
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    ),
+                )
                 saved, actual = restored["meta"]["fingerprint"], float(fingerprint(restored["state"]))
                 if not np.isclose(saved, actual, rtol=1e-5):
                     raise ValueError(f"contents do not match the saved fingerprint ({actual} != {saved})")
             except Exception as err:  # orbax/tensorstore raise many types for a damaged file
                 reason = str(err).splitlines()[0][:300]
-                log.warning("checkpoint at step %d is unreadable (%s); moving it aside and trying the previous one", step, reason)
+                log.warning(
+                    "checkpoint at step %d is unreadable (%s); moving it aside and trying the previous one",
+                    step,
+                    reason,
+                )
                 self._quarantine(step)
                 continue
             return restored["state"], restored["meta"]["data"]
         if steps:
-            raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {steps}); refusing to restart from step 0")
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} (tried steps {steps}); refusing to restart from step 0"
+            )
         return None
 
     def _quarantine(self, step: int) -> None:

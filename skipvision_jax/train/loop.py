@@ -9,7 +9,7 @@ import math
 import os
 import signal
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,9 @@ def base_model_config(cfg) -> ModelConfig:
     ours = model_config_from_dict(cfg.model.to_dict())
     if ours.scan_layers:
         raise ValueError("model.scan_layers: init_from_hf loads unrolled layers; set it to False")
-    imported = hf_llava.model_config_from_hf(hf_llava.read_config(cfg.init_from_hf), layout=ours.layout, skip=ours.skip, dtype=ours.dtype)
+    imported = hf_llava.model_config_from_hf(
+        hf_llava.read_config(cfg.init_from_hf), layout=ours.layout, skip=ours.skip, dtype=ours.dtype
+    )
     vision = dataclasses.replace(imported.vision, pooled_grids=ours.vision.pooled_grids)
     return dataclasses.replace(imported, vision=vision, remat=ours.remat)
 
@@ -109,13 +111,19 @@ def model_image_size(cfg) -> int:
 def build_model_config(cfg, data: DataSpec) -> ModelConfig:
     model_cfg = base_model_config(cfg)
     if model_cfg.layout.image_offset != data.image_offset:
-        raise ValueError(f"model.layout.image_offset: {model_cfg.layout.image_offset}, but the data puts the image after {data.image_offset} text tokens")
+        raise ValueError(
+            f"model.layout.image_offset: {model_cfg.layout.image_offset}, but the data puts the image after {data.image_offset} text tokens"
+        )
     if model_cfg.decoder.vocab_size < data.vocab_size:
-        raise ValueError(f"model.decoder.vocab_size: {model_cfg.decoder.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
+        raise ValueError(
+            f"model.decoder.vocab_size: {model_cfg.decoder.vocab_size} is smaller than the tokenizer's {data.vocab_size}"
+        )
     return model_cfg
 
 
-def state_initializer(model: SkipVisionVLM, model_cfg: ModelConfig, cfg, optimizer, trainable) -> Callable[[], TrainState]:
+def state_initializer(
+    model: SkipVisionVLM, model_cfg: ModelConfig, cfg, optimizer, trainable
+) -> Callable[[], TrainState]:
     """Builds the train state from the seed, its weights (and their optimizer
     moments) still boxed with logical axis names."""
     batch = 1
@@ -129,9 +137,13 @@ def state_initializer(model: SkipVisionVLM, model_cfg: ModelConfig, cfg, optimiz
     return init
 
 
-def build_state_plan(cfg, model_cfg: ModelConfig, mesh, rules) -> tuple[SkipVisionVLM, optax.GradientTransformation, sharding.ShardedInit]:
+def build_state_plan(
+    cfg, model_cfg: ModelConfig, mesh, rules
+) -> tuple[SkipVisionVLM, optax.GradientTransformation, sharding.ShardedInit]:
     model, optimizer = SkipVisionVLM(model_cfg), make_optimizer(cfg)
-    plan = sharding.plan_init(state_initializer(model, model_cfg, cfg, optimizer, trainable_names(cfg.optimizer.trainable)), mesh, rules)
+    plan = sharding.plan_init(
+        state_initializer(model, model_cfg, cfg, optimizer, trainable_names(cfg.optimizer.trainable)), mesh, rules
+    )
     return model, optimizer, plan
 
 
@@ -159,7 +171,9 @@ def evaluate(eval_step, params, data: DataSpec, cfg, mesh, rows: tuple[int, int]
         "val_token_accuracy": float(totals["correct_tokens"] / max(totals["tokens"], 1)),
         "val_loss": float(totals["loss_sum"] / max(totals["tokens"], 1)),
     }
-    for kind, exact, count in zip(data.question_kinds, totals.get("exact_by_kind", []), totals.get("examples_by_kind", [])):
+    for kind, exact, count in zip(
+        data.question_kinds, totals.get("exact_by_kind", []), totals.get("examples_by_kind", [])
+    ):
         results[f"val_exact_match_{kind}"] = float(exact / max(count, 1))
     if data.chance_exact_match is not None:
         results["val_chance_exact_match"] = data.chance_exact_match
@@ -169,7 +183,13 @@ def evaluate(eval_step, params, data: DataSpec, cfg, mesh, rows: tuple[int, int]
 def describe_params(params, mesh) -> dict[str, int]:
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     on_device = sharding.per_device_bytes(params)
-    log.info("mesh %s: params %.2f MiB, %.2f MiB on the most loaded device (%.2fx smaller)", dict(mesh.shape), total / 2**20, on_device / 2**20, total / max(on_device, 1))
+    log.info(
+        "mesh %s: params %.2f MiB, %.2f MiB on the most loaded device (%.2fx smaller)",
+        dict(mesh.shape),
+        total / 2**20,
+        on_device / 2**20,
+        total / max(on_device, 1),
+    )
     return {"param_bytes": total, "param_bytes_per_device": on_device}
 
 
@@ -188,7 +208,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     # ---- input
     data = DataSpec(cfg.data, model_image_size(cfg))
     if cfg.train.batch_size % cfg.train.grad_accum:
-        raise ValueError(f"train.batch_size: {cfg.train.batch_size} is not divisible by train.grad_accum ({cfg.train.grad_accum})")
+        raise ValueError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by train.grad_accum ({cfg.train.grad_accum})"
+        )
     train_iter = data.train_iterator(cfg.train.batch_size, cfg.data.seed, rows)
     # ---- model
     model_cfg = build_model_config(cfg, data)
@@ -207,13 +229,24 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     start = int(state.step)
     param_info = describe_params(state.params, mesh)
     # ---- update
-    train_step = jax.jit(make_train_step(model, optimizer, cfg.train.grad_accum), out_shardings=(plan.shardings, sharding.replicated(mesh)), donate_argnums=0)
+    train_step = jax.jit(
+        make_train_step(model, optimizer, cfg.train.grad_accum),
+        out_shardings=(plan.shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
     eval_step = jax.jit(make_eval_step(model, len(data.question_kinds)), out_shardings=sharding.replicated(mesh))
     metrics_log = MetricsLog(workdir, start)
     sigterm = StopOnSigterm()
     tokens_per_example = cfg.data.text_len + model_cfg.vision.num_features
     last: dict[str, float] = {}
-    progress = tqdm.tqdm(range(start + 1, cfg.train.steps + 1), initial=start, total=cfg.train.steps, desc="train", disable=jax.process_index() != 0, mininterval=2.0)
+    progress = tqdm.tqdm(
+        range(start + 1, cfg.train.steps + 1),
+        initial=start,
+        total=cfg.train.steps,
+        desc="train",
+        disable=jax.process_index() != 0,
+        mininterval=2.0,
+    )
     window_start, window_steps = time.perf_counter(), 0
     try:
         # `step` counts on the host: reading state.step would wait for the
@@ -230,16 +263,26 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                 # NaN propagates into the parameters, so checking before every
                 # save keeps each saved checkpoint good.
                 if not math.isfinite(loss):
-                    raise TrainingDiverged(f"loss is {loss} at step {step}; the last good checkpoint (step {checkpointer.steps()[-1] if checkpointer.steps() else 'none'}) is kept")
+                    raise TrainingDiverged(
+                        f"loss is {loss} at step {step}; the last good checkpoint (step {checkpointer.steps()[-1] if checkpointer.steps() else 'none'}) is kept"
+                    )
                 elapsed = time.perf_counter() - window_start
-                values = {"loss": loss, "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": window_steps * cfg.train.batch_size * tokens_per_example / elapsed}
+                values = {
+                    "loss": loss,
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "tokens_per_s": window_steps * cfg.train.batch_size * tokens_per_example / elapsed,
+                }
                 if is_eval:
                     with sharding.activate(mesh, rules):
                         values.update(evaluate(eval_step, state.params, data, cfg, mesh, rows))
                 if data.skipped_records:
                     values["skipped_records"] = data.skipped_records
                 metrics_log.write(step, values)
-                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{values['tokens_per_s']:.0f}", **({"val_em": f"{values['val_exact_match']:.3f}"} if "val_exact_match" in values else {}))
+                progress.set_postfix(
+                    loss=f"{loss:.4f}",
+                    tok_s=f"{values['tokens_per_s']:.0f}",
+                    **({"val_em": f"{values['val_exact_match']:.3f}"} if "val_exact_match" in values else {}),
+                )
                 last = {"step": step, **values, **param_info}
                 window_start, window_steps = time.perf_counter(), 0
             if is_save:

@@ -7,7 +7,9 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 
-def next_token_loss(logits: Float[Array, "B T V"], input_ids: Int[Array, "B T"], loss_mask: Bool[Array, "B T"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
+def next_token_loss(
+    logits: Float[Array, "B T V"], input_ids: Int[Array, "B T"], loss_mask: Bool[Array, "B T"]
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """Mean cross-entropy of predicting token t+1 at text position t, over the
     positions whose target is marked in `loss_mask` (the answers).
 

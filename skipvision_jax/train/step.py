@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -24,7 +25,9 @@ class TrainState:
     trainable: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, trainable: tuple[str, ...], seed: int) -> TrainState:
+def init_train_state(
+    params, optimizer: optax.GradientTransformation, trainable: tuple[str, ...], seed: int
+) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -44,7 +47,9 @@ def _answer_token_count(batch: Batch) -> jax.Array:
     return jnp.maximum(batch["loss_mask"][:, 1:].sum(), 1).astype(jnp.float32)
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    model, optimizer: optax.GradientTransformation, grad_accum: int = 1
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer update per call. With `grad_accum` > 1 the batch is split
     into that many micro-batches whose gradients are summed in a `lax.scan`
     (activations of one micro-batch at a time); the loss is normalized by the
@@ -94,7 +99,13 @@ def make_eval_step(model, num_kinds: int = 0) -> Callable[[Any, Batch], dict]:
         correct = (predicted == targets) & mask
         exact = jnp.all(correct | ~mask, axis=1) & mask.any(axis=1)
         loss, count = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
-        sums = {"exact": exact.sum(), "correct_tokens": correct.sum(), "tokens": mask.sum(), "examples": mask.any(axis=1).sum(), "loss_sum": loss * count}
+        sums = {
+            "exact": exact.sum(),
+            "correct_tokens": correct.sum(),
+            "tokens": mask.sum(),
+            "examples": mask.any(axis=1).sum(),
+            "loss_sum": loss * count,
+        }
         if "kind" in batch:  # the embedded task's question kinds: exact matches per kind
             kinds = jax.nn.one_hot(batch["kind"], num_kinds) * mask.any(axis=1)[:, None]
             sums.update(exact_by_kind=(kinds * exact[:, None]).sum(0), examples_by_kind=kinds.sum(0))

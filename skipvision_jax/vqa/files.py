@@ -13,7 +13,7 @@ import json
 import math
 import os
 import uuid
-from typing import Iterable
+from collections.abc import Iterable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,9 @@ def read_questions(path: str) -> list[Question]:
         if not isinstance(qid, (int, str)) or isinstance(qid, bool):
             raise ValueError(f"question file: {path} line {number}: 'question_id' must be an integer or a string")
         if qid in seen:
-            raise ValueError(f"question file: {path} line {number} repeats question_id {qid!r} (first on line {seen[qid]})")
+            raise ValueError(
+                f"question file: {path} line {number} repeats question_id {qid!r} (first on line {seen[qid]})"
+            )
         seen[qid] = number
         questions.append(Question(qid, record["image"], record["text"], str(record.get("category", ""))))
     if not questions:
@@ -96,7 +98,9 @@ def answered_ids(path: str) -> set:
         try:
             ids.add(json.loads(line)["question_id"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"answers file: {path} line {number} is not an answer line; move the file aside to start over") from None
+            raise ValueError(
+                f"answers file: {path} line {number} is not an answer line; move the file aside to start over"
+            ) from None
     return ids
 
 

@@ -125,14 +125,25 @@ class Answerer:
 
     def check_budget(self) -> None:
         """An impossible policy/budget fails before any question is read."""
-        generator = Generator(self.loaded.model_cfg, self.policy_for(self.loaded.model_cfg, self.buckets[0]), self.settings.max_new_tokens)
+        generator = Generator(
+            self.loaded.model_cfg, self.policy_for(self.loaded.model_cfg, self.buckets[0]), self.settings.max_new_tokens
+        )
         generator.budget(self.buckets[0])
 
     def generator(self, model_cfg: ModelConfig, bucket: int, batch: dict) -> Generator:
         key = (model_cfg, bucket)
         if key not in self._generators:
             s, loaded = self.settings, self.loaded
-            generator = Generator(model_cfg, self.policy_for(model_cfg, bucket), s.max_new_tokens, Sampling(), loaded.stop_ids, loaded.pad_id, mesh=loaded.mesh, rules=loaded.rules)
+            generator = Generator(
+                model_cfg,
+                self.policy_for(model_cfg, bucket),
+                s.max_new_tokens,
+                Sampling(),
+                loaded.stop_ids,
+                loaded.pad_id,
+                mesh=loaded.mesh,
+                rules=loaded.rules,
+            )
             start = time.perf_counter()
             jax.block_until_ready(generator(loaded.params, batch, self.rng).tokens)
             self.warmup_s += time.perf_counter() - start
@@ -158,17 +169,29 @@ class Answerer:
             "decode_ms": 1000 * decode_s,
             "ms_per_answer": 1000 * (prefill_s + decode_s) / len(rows),
         }
-        return [answer_line(row.question, answer_text(loaded, tokens[i, :steps]), s.model_id, metadata) for i, row in enumerate(rows)]
+        return [
+            answer_line(row.question, answer_text(loaded, tokens[i, :steps]), s.model_id, metadata)
+            for i, row in enumerate(rows)
+        ]
 
 
 def answer_line(question: Question, text: str, model_id: str, metadata: dict, error: str | None = None) -> dict:
-    line = {"question_id": question.question_id, "prompt": question.text, "text": text, "answer_id": answer_id(model_id, question.question_id, metadata["policy"]), "model_id": model_id, "metadata": metadata}
+    line = {
+        "question_id": question.question_id,
+        "prompt": question.text,
+        "text": text,
+        "answer_id": answer_id(model_id, question.question_id, metadata["policy"]),
+        "model_id": model_id,
+        "metadata": metadata,
+    }
     if error is not None:
         line["error"] = error
     return line
 
 
-def evaluate_questions(loaded: LoadedModel, questions: list[Question], image_folder: str, answers_file: str, settings: EvalSettings) -> dict:
+def evaluate_questions(
+    loaded: LoadedModel, questions: list[Question], image_folder: str, answers_file: str, settings: EvalSettings
+) -> dict:
     """Answers every question of `questions` not yet in `answers_file`.
     Returns counts and timings: answered, errors, warmup_s (compiling, one
     untimed batch per program), answer_s (the wall time without it),
@@ -178,10 +201,21 @@ def evaluate_questions(loaded: LoadedModel, questions: list[Question], image_fol
     done = answered_ids(answers_file)
     pending = [q for q in questions if q.question_id not in done]
     encoded = grain.MapDataset.source(pending).map(QuestionEncoder(loaded, image_folder))
-    stream = encoded.to_iter_dataset(grain.ReadOptions(num_threads=settings.workers, prefetch_buffer_size=max(4 * settings.batch_size, settings.workers)))
+    stream = encoded.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=settings.workers, prefetch_buffer_size=max(4 * settings.batch_size, settings.workers)
+        )
+    )
     waiting: dict[tuple[ModelConfig, int], list[Encoded]] = {}
     counts = {"questions": len(questions), "resumed": len(questions) - len(pending), "answered": 0, "errors": 0}
-    progress = tqdm.tqdm(total=len(questions), initial=counts["resumed"], unit="q", desc=settings.policy.name, disable=not settings.progress, mininterval=1.0)
+    progress = tqdm.tqdm(
+        total=len(questions),
+        initial=counts["resumed"],
+        unit="q",
+        desc=settings.policy.name,
+        disable=not settings.progress,
+        mininterval=1.0,
+    )
     start = time.perf_counter()
     try:
         with AnswerWriter(answers_file) as writer:
@@ -193,7 +227,13 @@ def evaluate_questions(loaded: LoadedModel, questions: list[Question], image_fol
 
             for example in stream:
                 if example.error is not None:
-                    writer.write([answer_line(example.question, "", settings.model_id, {"policy": settings.policy.name}, example.error)])
+                    writer.write(
+                        [
+                            answer_line(
+                                example.question, "", settings.model_id, {"policy": settings.policy.name}, example.error
+                            )
+                        ]
+                    )
                     counts["errors"] += 1
                     progress.update(1)
                     continue
@@ -209,4 +249,9 @@ def evaluate_questions(loaded: LoadedModel, questions: list[Question], image_fol
     finally:
         progress.close()
     answer_s = max(time.perf_counter() - start - answerer.warmup_s, 1e-9)
-    return {**counts, "warmup_s": answerer.warmup_s, "answer_s": answer_s, "questions_per_s": counts["answered"] / answer_s}
+    return {
+        **counts,
+        "warmup_s": answerer.warmup_s,
+        "answer_s": answer_s,
+        "questions_per_s": counts["answered"] / answer_s,
+    }

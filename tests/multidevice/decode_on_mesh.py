@@ -24,17 +24,24 @@ def main() -> None:
     model = SkipVisionVLM(cfg)
     prompts = {k: v for k, v in tiny_batch(cfg, batch=4, num_text=7).items() if k != "loss_mask"}
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    init = lambda: model.init(jax.random.key(0), prompts["input_ids"][:1], prompts["text_mask"][:1], prompts["pixels"][:1])["params"]
+    init = lambda: model.init(
+        jax.random.key(0), prompts["input_ids"][:1], prompts["text_mask"][:1], prompts["pixels"][:1]
+    )["params"]
     plan = sharding.plan_init(init, mesh, sharding.DEFAULT_RULES)
     sharded_params = plan.create()
     params = jax.device_put(sharded_params, jax.devices()[0])
     result = {
         "param_bytes_per_device": sharding.per_device_bytes(sharded_params),
         "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)),
-        "param_shards": [[jax.tree_util.keystr(path), list(x.shape), list(x.addressable_shards[0].data.shape)] for path, x in jax.tree_util.tree_leaves_with_path(sharded_params)],
+        "param_shards": [
+            [jax.tree_util.keystr(path), list(x.shape), list(x.addressable_shards[0].data.shape)]
+            for path, x in jax.tree_util.tree_leaves_with_path(sharded_params)
+        ],
     }
     for name in POLICIES:
-        policy = KVPolicy(name, budget=None if name in ("full", "skip_vision") else 24, sink_tokens=2, recent_window=4, obs_window=3)
+        policy = KVPolicy(
+            name, budget=None if name in ("full", "skip_vision") else 24, sink_tokens=2, recent_window=4, obs_window=3
+        )
         alone = Generator(cfg, policy, MAX_NEW)(params, prompts)
         on_mesh = Generator(cfg, policy, MAX_NEW, mesh=mesh)(sharded_params, prompts)
         k = on_mesh.caches[0].k  # [B, KV, S, Dh]

@@ -1,0 +1,271 @@
+"""The quality-cost study of Skip-Vision on the detail task.
+
+    python bench/tradeoff.py [--runs runs/tradeoff] [--variants full,skip,...] [--steps 3000] [--questions 500]
+
+Trains each visual-token variant on the detail task (configs/detail.py, same
+seed and steps) unless its run is already in `--runs` (a rerun only
+re-evaluates; `--variants` runs some at a time), then measures for each:
+validation exact match and answer-token accuracy of greedy answers (eval.py's
+harness on the exported validation questions), forward FLOPs per example
+(the compiled prefill program, batch 1), answer latency (prefill + decode,
+batch 1 and 16) and training time. Then, on the skip model, every KV policy
+at 25 / 50 / 75% of the full cache: exact match, and agreement with `full`
+per answer token. Prints one JSON line and writes
+bench/results/<device>/tradeoff.json (figures: python bench/report.py).
+
+    variant       visual tokens in the decoder
+    full          all 45 (9 coarse + 36 fine) through every layer
+    merge         9 coarse + q1 + 36 fine merged to 12 + q2, no Skip-FFN
+    skip          the paper's layout: merge + Skip-FFN + summary tokens
+    skip_nomerge  36 fine unmerged, Skip-FFN + summaries
+    skip_topk     merge + Skip-FFN whose 9 FFN tokens a router picks
+    drop_fine     only the 9 coarse tokens (the fine ones never enter)
+    fastv         the full model, pruned after layer 2 to the 11 visual tokens
+                  its last prompt token attends to most (skip's 9 + 2 summaries)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from common import RESULTS, device_slug, write_result
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import detail  # noqa: E402
+from skipvision_jax.config import FastVConfig  # noqa: E402
+from skipvision_jax.data.detail import DetailVQA  # noqa: E402
+from skipvision_jax.data.synthetic import chance_accuracy, export_llava_eval  # noqa: E402
+from skipvision_jax.generate import Generator, Sampling  # noqa: E402
+from skipvision_jax.inference import LoadedModel, load_trained, with_model_config  # noqa: E402
+from skipvision_jax.kvcache import KVPolicy  # noqa: E402
+from skipvision_jax.nn import SkipVisionVLM  # noqa: E402
+from skipvision_jax.train.loop import train_and_evaluate  # noqa: E402
+from skipvision_jax.vqa import files, scoring  # noqa: E402
+from skipvision_jax.vqa.harness import Encoded, EvalSettings, collate, evaluate_questions  # noqa: E402
+
+MAX_NEW = 13  # the longest answer (12 tokens) and <eos>
+FASTV = FastVConfig(layer=2, keep=11)
+# variant -> (config overrides of configs/detail.py, the trained run it uses, KV policy of its own cache)
+VARIANTS = {
+    "full": (
+        {
+            "model.skip.enabled": False,
+            "model.layout.num_kept": 45,
+            "model.layout.merge_to": None,
+            "model.layout.summary_tokens": False,
+        },
+        "full",
+        "full",
+    ),
+    "merge": ({"model.skip.enabled": False}, "merge", "full"),
+    "skip": ({}, "skip", "skip_vision"),
+    "skip_nomerge": ({"model.layout.merge_to": None}, "skip_nomerge", "skip_vision"),
+    "skip_topk": ({"model.skip.partition": "topk"}, "skip_topk", "skip_vision"),
+    "drop_fine": (
+        {
+            "model.skip.enabled": False,
+            "model.layout.merge_to": None,
+            "model.layout.summary_tokens": False,
+            "model.layout.drop_fine": True,
+        },
+        "drop_fine",
+        "full",
+    ),
+    "fastv": (None, "full", "full"),  # the full run, decoded with FastV pruning (training-free)
+}
+
+
+def variant_config(name: str, steps: int):
+    cfg = detail.get_config()
+    cfg.train.steps = steps
+    cfg.train.eval_every = steps
+    cfg.train.checkpoint_every = steps
+    for key, value in (VARIANTS[name][0] or {}).items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return cfg
+
+
+def train(name: str, runs: str, steps: int) -> dict:
+    """Trains the variant's run unless it is done; returns {train_s, steps}."""
+    run = os.path.join(runs, VARIANTS[name][1])
+    record = os.path.join(run, "tradeoff_train.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            done = json.load(f)
+        if done["steps"] == steps:
+            return done
+    start = time.perf_counter()
+    train_and_evaluate(variant_config(VARIANTS[name][1], steps), run)
+    done = {"steps": steps, "train_s": time.perf_counter() - start}
+    with open(record, "w") as f:
+        json.dump(done, f)
+    return done
+
+
+def answer_token_accuracy(predicted: str, reference: str) -> float:
+    """Answer tokens (and the end) right at their place, over the longer of the two."""
+    p, r = predicted.split() + ["<eos>"], reference.split() + ["<eos>"]
+    return sum(a == b for a, b in zip(p, r)) / max(len(p), len(r))
+
+
+def evaluate(loaded: LoadedModel, exported: dict, policy: KVPolicy, answers_path: str) -> dict[str, str]:
+    settings = EvalSettings(policy, max_new_tokens=MAX_NEW, batch_size=16, progress=False)
+    evaluate_questions(loaded, files.read_questions(exported["questions"]), exported["images"], answers_path, settings)
+    return {a["question_id"]: a["text"] for a in files.read_answers(answers_path)}
+
+
+def quality(answers: dict, reference: dict) -> dict[str, float]:
+    ids = sorted(reference)
+    return {
+        "exact_match": float(
+            np.mean([scoring.normalize_answer(answers[i]) == scoring.normalize_answer(reference[i]) for i in ids])
+        ),
+        "token_accuracy": float(np.mean([answer_token_accuracy(answers[i], reference[i]) for i in ids])),
+    }
+
+
+def prefill_flops(loaded: LoadedModel, batch: dict) -> float:
+    model = SkipVisionVLM(loaded.model_cfg)
+    one = {k: v[:1] for k, v in batch.items()}
+    compiled = (
+        jax.jit(
+            lambda p, b: model.apply(
+                {"params": p}, b["input_ids"], b["text_mask"], b["pixels"], method=SkipVisionVLM.prefill
+            )
+        )
+        .lower(loaded.params, one)
+        .compile()
+    )
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def answer_latency_ms(loaded: LoadedModel, batch: dict, policy: KVPolicy, repeats: int = 5) -> float:
+    """Prefill + greedy decode of MAX_NEW tokens (no early stop), median over repeats."""
+    generator = Generator(loaded.model_cfg, policy, MAX_NEW, Sampling(), stop_ids=(), pad_id=loaded.pad_id)
+    rng = jax.random.key(0)
+    jax.block_until_ready(generator(loaded.params, batch, rng).tokens)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(generator(loaded.params, batch, rng).tokens)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def first_batch(loaded: LoadedModel, exported: dict) -> dict:
+    """The first 16 validation questions as one batch, padded to the longest."""
+    rows = []
+    for q in files.read_questions(exported["questions"])[:16]:
+        batch, model_cfg = loaded.make_batch(os.path.join(exported["images"], q.image), q.text)
+        rows.append(Encoded(q, batch["input_ids"][0], batch["pixels"][0], model_cfg))
+    return collate(rows, max(len(r.ids) for r in rows), 16, loaded.pad_id)
+
+
+def measure(name: str, runs: str, exported: dict, reference: dict, train_record: dict) -> dict:
+    loaded = load_trained(os.path.join(runs, VARIANTS[name][1]))
+    if name == "fastv":
+        loaded = with_model_config(loaded, lambda cfg: dataclasses.replace(cfg, fastv=FASTV))
+    batch16 = first_batch(loaded, exported)
+    policy = KVPolicy(VARIANTS[name][2])
+    answers = evaluate(loaded, exported, policy, os.path.join(runs, f"answers_{name}.jsonl"))
+    return {
+        **quality(answers, reference),
+        "forward_gflops": prefill_flops(loaded, batch16) / 1e9,
+        "latency_ms_batch1": answer_latency_ms(loaded, {k: v[:1] for k, v in batch16.items()}, policy),
+        "latency_ms_batch16": answer_latency_ms(loaded, batch16, policy),
+        "kv_slots": Generator(loaded.model_cfg, policy, MAX_NEW).budget(batch16["input_ids"].shape[1]),
+        "policy": policy.name,
+        **train_record,
+    }
+
+
+def kv_policies(runs: str, exported: dict, reference: dict, text_len: int) -> dict:
+    """Every policy on the skip model at fractions of the full cache."""
+    loaded = load_trained(os.path.join(runs, "skip"))
+    full_slots = Generator(loaded.model_cfg, KVPolicy("full"), MAX_NEW).budget(text_len)
+    base = KVPolicy("full", None, sink_tokens=2, recent_window=8, obs_window=4)
+    full = evaluate(loaded, exported, base, os.path.join(runs, "answers_skip_kv_full.jsonl"))
+    rows = {"full": {"kv_slots": full_slots, **quality(full, reference), "token_agreement_with_full": 1.0}}
+    skip_policy = dataclasses.replace(base, name="skip_vision")
+    answers = evaluate(loaded, exported, skip_policy, os.path.join(runs, "answers_skip_kv_skip_vision.jsonl"))
+    rows["skip_vision"] = {
+        "kv_slots": Generator(loaded.model_cfg, skip_policy, MAX_NEW).budget(text_len),
+        **quality(answers, reference),
+    }
+    rows["skip_vision"]["token_agreement_with_full"] = float(
+        np.mean([answer_token_accuracy(answers[i], full[i]) for i in full])
+    )
+    for fraction in (0.25, 0.5, 0.75):
+        budget = max(
+            int(round(fraction * full_slots)), base.sink_tokens + base.recent_window + 1, base.obs_window + MAX_NEW
+        )
+        for name in ("h2o", "snapkv", "streaming"):
+            policy = dataclasses.replace(base, name=name, budget=budget)
+            answers = evaluate(loaded, exported, policy, os.path.join(runs, f"answers_skip_kv_{name}_{fraction}.jsonl"))
+            row = {"kv_slots": budget, "fraction": fraction, **quality(answers, reference)}
+            row["token_agreement_with_full"] = float(
+                np.mean([answer_token_accuracy(answers[i], full[i]) for i in full])
+            )
+            rows[f"{name}@{fraction:g}"] = row
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--runs",
+        default=os.path.join(REPO, "runs", "tradeoff"),
+        help="where the variants' runs are kept (reused when done)",
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--questions", type=int, default=500, help="validation questions answered per variant")
+    parser.add_argument("--skip-kv", action="store_true", help="leave out the KV policy sweep")
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"error: --variants: unknown {unknown}, expected some of {list(VARIANTS)}")
+    cfg = detail.get_config()
+    exported = export_llava_eval(
+        os.path.join(args.runs, "val_export"), "val", args.questions, cfg.data.seed, task="detail"
+    )
+    reference = {q["question_id"]: q["answer"] for _, q in files.read_jsonl(exported["annotations"], "annotations")}
+    result_path = os.path.join(RESULTS, device_slug(), "tradeoff.json")
+    previous = json.load(open(result_path)) if os.path.exists(result_path) else {}
+    variants = previous.get("variants", {})
+    for name in names:
+        record = train(name, args.runs, args.steps)
+        variants[name] = measure(name, args.runs, exported, reference, record)
+        print(json.dumps({name: variants[name]}), flush=True)
+    chance = chance_accuracy(DetailVQA("val", args.questions, cfg.data.seed))
+    result = {
+        "task": "detail",
+        "steps": args.steps,
+        "questions": args.questions,
+        "chance_exact_match": chance,
+        "variants": variants,
+        "kv": previous.get("kv"),
+    }
+    if not args.skip_kv and "skip" in names:
+        result["kv"] = kv_policies(args.runs, exported, reference, cfg.data.text_len)
+    write_result("tradeoff", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The detail task (skipvision_jax/data/detail.py): small digits on a 6 x 6
+grid, "where is the red 7 ?" -> "row 3 column 5", "what is in row 3 ?" ->
+"blue 2 red 7". The answers need the fine tokens and run to several tokens.
+
+    python train.py --workdir runs/detail --config configs/detail.py
+
+Layout: 48 x 48 images, 8-pixel patches (6 x 6 = 36 fine tokens, one per
+cell) plus a 3 x 3 average-pooled grid (9 coarse tokens, each over 2 x 2
+cells) first; the 9 coarse tokens are kept, the 36 fine ones merged to 12
+and skip the FFN in every decoder layer. The variants of bench/tradeoff.py
+override `model.layout` / `model.skip` from here.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import default
+from skipvision_jax.data.detail import IMAGE_SIZE, DetailVQA
+
+
+def get_config() -> ConfigDict:
+    cfg = default.get_config()
+    cfg.model.vision.image_size = IMAGE_SIZE
+    cfg.model.vision.pooled_grids = (3,)
+    cfg.model.layout.num_kept = 9
+    cfg.model.layout.merge_to = 12
+    cfg.model.decoder.vocab_size = len(DetailVQA.tokenizer)
+    cfg.data.kind = "detail"
+    cfg.data.text_len = 20  # <bos> + the longest question (6) + the longest answer (12) + <eos>
+    cfg.train.steps = 3000
+    cfg.train.eval_every = 1000
+    cfg.train.checkpoint_every = 1000
+    return cfg
