@@ -12,8 +12,10 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.data.synthetic import SyntheticVQA
 from skipvision_jax.train.checkpoint import CheckpointError
 from skipvision_jax.train.loop import TrainingDiverged, train_and_evaluate
 from skipvision_jax.train.step import make_train_step
@@ -42,6 +44,34 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert int(state_a.step) == int(state_b.step) == 12 and data_a == data_b
     for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_scanned_layers_train_checkpoint_resume_and_decode(tmp_path):
+    """train.py with scan_layers=True: trains, checkpoints at step 3, resumes
+    to step 6 with the losses of an uninterrupted run, and infer.py decodes it."""
+    scanned = {"model.scan_layers": True, "train.checkpoint_every": 3, "train.eval_every": 6}
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_and_evaluate(tiny_train_config(**scanned, **{"train.steps": 6}), straight)
+    train = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={resumed}"]
+    for steps in (3, 6):
+        flags = override_flags(**scanned, **{"train.steps": steps})
+        proc = subprocess.run(train + flags, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [m["loss"] for m in read_metrics(resumed)] == [m["loss"] for m in read_metrics(straight)]
+    assert "layers_0_2" in restore_params(resumed, tiny_train_config(**scanned))[0].params["decoder"]  # stacked
+    image = tmp_path / "scene.png"
+    scene, _, _, _, rng = SyntheticVQA("val", 1).sample(0)
+    Image.fromarray((scene.render(rng) * 255).round().astype(np.uint8)).save(image)
+    infer = [sys.executable, os.path.join(REPO, "infer.py"), f"--checkpoint={resumed}", f"--image={image}"]
+    proc = subprocess.run(
+        infer + ["--prompt=How many objects are there?", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(json.loads(proc.stdout)["tokens"]) >= 1
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):

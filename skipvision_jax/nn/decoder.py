@@ -181,7 +181,8 @@ class DecoderStack(nn.Module):
         query_weights: Float[Array, "B L"] | None = None,
         fastv_query: Int[Array, " B"] | None = None,
     ) -> Float[Array, "B M D"]:
-        if self.scan_layers and self.is_mutable_collection("prefill"):
+        # `init` makes every collection mutable: only a real prefill is refused.
+        if self.scan_layers and self.is_mutable_collection("prefill") and not self.is_initializing():
             raise ValueError(
                 "model.scan_layers: decoding needs unrolled layers; load the params with scan_layers=False (see skipvision_jax.generate.unstack_layers)"
             )
