@@ -23,7 +23,9 @@ from skipvision_jax.config import (
 )
 from skipvision_jax.nn import SkipVisionVLM
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# bench/gpu.sh points this at $OUT on the device machine (and at a scratch
+# folder for its dry run), so that nothing but real results lands in bench/results.
+RESULTS = os.environ.get("BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Dense bf16 tensor-core peaks (no sparsity), for MFU. CPUs: unknown, MFU not reported.
 PEAK_BF16_FLOPS = {
@@ -36,8 +38,25 @@ PEAK_BF16_FLOPS = {
 }
 
 # LLaVA-1.5 geometry (336 px / 14 -> 24 x 24 = 576 visual tokens of CLIP ViT-L
-# width 1024) with the decoder scaled to fit a 2-core CPU: width 512, 8 layers.
-DECODER = DecoderConfig(vocab_size=32000, width=512, num_layers=8, num_heads=8, num_kv_heads=2, mlp_dim=1408)
+# width 1024) with a decoder sized for the machine, chosen by $BENCH_GEOMETRY:
+#   cpu  (default) width 512, 8 layers, 8 / 2 heads, float32: fits a 2-core CPU
+#   gpu  width 2048, 16 layers, 16 / 4 heads, FFN 5632, bf16 compute (fp32 master weights)
+#   toy  width 64, 2 layers: bench/gpu.sh --dry-run, the same steps in a minute on a CPU
+GEOMETRIES = {
+    "cpu": (
+        DecoderConfig(vocab_size=32000, width=512, num_layers=8, num_heads=8, num_kv_heads=2, mlp_dim=1408),
+        "float32",
+    ),
+    "gpu": (
+        DecoderConfig(vocab_size=32000, width=2048, num_layers=16, num_heads=16, num_kv_heads=4, mlp_dim=5632),
+        "bfloat16",
+    ),
+    "toy": (DecoderConfig(vocab_size=512, width=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128), "float32"),
+}
+GEOMETRY = os.environ.get("BENCH_GEOMETRY", "cpu")
+if GEOMETRY not in GEOMETRIES:
+    raise SystemExit(f"error: BENCH_GEOMETRY: unknown {GEOMETRY!r}, expected one of {tuple(GEOMETRIES)}")
+DECODER, DTYPE = GEOMETRIES[GEOMETRY]
 VISION_576 = VisionConfig(image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096)
 # The paper's multi-scale layout: 4 x 4 and 16 x 16 pooled grids ahead of the
 # 32 x 32 patch grid: 16 + 256 + 1024 = 1296 visual tokens, the 272 coarse kept.
@@ -46,12 +65,12 @@ VISION_1296 = VisionConfig(
 )
 
 
-def full_config(vision: VisionConfig) -> ModelConfig:
+def full_config(vision: VisionConfig, dtype: str = DTYPE) -> ModelConfig:
     """Every visual token through every FFN and into the cache (plain LLaVA)."""
-    return ModelConfig(vision, LayoutConfig.plain(vision.num_features), SkipConfig(enabled=False), DECODER)
+    return ModelConfig(vision, LayoutConfig.plain(vision.num_features), SkipConfig(enabled=False), DECODER, dtype=dtype)
 
 
-def skip_config(vision: VisionConfig, num_kept: int, merge_to: int | None, dtype: str = "float32") -> ModelConfig:
+def skip_config(vision: VisionConfig, num_kept: int, merge_to: int | None, dtype: str = DTYPE) -> ModelConfig:
     """Skip-Vision: kept tokens, summary tokens, the rest (merged to `merge_to`) skip every FFN."""
     return ModelConfig(
         vision,
@@ -75,6 +94,12 @@ def init_params(cfg: ModelConfig, inputs: dict) -> dict:
     return init(jax.random.key(0))
 
 
+def inference_params(params: dict) -> dict:
+    """Weights stored in the geometry's compute dtype, as one serves a model:
+    decoding then reads 2-byte weights under bf16, not fp32 masters."""
+    return jax.tree.map(lambda x: x.astype(DTYPE) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def device_slug() -> str:
     kind = jax.devices()[0].device_kind
     return "cpu" if jax.devices()[0].platform == "cpu" else re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
@@ -87,7 +112,12 @@ def peak_flops() -> float | None:
 
 def write_result(name: str, result: dict) -> str:
     """Prints the JSON line and writes it to bench/results/<device>/<name>.json."""
-    result = {"device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform, **result}
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "bench_geometry": GEOMETRY,
+        **result,
+    }
     folder = os.path.join(RESULTS, device_slug())
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.json")
@@ -114,6 +144,15 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 10) -> float:
     total = jax.jit(jnp.sum)
     ms = median_ms(lambda: total(x), repeats, warmup=2)
     return x.nbytes / (ms / 1000)
+
+
+def copy_bandwidth(gib: float = 1.0, repeats: int = 10) -> float:
+    """Bytes per second of a jitted device-to-device copy (read + write), the
+    HBM roof as accelerator vendors quote it."""
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 0)  # a new buffer: every byte read once and written once
+    ms = median_ms(lambda: copy(x), repeats, warmup=2)
+    return 2 * x.nbytes / (ms / 1000)
 
 
 def matmul_flops(size: int = 2048, repeats: int = 10) -> float:

@@ -33,7 +33,9 @@ from common import (
     VISION_576,
     VISION_1296,
     compiled_flops,
+    copy_bandwidth,
     full_config,
+    inference_params,
     init_params,
     matmul_flops,
     median_ms,
@@ -144,10 +146,17 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-large", type=int, default=16, help="batch of part 3")
+    parser.add_argument("--name", default="decode", help="result file name")
+    parser.add_argument("--gib", type=float, default=1.0, help="buffer of the bandwidth measurements")
     args = parser.parse_args()
-    roof = Roofs(read_bandwidth(), matmul_flops())
+    # The memory roof: the faster of a reduction (reads only) and a copy (read +
+    # write); on a GPU the copy is the figure HBM is quoted by.
+    read, copied = read_bandwidth(args.gib), copy_bandwidth(args.gib)
+    roof = Roofs(max(read, copied), matmul_flops())
     result = {
         "read_bandwidth_gb_s": roof.bandwidth / 1e9,
+        "reduction_bandwidth_gb_s": read / 1e9,
+        "copy_bandwidth_gb_s": copied / 1e9,
         "matmul_gflops": roof.flops / 1e9,
         "new_tokens": args.new_tokens,
         "prompt_text_tokens": PROMPT_TEXT,
@@ -156,7 +165,7 @@ def main():
     # 1. 576 tokens, batch 1
     full_cfg, skip_cfg = full_config(VISION_576), skip_config(VISION_576, 100, 156)
     inputs = make_inputs(full_cfg, 1)
-    full_params, skip_params = init_params(full_cfg, inputs), init_params(skip_cfg, inputs)
+    full_params, skip_params = (inference_params(init_params(cfg, inputs)) for cfg in (full_cfg, skip_cfg))
     full_path = measure(full_cfg, full_params, inputs, KVPolicy("full"), args.new_tokens, args.repeats, roof)
     full_slots = Generator(skip_cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT)
     policies = [
@@ -193,7 +202,7 @@ def main():
     # 3. 1296 tokens, large batch: per-token decode of every policy
     cfg = configs_1296["skip"]
     inputs = make_inputs(cfg, args.batch_large)
-    params = init_params(cfg, inputs)
+    params = inference_params(init_params(cfg, inputs))
     full_slots = Generator(cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT)
     budget = full_slots // 2
     rows = [
@@ -216,7 +225,7 @@ def main():
         - by_name["skip_vision"]["decode_ms_per_token"] / by_name["full"]["decode_ms_per_token"],
         "worst_measured_over_roofline": max(row["measured_over_roofline"] for row in rows),
     }
-    write_result("decode", result)
+    write_result(args.name, result)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from common import (
     DECODER,
+    DTYPE,
     VISION_576,
     compiled_flops,
     full_config,
@@ -127,7 +128,9 @@ def main():
         default=4,
         help="examples per step (batch 1 under-fills the CPU matmuls of the short retained slice)",
     )
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--dtype", default=DTYPE, choices=("float32", "bfloat16"), help="compute dtype (default: the geometry's)"
+    )
     parser.add_argument("--name", default="skip_ffn", help="result file name")
     args = parser.parse_args()
     peak = peak_flops() if args.dtype == "bfloat16" else None

@@ -35,10 +35,12 @@ import numpy as np
 
 PROMPT_TEXT = 32  # text tokens around the image
 IMAGE_OFFSET = 5
+HF_RUNNERS = ("hf_eager", "hf_static", "hf_compile")
 
 
 def build_checkpoint(directory: str) -> None:
     import torch
+    from common import DECODER
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -47,12 +49,12 @@ def build_checkpoint(directory: str) -> None:
     )
 
     text = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        vocab_size=DECODER.vocab_size,
+        hidden_size=DECODER.width,
+        intermediate_size=DECODER.mlp_dim,
+        num_hidden_layers=DECODER.num_layers,
+        num_attention_heads=DECODER.num_heads,
+        num_key_value_heads=DECODER.num_kv_heads,
         max_position_embeddings=2048,
         bos_token_id=1,
         eos_token_id=2,
@@ -65,16 +67,18 @@ def build_checkpoint(directory: str) -> None:
         image_size=336,
         patch_size=14,
     )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=31999, vision_feature_layer=-2)
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=DECODER.vocab_size - 1, vision_feature_layer=-2
+    )
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
 
 
-def prompt(image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt(image_tokens: int, image_token: int) -> tuple[np.ndarray, np.ndarray]:
     """HF input ids (the image token run at IMAGE_OFFSET) and CLIP-normalized pixels [1, 3, 336, 336]."""
     rng = np.random.default_rng(0)
-    text = rng.integers(3, 31000, PROMPT_TEXT)
-    ids = np.concatenate([text[:IMAGE_OFFSET], np.full(image_tokens, 31999), text[IMAGE_OFFSET:]])[None]
+    text = rng.integers(3, image_token, PROMPT_TEXT)
+    ids = np.concatenate([text[:IMAGE_OFFSET], np.full(image_tokens, image_token), text[IMAGE_OFFSET:]])[None]
     return ids.astype(np.int64), rng.standard_normal((1, 3, 336, 336)).astype(np.float32)
 
 
@@ -92,15 +96,15 @@ def timed(fn, repeats: int) -> float:
     return 1000 * float(np.median(times))
 
 
-def worker_ours(directory: str, new_tokens: int, repeats: int) -> dict:
+def worker_ours(directory: str, new_tokens: int, repeats: int, dtype: str) -> dict:
     import jax
 
     from skipvision_jax.generate import Generator
     from skipvision_jax.interop import hf_model
     from skipvision_jax.kvcache import KVPolicy
 
-    hf = hf_model.load(directory)
-    ids, pixels = prompt(hf.model_cfg.vision.num_features)
+    hf = hf_model.load(directory, dtype=dtype)
+    ids, pixels = prompt(hf.model_cfg.vision.num_features, hf.image_token_id)
     batch, cfg = hf_model.from_hf_inputs(hf, ids[0], pixels)
     rng = jax.random.key(0)
     one = Generator(cfg, KVPolicy("full"), 1)
@@ -120,18 +124,28 @@ def worker_ours(directory: str, new_tokens: int, repeats: int) -> dict:
     }
 
 
-def worker_hf(directory: str, new_tokens: int, repeats: int, cache: str | None) -> dict:
+def worker_hf(directory: str, new_tokens: int, repeats: int, kind: str, dtype_name: str) -> dict:
+    """hf_eager: dynamic cache; hf_static: static cache; hf_compile: static
+    cache with the forward under torch.compile (transformers' recipe)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
-    ids, pixels = prompt(model.config.vision_config.image_size**2 // model.config.vision_config.patch_size**2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(device).eval()
+    if kind == "hf_compile":
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    ids, pixels = prompt(
+        model.config.vision_config.image_size**2 // model.config.vision_config.patch_size**2,
+        model.config.image_token_index,
+    )
     inputs = {
-        "input_ids": torch.from_numpy(ids),
-        "attention_mask": torch.ones(ids.shape, dtype=torch.long),
-        "pixel_values": torch.from_numpy(pixels),
+        "input_ids": torch.from_numpy(ids).to(device),
+        "attention_mask": torch.ones(ids.shape, dtype=torch.long, device=device),
+        "pixel_values": torch.from_numpy(pixels).to(device, dtype),
     }
-    extra = {"cache_implementation": cache} if cache else {}
+    extra = {"cache_implementation": "static"} if kind != "hf_eager" else {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def generate(n):
         with torch.inference_mode():
@@ -147,9 +161,9 @@ def worker_hf(directory: str, new_tokens: int, repeats: int, cache: str | None) 
 
     with torch.inference_mode():
         # logits of the last position only, as generate's own prefill computes
-        prefill_ms = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats)
-    t1 = timed(lambda: generate(1), repeats)
-    tn = timed(lambda: generate(new_tokens), repeats)
+        prefill_ms = timed(lambda: (model(**inputs, use_cache=True, logits_to_keep=1), sync()), repeats)
+    t1 = timed(lambda: (generate(1), sync()), repeats)
+    tn = timed(lambda: (generate(new_tokens), sync()), repeats)
     tokens = generate(new_tokens)[0, ids.shape[1] :].tolist()
     return {
         "prefill_ms": prefill_ms,
@@ -161,7 +175,7 @@ def worker_hf(directory: str, new_tokens: int, repeats: int, cache: str | None) 
     }
 
 
-def run_worker(kind: str, directory: str, args) -> dict:
+def run_worker(kind: str, directory: str, args, dtype: str) -> dict:
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -173,6 +187,8 @@ def run_worker(kind: str, directory: str, args) -> dict:
         str(args.new_tokens),
         "--repeats",
         str(args.repeats),
+        "--dtype",
+        dtype,
     ]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -184,39 +200,39 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=("ours", "hf_eager", "hf_static"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", *HF_RUNNERS), help=argparse.SUPPRESS)
+    parser.add_argument("--runners", default="ours,hf_eager,hf_static", help=f"ours and some of {HF_RUNNERS}")
     parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "ours":
-        print(json.dumps(worker_ours(args.dir, args.new_tokens, args.repeats)))
+        print(json.dumps(worker_ours(args.dir, args.new_tokens, args.repeats, args.dtype)))
         return
     if args.worker:
-        print(
-            json.dumps(
-                worker_hf(args.dir, args.new_tokens, args.repeats, "static" if args.worker == "hf_static" else None)
-            )
-        )
+        print(json.dumps(worker_hf(args.dir, args.new_tokens, args.repeats, args.worker, args.dtype)))
         return
 
-    from common import write_result
+    from common import DECODER, DTYPE, write_result
 
+    runners = args.runners.split(",")
     with tempfile.TemporaryDirectory() as directory:
         build_checkpoint(directory)
-        rows = {kind: run_worker(kind, directory, args) for kind in ("ours", "hf_eager", "hf_static")}
+        rows = {kind: run_worker(kind, directory, args, DTYPE) for kind in runners}
     ours = rows["ours"]
+    d = DECODER
     result = {
         "geometry": {
             "image_tokens": 576,
             "text_tokens": PROMPT_TEXT,
             "new_tokens": args.new_tokens,
             "batch": 1,
-            "dtype": "float32",
-            "decoder": "width 512, 8 layers, 8/2 heads, mlp 1408, vocab 32000",
+            "dtype": DTYPE,
+            "decoder": f"width {d.width}, {d.num_layers} layers, {d.num_heads}/{d.num_kv_heads} heads, mlp {d.mlp_dim}, vocab {d.vocab_size}",
             "tower": "CLIP 336/14, 2 layers, width 256",
         },
         **rows,
     }
-    for kind in ("hf_eager", "hf_static"):
+    for kind in runners[1:]:
         row = rows[kind]
         if "error" in row:
             continue

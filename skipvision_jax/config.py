@@ -211,6 +211,10 @@ class DecoderConfig:
     head_dim: int | None = None
     mlp_dim: int = 128
     rope_theta: float = 10000.0
+    # Llama 3.1's RoPE frequency scaling (transformers' rope_type "llama3"):
+    # (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings);
+    # None: plain RoPE.
+    rope_llama3_scaling: tuple[float, float, float, int] | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
 
@@ -230,6 +234,14 @@ class DecoderConfig:
             f"{self.num_kv_heads} does not divide num_heads {self.num_heads}",
         )
         _require(self.rope_theta > 0, "decoder.rope_theta", f"must be > 0, got {self.rope_theta}")
+        if self.rope_llama3_scaling is not None:
+            object.__setattr__(self, "rope_llama3_scaling", tuple(self.rope_llama3_scaling))
+            factor, low, high, original = self.rope_llama3_scaling if len(self.rope_llama3_scaling) == 4 else (0,) * 4
+            _require(
+                factor >= 1 and 0 < low < high and original > 0,
+                "decoder.rope_llama3_scaling",
+                f"expected (factor >= 1, low_freq_factor, high_freq_factor > low_freq_factor > 0, original_max_position_embeddings > 0), got {self.rope_llama3_scaling!r}",
+            )
 
     @property
     def resolved_head_dim(self) -> int:

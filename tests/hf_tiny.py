@@ -38,6 +38,35 @@ VARIANTS = {
         ),
         llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False),
     ),
+    # Llama 3.1's RoPE: with a 64-token original context the 12-dim heads have
+    # wavelengths in all three bands (kept, interpolated, stretched).
+    "gqa_llama3": dict(
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+            hidden_act="quick_gelu",
+        ),
+        text=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        llava=dict(vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False),
+    ),
     "mha_odd": dict(
         vision=dict(
             hidden_size=36,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -165,6 +166,28 @@ def _edit_config(directory, edit):
     json.dump(config, open(path, "w"))
 
 
+def test_llama3_rope_scaling_matches_transformers(tmp_path, image_path):
+    """A Llama 3.1-style text model (rope_type llama3): logits and 16 greedy
+    tokens as transformers computes them, and the scaling survives export."""
+    torch_model = make_hf_llava(str(tmp_path / "llama3"), "gqa_llama3")
+    hf = hf_model.load(str(tmp_path / "llama3"))
+    assert hf.model_cfg.decoder.rope_llama3_scaling == (8.0, 1.0, 4.0, 64)
+    batch, cfg = hf_model.encode(hf, Image.open(image_path), QUESTION)
+    inputs = torch_inputs(hf, image_path)
+    expected = torch_text_logits(torch_model, inputs, hf.image_token_id)
+    assert np.abs(our_logits(hf.params, cfg, batch) - expected).max() <= 1e-4
+    plain = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, rope_llama3_scaling=None))
+    assert np.abs(our_logits(hf.params, plain, batch) - expected).max() > 1e-3  # the scaling matters here
+    with torch.no_grad():
+        generated = torch_model.generate(**inputs, max_new_tokens=16, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ].numpy()
+    state = Generator(cfg, KVPolicy("full"), 16, stop_ids=hf_model.stop_ids(hf), pad_id=3)(hf.params, batch)
+    np.testing.assert_array_equal(np.asarray(state.tokens[0])[: len(generated)], generated)
+    exported = hf_llava.hf_config_from_model(hf.model_cfg, hf.image_token_id, hf.hf_config)
+    assert hf_llava.model_config_from_hf(exported).decoder.rope_llama3_scaling == (8.0, 1.0, 4.0, 64)
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -173,7 +196,7 @@ def _edit_config(directory, edit):
             "wrong_shape",
             r"tensor language_model.model.layers.0.mlp.gate_proj.weight of shape \[.*\] does not fit decoder/layer_0/mlp/gate/kernel",
         ),
-        ("rope_scaling", r"text_config.rope_scaling: rope type 'llama3' is not supported"),
+        ("rope_scaling", r"text_config.rope_scaling: rope type 'yarn' is not supported"),
         ("feature_layers", r"vision_feature_layer: \[-2, -1\] is not supported"),
         ("mistral", r"text_config.model_type: 'mistral' is not supported"),
         ("no_weights", r"no model.safetensors or model.safetensors.index.json"),
@@ -199,9 +222,7 @@ def test_malformed_directories_fail_with_a_clear_error(gqa_dir, tmp_path, damage
     elif damage == "rope_scaling":
         _edit_config(
             broken,
-            lambda c: c["text_config"].update(
-                rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}
-            ),
+            lambda c: c["text_config"].update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0}),
         )
     elif damage == "feature_layers":
         _edit_config(broken, lambda c: c.update(vision_feature_layer=[-2, -1]))

@@ -40,14 +40,28 @@ class HFCheckpointError(ValueError):
 # ---------------------------------------------------------------- config
 
 
-def _rope_theta(text: dict) -> float:
-    """RoPE base from either config style (v4 `rope_theta` + `rope_scaling`, v5 `rope_parameters`)."""
-    params = text.get("rope_parameters") or {}
-    scaling = text.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise HFCheckpointError(f"text_config.rope_scaling: rope type {rope_type!r} is not supported (only plain RoPE)")
-    return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
+def _rope(text: dict) -> tuple[float, tuple[float, float, float, int] | None]:
+    """RoPE base and Llama 3.1 scaling from either config style (v4
+    `rope_theta` + `rope_scaling`, v5 `rope_parameters`)."""
+    params = {**(text.get("rope_scaling") or {}), **(text.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if k not in params]
+        if missing:
+            raise HFCheckpointError(f"text_config.rope_scaling: llama3 scaling lacks {missing}")
+        return theta, (
+            float(params["factor"]),
+            float(params["low_freq_factor"]),
+            float(params["high_freq_factor"]),
+            int(params["original_max_position_embeddings"]),
+        )
+    raise HFCheckpointError(
+        f"text_config.rope_scaling: rope type {rope_type!r} is not supported (plain and llama3 RoPE are)"
+    )
 
 
 def _expect(config: dict, key: str, allowed: tuple, where: str, default: Any = None) -> Any:
@@ -91,6 +105,7 @@ def model_config_from_hf(
         select_layer=feature_layer,
         select_strategy="patch" if strategy == "default" else "full",
     )
+    rope_theta, rope_scaling = _rope(text)
     decoder_cfg = DecoderConfig(
         vocab_size=text["vocab_size"],
         width=width,
@@ -99,7 +114,8 @@ def model_config_from_hf(
         num_kv_heads=text.get("num_key_value_heads") or heads,
         head_dim=text.get("head_dim") or width // heads,
         mlp_dim=text["intermediate_size"],
-        rope_theta=_rope_theta(text),
+        rope_theta=rope_theta,
+        rope_llama3_scaling=rope_scaling,
         norm_eps=text.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
     )
@@ -149,8 +165,19 @@ def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | Non
         tie_word_embeddings=d.tie_embeddings,
     )
     text.pop("rope_scaling", None)
-    if "rope_parameters" in text or "rope_theta" not in text:
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": d.rope_theta}
+    rope = {"rope_type": "default", "rope_theta": d.rope_theta}
+    if d.rope_llama3_scaling is not None:
+        factor, low, high, original = d.rope_llama3_scaling
+        rope.update(
+            rope_type="llama3",
+            factor=factor,
+            low_freq_factor=low,
+            high_freq_factor=high,
+            original_max_position_embeddings=original,
+        )
+    if "rope_parameters" in text or "rope_theta" not in text or d.rope_llama3_scaling is not None:
+        text.pop("rope_theta", None)
+        text["rope_parameters"] = rope
     else:
         text["rope_theta"] = d.rope_theta
     hf.update(

@@ -71,6 +71,7 @@ class Attention(nn.Module):
     num_kv_heads: int
     head_dim: int
     rope_theta: float | None = None  # None: no rotary embedding (the ViT)
+    rope_llama3_scaling: tuple[float, float, float, int] | None = None
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
 
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         """q [B, L, H, Dh], k and v [B, L, KV, Dh], rotary positions applied to q and k."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.rope_theta is not None:
-            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_llama3_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return constrain(q, HEADS_ACTIVATION), constrain(k, KV_ACTIVATION), constrain(v, KV_ACTIVATION)
 

@@ -45,6 +45,7 @@ class DecoderBlock(nn.Module):
             cfg.num_kv_heads,
             cfg.resolved_head_dim,
             cfg.rope_theta,
+            cfg.rope_llama3_scaling,
             use_bias=False,
             dtype=self.dtype,
         )

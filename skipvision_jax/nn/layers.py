@@ -81,11 +81,29 @@ class SwiGLU(nn.Module):
         return dense(x.shape[-1], "mlp", ("embed",), use_bias=False, dtype=self.dtype, name="down")(nn.silu(gate) * up)
 
 
+def llama3_inv_freq(inv_freq: Float[Array, " F"], scaling: tuple[float, float, float, int]) -> Float[Array, " F"]:
+    """Llama 3.1's frequency scaling: wavelengths longer than the original
+    context / low_freq_factor are stretched by `factor`, those shorter than
+    original / high_freq_factor kept, the ones between interpolated smoothly."""
+    factor, low_freq_factor, high_freq_factor, original = scaling
+    wavelength = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelength > original / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high_freq_factor) & (wavelength <= original / low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
+
+
 def rope_tables(
-    positions: Int[Array, "B L"], head_dim: int, theta: float
+    positions: Int[Array, "B L"],
+    head_dim: int,
+    theta: float,
+    llama3_scaling: tuple[float, float, float, int] | None = None,
 ) -> tuple[Float[Array, "B L 1 Dh"], Float[Array, "B L 1 Dh"]]:
     """cos/sin for rotary embeddings, Hugging Face Llama convention (halves, not interleaved)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if llama3_scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, llama3_scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)
