@@ -52,8 +52,10 @@ class VisionConfig:
     # 16 + 256 + 1024 layout: pooled_grids=(4, 16) over 32 x 32 patches).
     pooled_grids: tuple[int, ...] = ()
     # Initial position embedding: "sincos2d" (a 2-D sine-cosine table, as MAE
-    # and big_vision start from; trained from scratch, the "normal" start of
-    # std 0.02 left position unreadable) or "normal". Imported towers overwrite it.
+    # and big_vision start from) or "normal" (std 0.02). Trained from scratch on
+    # the embedded task, a linear probe reads an object token's column from the
+    # tower output at 100% with the table, 94% from the normal start. Imported
+    # towers overwrite it.
     pos_embed_init: str = "sincos2d"
 
     def __post_init__(self):

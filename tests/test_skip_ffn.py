@@ -195,3 +195,19 @@ def test_positional_partition_is_the_skipped_segment():
     assert gathered.shape[1] == LAYOUT.num_retained
     assert not set(np.asarray(gathered[0, :, 0]).astype(int)) & set(range(LAYOUT.skipped_start, LAYOUT.skipped_end))
     np.testing.assert_array_equal(part.scatter(h, gathered), h)
+
+
+def test_vision_position_table_starts_as_a_2d_sine_cosine_grid():
+    """sincos2d: the class token's row is zero and every patch's row is
+    distinct; a cell's row and column occupy separate halves of the width."""
+    cfg = tiny_config()
+    _, params = init_params(cfg)
+    table = np.asarray(params["vision"]["pos_embed"])
+    grid = cfg.vision.patch_grid
+    assert not table[0].any() and len({row.tobytes() for row in table[1:]}) == grid * grid
+    cells = table[1:].reshape(grid, grid, -1)
+    half = table.shape[1] // 2
+    np.testing.assert_array_equal(cells[:, 0, :half], cells[:, 1, :half])  # the first half: the row only
+    np.testing.assert_array_equal(cells[0, :, half:], cells[1, :, half:])  # the second: the column only
+    _, normal = init_params(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pos_embed_init="normal")))
+    assert 0.01 < np.asarray(normal["vision"]["pos_embed"]).std() < 0.03
