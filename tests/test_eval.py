@@ -186,8 +186,10 @@ def test_compilations_are_bounded_by_the_length_buckets(workdir, exported, tmp_p
         )
         assert summary["answered"] == size
         counts.append(compile_counter.count - before)
+    # One prefill and one decode program per bucket used, plus at most two
+    # one-time programs of the process (the rng key); 4x the questions, no more.
     buckets_used = 2
-    assert counts[1] == counts[0] and counts[1] <= 2 * buckets_used + 2, counts
+    assert counts[0] <= 2 * buckets_used + 2 and counts[1] <= min(counts[0], 2 * buckets_used), counts
 
 
 def test_killed_mid_file_the_rerun_answers_every_question_exactly_once(workdir, tmp_path):
