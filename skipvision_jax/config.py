@@ -16,6 +16,7 @@ PARTITION_KINDS = ("positional", "topk")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SELECT_STRATEGIES = ("patch", "full")
 POS_EMBED_INITS = ("sincos2d", "normal")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -259,9 +260,18 @@ class ModelConfig:
     fastv: FastVConfig = dataclasses.field(default_factory=FastVConfig)
     dtype: str = "float32"
     remat: bool = False
+    # What the rematerialized decoder blocks keep for the backward pass: a
+    # `jax.checkpoint_policies` name ("nothing_saveable" recomputes the whole
+    # block; "dots_with_no_batch_dims_saveable" keeps the weight products).
+    remat_policy: str = "nothing_saveable"
     scan_layers: bool = False
 
     def __post_init__(self):
+        _require(
+            self.remat_policy in REMAT_POLICIES,
+            "remat_policy",
+            f"unknown {self.remat_policy!r}, expected one of {REMAT_POLICIES}",
+        )
         num_visual = self.vision.num_features
         _require(
             self.layout.num_kept <= num_visual,

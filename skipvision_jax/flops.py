@@ -7,7 +7,7 @@ and element-wise work are a few percent at realistic widths.
 
 from __future__ import annotations
 
-from skipvision_jax.config import ModelConfig
+from skipvision_jax.config import ModelConfig, VisionConfig
 from skipvision_jax.nn.token_merge import merge_schedule
 from skipvision_jax.partition import SequenceLayout
 
@@ -46,3 +46,16 @@ def train_step_flops(cfg: ModelConfig, num_text: int, batch: int, vision_width: 
     parts = forward_flops(cfg, num_text, batch, vision_width)
     first_projector = batch * 2 * cfg.vision.num_features * (vision_width or cfg.vision.width) * cfg.decoder.width
     return 3 * sum(parts.values()) - first_projector - 2 * parts["merge"]
+
+
+def vision_forward_flops(vision: VisionConfig) -> float:
+    """Forward FLOPs of the tower for one image: patch embedding and the
+    encoder layers it runs (the class token included)."""
+    tokens = vision.num_patches + 1
+    patch_embed = 2 * vision.num_patches * vision.patch_size**2 * vision.num_channels * vision.width
+    per_layer = (
+        2 * tokens * 4 * vision.width**2
+        + 2 * 2 * tokens**2 * vision.width
+        + 2 * 2 * tokens * vision.width * vision.mlp_dim
+    )
+    return patch_embed + vision.layers_used * per_layer

@@ -211,3 +211,15 @@ def test_vision_position_table_starts_as_a_2d_sine_cosine_grid():
     np.testing.assert_array_equal(cells[0, :, half:], cells[1, :, half:])  # the second: the column only
     _, normal = init_params(dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pos_embed_init="normal")))
     assert 0.01 < np.asarray(normal["vision"]["pos_embed"]).std() < 0.03
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_leave_the_gradients_unchanged(policy):
+    """Rematerialization trades memory for recomputation, never the result."""
+    cfg = tiny_config()
+    batch = tiny_batch(cfg)
+    model, params = init_params(cfg)
+    rematted = SkipVisionVLM(dataclasses.replace(cfg, remat=True, remat_policy=policy))
+    grad = lambda m: jax.jit(jax.grad(lambda p: (logits_of(m, p, batch) ** 2).mean()))(params)
+    for x, y in zip(jax.tree.leaves(grad(rematted)), jax.tree.leaves(grad(model))):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -118,6 +118,15 @@ class DecoderBlock(nn.Module):
         return h + self.ffn(h), cache
 
 
+def remat_block(policy: str | None, scanned: bool) -> type[DecoderBlock]:
+    """DecoderBlock, rematerialized under the named policy when one is given.
+    Inside a scan the loop already keeps XLA from merging the recomputation
+    into the forward pass, so CSE prevention is off there (flax's advice)."""
+    if policy is None:
+        return DecoderBlock
+    return nn.remat(DecoderBlock, prevent_cse=not scanned, policy=getattr(jax.checkpoint_policies, policy))
+
+
 class _ScanStep(nn.Module):
     """Adapts DecoderBlock to nn.scan's (carry, *broadcast) -> (carry, out) form."""
 
@@ -125,11 +134,11 @@ class _ScanStep(nn.Module):
     layout: SequenceLayout | None
     partition_kind: str
     dtype: jnp.dtype
-    remat: bool
+    remat: str | None
 
     @nn.compact
     def __call__(self, h, positions, mask):
-        block_cls = nn.remat(DecoderBlock, prevent_cse=False) if self.remat else DecoderBlock
+        block_cls = remat_block(self.remat, scanned=True)
         return constrain(
             block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")(h, positions, mask),
             HIDDEN_ACTIVATION,
@@ -163,7 +172,7 @@ class DecoderStack(nn.Module):
     skip_layers: range
     partition_kind: str = "positional"
     dtype: jnp.dtype = jnp.float32
-    remat: bool = False
+    remat: str | None = None  # a jax.checkpoint_policies name: rematerialize each block under it
     scan_layers: bool = False
     fastv: FastVConfig = FastVConfig()
 
@@ -202,7 +211,7 @@ class DecoderStack(nn.Module):
                     self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=f"layers_{start}_{end}"
                 )(h, positions, mask)
                 continue
-            block_cls = nn.remat(DecoderBlock) if self.remat else DecoderBlock
+            block_cls = remat_block(self.remat, scanned=False)
             for i in range(start, end):
                 block = block_cls(self.cfg, layout, self.partition_kind, self.dtype, name=f"layer_{i}")
                 prune_after = fastv_query is not None and self.fastv.enabled and i == self.fastv.layer - 1

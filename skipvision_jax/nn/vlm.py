@@ -46,7 +46,7 @@ class SkipVisionVLM(nn.Module):
             cfg.skip_layers,
             cfg.skip.partition,
             dtype,
-            remat=cfg.remat,
+            remat=cfg.remat_policy if cfg.remat else None,
             scan_layers=cfg.scan_layers,
             fastv=cfg.fastv,
         )

@@ -100,7 +100,7 @@ def base_model_config(cfg) -> ModelConfig:
         hf_llava.read_config(cfg.init_from_hf), layout=ours.layout, skip=ours.skip, dtype=ours.dtype
     )
     vision = dataclasses.replace(imported.vision, pooled_grids=ours.vision.pooled_grids)
-    return dataclasses.replace(imported, vision=vision, remat=ours.remat)
+    return dataclasses.replace(imported, vision=vision, remat=ours.remat, remat_policy=ours.remat_policy)
 
 
 def model_image_size(cfg) -> int:

@@ -1,0 +1,31 @@
+"""The paper's Skip-Vision configuration: CLIP ViT-L/14 at 448 px with the
+multi-scale layout (4 x 4 and 16 x 16 pooled grids ahead of the 32 x 32 patch
+grid: 16 + 256 + 1024 = 1296 visual tokens, the 272 coarse ones kept, the
+1024 fine ones merged to 256) and LLaMA3-8B (4096 wide, 32 layers, 32 heads /
+8 KV heads, MLP 14336, vocab 128256, RoPE theta 500000). bf16 compute over
+fp32 master weights and optimizer state, scanned layers, remat; stage 2.
+
+    python bench/scale.py --config configs/skipvision_llama3_8b.py --devices 8 --mesh 1,8,1
+"""
+
+from ml_collections import ConfigDict
+
+from configs import llava15_7b
+
+
+def get_config() -> ConfigDict:
+    cfg = llava15_7b.get_config()
+    cfg.model.vision.update({"image_size": 448, "pooled_grids": (4, 16)})
+    cfg.model.layout.update({"image_offset": 35, "num_kept": 272, "merge_to": 256, "summary_tokens": True})
+    cfg.model.decoder.update(
+        {
+            "vocab_size": 128256,
+            "width": 4096,
+            "num_layers": 32,
+            "num_heads": 32,
+            "num_kv_heads": 8,
+            "mlp_dim": 14336,
+            "rope_theta": 500000.0,
+        }
+    )
+    return cfg
