@@ -20,10 +20,10 @@ import dataclasses
 
 import numpy as np
 
-from skipvision_jax.data.synthetic import COLOURS, GeneratedVQA
+from skipvision_jax.data.synthetic import CELL, COLOURS, GeneratedVQA, render_grid
 from skipvision_jax.data.tokenizer import WordTokenizer
 
-GRID, CELL = 6, 8
+GRID = 6  # cells of synthetic.CELL pixels
 IMAGE_SIZE = GRID * CELL
 KINDS = ("where", "row")
 DIGITS = tuple(str(d) for d in range(10))
@@ -62,11 +62,9 @@ class GlyphScene:
 
     def render(self, rng: np.random.Generator) -> np.ndarray:
         """[48, 48, 3] float in [0, 1] on the 8-bit grid: dark noisy background, flat-coloured digits."""
-        image = rng.uniform(0.0, 0.15, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-        for colour, digit, row, col in self.glyphs:
-            cell = image[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
-            cell[MASKS[digit]] = COLOURS[colour]
-        return np.round(image * 255) / 255
+        return render_grid(
+            ((colour, MASKS[digit], row, col) for colour, digit, row, col in self.glyphs), IMAGE_SIZE, rng
+        )
 
 
 def sample_glyph_scene(rng: np.random.Generator) -> GlyphScene:

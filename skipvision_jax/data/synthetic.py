@@ -62,15 +62,23 @@ class Scene:
     objects: tuple[tuple[str, str, int, int], ...]  # (colour, shape, row, col)
 
     def render(self, rng: np.random.Generator) -> np.ndarray:
-        """[32, 32, 3] float in [0, 1]: dark noisy background, flat-coloured shapes.
+        """[32, 32, 3] float in [0, 1]: dark noisy background, flat-coloured shapes."""
+        return render_grid(
+            ((colour, MASKS[shape], row, col) for colour, shape, row, col in self.objects), IMAGE_SIZE, rng
+        )
 
-        Values sit on the 8-bit grid, so an exported PNG holds exactly the
-        pixels the model trained and was validated on."""
-        image = rng.uniform(0.0, 0.15, size=(IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-        for colour, shape, row, col in self.objects:
-            cell = image[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
-            cell[MASKS[shape]] = COLOURS[colour]
-        return np.round(image * 255) / 255
+
+def render_grid(painted, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """[size, size, 3] in [0, 1]: a dark noisy background, and each
+    (colour, [CELL, CELL] footprint, row, col) painted flat in its cell.
+
+    Values sit on the 8-bit grid, so an exported PNG holds exactly the
+    pixels the model trained and was validated on."""
+    image = rng.uniform(0.0, 0.15, size=(image_size, image_size, 3)).astype(np.float32)
+    for colour, footprint, row, col in painted:
+        cell = image[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
+        cell[footprint] = COLOURS[colour]
+    return np.round(image * 255) / 255
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
