@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -59,7 +61,7 @@ def one_device_run(tmp_path_factory):
 
 
 def _train_cli(workdir: str, devices: int, *extra: str, **overrides) -> subprocess.Popen:
-    command = [sys.executable, "train.py", f"--workdir={workdir}", *override_flags(**STEPS, **overrides), *extra]
+    command = [sys.executable, "train.py", f"--workdir={workdir}", *override_flags(**{**STEPS, **overrides}), *extra]
     return subprocess.Popen(
         command, cwd=REPO, env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -146,3 +148,40 @@ def test_decoding_on_a_mesh_gives_the_tokens_of_one_device(mesh_run):
         batch, kv_heads, slots, head_dim = mesh_run[policy]["cache_shape"]
         # batch over data x fsdp (4), KV heads over tensor (2)
         assert mesh_run[policy]["cache_shard_shape"] == [batch // 4, kv_heads // 2, slots, head_dim]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption sync manager agrees on a
+    step, both processes save it and exit 0; resumed, the run's losses are
+    bitwise those of an uninterrupted two-process run."""
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2}
+    endless = {"train.steps": 100000, "train.checkpoint_every": 100000, "train.eval_every": 100000, **mesh}
+
+    def launch(workdir, **overrides):
+        port = free_port()
+        return [
+            _train_cli(
+                workdir, 2, f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={i}", **overrides
+            )
+            for i in range(2)
+        ]
+
+    stopped = str(tmp_path / "stopped")
+    procs = launch(stopped, **endless)
+    metrics = os.path.join(stopped, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    saved = {_finish(p)[0]["step"] for p in procs}
+    assert len(saved) == 1, saved  # the same step in both
+    step = saved.pop()
+    assert 3 <= step < 100000 and os.path.isdir(os.path.join(stopped, "checkpoints", str(step)))
+    for p in launch(stopped, **{**endless, "train.steps": step + 2}):
+        _finish(p)
+    straight = str(tmp_path / "straight")
+    for p in launch(straight, **{**endless, "train.steps": step + 2}):
+        _finish(p)
+    assert [m["step"] for m in read_metrics(stopped)] == list(range(1, step + 3))
+    assert [m["loss"] for m in read_metrics(stopped)] == [m["loss"] for m in read_metrics(straight)]

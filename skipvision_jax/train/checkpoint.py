@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,13 @@ class Checkpointer:
         return None
 
     def _quarantine(self, step: int) -> None:
+        """Process 0 moves the checkpoint aside, once; the others wait for it."""
         if jax.process_index() == 0:
             target = os.path.join(self.directory, "corrupt", f"{step}-{int(time.time())}")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
         self.manager.reload()
 
     def close(self) -> None:

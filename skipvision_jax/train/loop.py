@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 from tensorboardX import SummaryWriter
 
@@ -73,17 +74,31 @@ class MetricsLog:
 
 
 class StopOnSigterm:
-    """Turns SIGTERM into a flag the loop checks after each step (save, then exit 0)."""
+    """Whether to save and exit (0) after a step, because of SIGTERM.
+
+    One process: a flag set by our handler. Several: JAX's preemption sync
+    manager (started by `jax.distributed.initialize`, it catches SIGTERM in
+    any process) picks one step at which every process agrees to stop
+    (`orbax.checkpoint.multihost.reached_preemption`), so all of them save the
+    same step and none is left waiting in a collective."""
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.multihost = jax.process_count() > 1
+        # Our handler would replace the sync manager's, which must see the signal.
+        self.previous = None if self.multihost else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def should_stop(self, step: int) -> bool:
+        if self.multihost:
+            return ocp.multihost.reached_preemption(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def base_model_config(cfg) -> ModelConfig:
@@ -256,7 +271,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                 state, metrics = train_step(state, sharding.global_batch(next(train_iter), mesh, cfg.train.batch_size))
             window_steps += 1
             is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
-            stop = sigterm.requested  # read once: a signal arriving later waits for the next step
+            stop = sigterm.should_stop(step)  # read once: a signal arriving later waits for the next step
             is_save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop
             if step % cfg.train.log_every == 0 or is_eval or is_save:
                 loss = float(metrics["loss"])
