@@ -17,14 +17,10 @@ from skipvision_jax import sharding
 from skipvision_jax.config import LayoutConfig, ModelConfig
 from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.experiment import build_model_config, build_state_plan, model_image_size
 from skipvision_jax.generate import Generator, Sampling, unstack_layers
 from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes
 from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
-from skipvision_jax.train.loop import (
-    build_model_config,
-    build_state_plan,
-    model_image_size,
-)
 
 # Decoding is bound by reading weights and cache: tensor parallelism splits
 # both; one prompt leaves nothing for data parallelism to split.

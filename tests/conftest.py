@@ -18,6 +18,7 @@ from skipvision_jax.config import (
     SkipConfig,
     VisionConfig,
 )
+from skipvision_jax.experiment import init_inputs
 from skipvision_jax.nn import SkipVisionVLM
 
 TINY_VISION = VisionConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)  # 16 patches
@@ -47,8 +48,7 @@ def tiny_batch(cfg: ModelConfig, batch: int = 2, num_text: int = 7, seed: int = 
 def init_params(cfg: ModelConfig, seed: int = 0):
     """(model, params); cached, since compiling `init` dominates a tiny test."""
     model = SkipVisionVLM(cfg)
-    batch = tiny_batch(cfg, batch=1)
-    variables = jax.jit(model.init)(jax.random.key(seed), batch["input_ids"], batch["text_mask"], batch["pixels"])
+    variables = jax.jit(model.init)(jax.random.key(seed), **init_inputs(cfg, num_text=7))
     return model, nn.unbox(variables["params"])
 
 

@@ -11,12 +11,8 @@ import jax
 from configs.default import get_config
 from skipvision_jax import sharding
 from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.experiment import build_model_config, build_state_plan, model_image_size
 from skipvision_jax.train.checkpoint import Checkpointer
-from skipvision_jax.train.loop import (
-    build_model_config,
-    build_state_plan,
-    model_image_size,
-)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

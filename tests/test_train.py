@@ -16,6 +16,7 @@ from PIL import Image
 
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.data.synthetic import SyntheticVQA
+from skipvision_jax.experiment import build_model_config, model_image_size
 from skipvision_jax.train.checkpoint import CheckpointError
 from skipvision_jax.train.loop import TrainingDiverged, train_and_evaluate
 from skipvision_jax.train.step import make_train_step
@@ -217,3 +218,15 @@ def test_frozen_parts_get_no_optimizer_state_and_do_not_move():
         for x, y in zip(jax.tree.leaves(before["visual_tokens"]), jax.tree.leaves(after.params["visual_tokens"]))
     ]
     assert all(moved)
+
+
+def test_trainer_and_interop_plan_the_same_params():
+    """One setup module: the train state's params and the params interop loads
+    into are planned from the same init inputs, so their trees agree."""
+    from skipvision_jax.experiment import abstract_params
+
+    cfg = tiny_train_config()
+    _, _, plan = state_plan(cfg)
+    model_cfg = build_model_config(cfg, DataSpec(cfg.data, model_image_size(cfg)))
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    assert shapes(plan.abstract.params) == shapes(abstract_params(model_cfg, None))

@@ -11,16 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
 from skipvision_jax import sharding
 from skipvision_jax.config import LayoutConfig, ModelConfig, SkipConfig
+from skipvision_jax.experiment import abstract_params
 from skipvision_jax.interop import hf_llava
 from skipvision_jax.interop.hf_llava import HFCheckpointError
-from skipvision_jax.nn import SkipVisionVLM
 
 
 @dataclasses.dataclass
@@ -35,17 +34,6 @@ class HFLlava:
     @property
     def image_token_id(self) -> int:
         return int(self.hf_config.get("image_token_index", self.hf_config.get("image_token_id", -1)))
-
-
-def abstract_params(model_cfg: ModelConfig, mesh: Mesh | None, rules=sharding.DEFAULT_RULES) -> dict:
-    """Shapes (and shardings) of our params for a config, without creating them."""
-    model = SkipVisionVLM(model_cfg)
-    v = model_cfg.vision
-    text = np.zeros((1, max(model_cfg.layout.image_offset, 1)), np.int32)
-    pixels = np.zeros((1, v.image_size, v.image_size, v.num_channels), np.float32)
-    init = lambda: model.init(jax.random.key(0), text, text >= 0, pixels)["params"]
-    mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    return sharding.plan_init(init, mesh, rules).abstract
 
 
 def load_processor(directory: str):
