@@ -135,8 +135,7 @@ def main() -> None:
         print(json.dumps({"policy": name, "answers_file": path, **summary}))
         if summary["errors"]:
             print(f"{summary['errors']} questions could not be answered (their lines carry an 'error' field)")
-        ids = set(categories)
-        answers[name] = [a for a in files.read_answers(path) if a["question_id"] in ids]
+        answers[name] = [a for a in files.read_answers(path) if a["question_id"] in categories]
         if annotations is not None:
             scores[name] = scoring.score_answers(answers[name], annotations, categories)
             with open(files.sibling_path(path, "scores.json"), "w") as out:

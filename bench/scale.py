@@ -150,16 +150,17 @@ def main():
         tower_flops = batch * vision_forward_flops(v)
         step_flops = decoder_flops + tower_flops
         sequence = model.layout(text_len).length
+        per_device = memory(compiled)
         projected = {}
         for chip, (peak, hbm) in CHIPS.items():
             seconds_per_step = step_flops / args.devices / (peak * args.mfu)
             projected[chip] = {
                 "step_s": seconds_per_step,
                 "tokens_per_s_per_chip": batch * sequence / seconds_per_step / args.devices,
-                "fits_hbm": memory(compiled)["total"] <= hbm,
+                "fits_hbm": per_device["total"] <= hbm,
             }
         result[f"train_{name}"] = {
-            "per_device_bytes": memory(compiled),
+            "per_device_bytes": per_device,
             "collectives": collectives(compiled.as_text()),
             "compile_s": seconds,
             "analytic_flops": step_flops,

@@ -54,6 +54,8 @@ class LayerSet:
 class ReferenceDecoder:
     def __init__(self, params, cfg, policy, max_new_tokens: int):
         self.params, self.cfg, self.policy = params, cfg.decoder, policy
+        self.fastv = cfg.fastv
+        self.visual_rows = (cfg.layout.image_offset, cfg.layout.image_offset + cfg.visual_length)
         self.budget, self.max_new_tokens = policy.budget, max_new_tokens
         self.group = self.cfg.num_heads // self.cfg.num_kv_heads
         head = params["embed"]["embedding"].T if self.cfg.tie_embeddings else params["lm_head"]["kernel"]
@@ -86,12 +88,12 @@ class ReferenceDecoder:
     def logits(self, h_last):
         return rms_norm(h_last, self.final_scale, self.cfg.norm_eps) @ self.head
 
-    def prefill(self, h, fastv: tuple[int, int, int, int] | None = None):
+    def prefill(self, h):
         """h [P, D]: the row's embedded prompt. Returns (last hidden state, the per-layer sets).
 
-        fastv = (layer, keep, visual_start, visual_end): after that many layers
-        only the `keep` visual rows that the last row attended to most (mean
-        over heads) go on."""
+        With the config's FastV pruning, after `fastv.layer` layers only the
+        `fastv.keep` visual rows that the last row attended to most (mean over
+        heads) go on."""
         positions = np.arange(h.shape[0])
         sets = []
         for layer in range(self.cfg.num_layers):
@@ -112,8 +114,8 @@ class ReferenceDecoder:
                 )
             )
             h = self.finish(layer, h, np.einsum("hts,she->the", probs, v_heads))
-            if fastv is not None and layer == fastv[0] - 1:
-                _, keep, start, end = fastv
+            if self.fastv.enabled and layer == self.fastv.layer - 1:
+                keep, (start, end) = self.fastv.keep, self.visual_rows
                 received = probs[:, -1].mean(axis=0)
                 visual = start + np.argsort(-received[start:end], kind="stable")[:keep]
                 stay = np.sort(np.concatenate([np.arange(start), visual, np.arange(end, length)]))

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
+from skipvision_jax.cli import one_line
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.generate import Generator, Sampling
@@ -66,7 +67,7 @@ class QuestionEncoder:
         try:
             batch, model_cfg = self.loaded.make_batch(os.path.join(self.image_folder, question.image), question.text)
         except (ImageError, ValueError) as err:  # HFCheckpointError is a ValueError
-            return Encoded(question, error=" ".join(str(err).split()))
+            return Encoded(question, error=one_line(err))
         return Encoded(question, np.asarray(batch["input_ids"][0]), np.asarray(batch["pixels"][0]), model_cfg)
 
 
