@@ -119,7 +119,7 @@ def measure(
     return {
         "policy": policy.name,
         "budget": policy.budget,
-        "kv_slots": int(state.caches[0].pos.shape[1]),
+        "kv_slots": int(state.caches[0].pos.shape[-1]),
         "kv_bytes": kv,
         "prefill_ms": prefill_ms,
         "prefill_flops": compiled_flops(prefill),

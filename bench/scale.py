@@ -193,7 +193,7 @@ def main():
     }
 
     if not args.skip_decode:
-        inference_cfg = dataclasses.replace(skip_cfg, scan_layers=False, remat=False)
+        inference_cfg = dataclasses.replace(skip_cfg, remat=False)  # scanned layers, as trained
         params = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding),
             abstract_params(inference_cfg, mesh, rules),

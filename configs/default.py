@@ -12,6 +12,10 @@ The vision tower runs no transformer layer here (select_layer=0: patch and
 position embeddings, pre-LN): trained from scratch on 2 CPU cores, extra ViT
 layers slowed learning (59% val exact-match after 1000 steps with two layers
 against 72% with none). Real LLaVA configs use a pretrained tower and -2.
+
+7000 steps (about 11 minutes on 2 cores): colour, shape and count are learnt
+within 1000-2000, relative position last (79% at 2000, 96% at 4000, 100%
+from 5000; a 5000-step schedule stopped at 88%).
 """
 
 from ml_collections import ConfigDict
@@ -65,7 +69,7 @@ def get_config() -> ConfigDict:
     )
     cfg.train = ConfigDict(
         {
-            "steps": 2500,
+            "steps": 7000,
             "seed": 0,
             "batch_size": 64,
             "grad_accum": 1,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -24,8 +25,9 @@ from jaxtyping import Array, Bool, Float, Int
 from skipvision_jax import kvcache, sharding
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.kvcache import KVPolicy, LayerCache
-from skipvision_jax.nn.decoder import DecoderBlock
-from skipvision_jax.nn.vlm import SkipVisionVLM, compute_dtype
+from skipvision_jax.nn.decoder import layer_groups, prefill_captures
+from skipvision_jax.nn.vlm import SkipVisionVLM
+from skipvision_jax.partition import SequenceLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,23 +67,9 @@ class DecodeState:
     tokens: Int[Array, "B N"]  # N = max_new_tokens; pad_id after a stop token
     done: Bool[Array, " B"]
     next_pos: Int[Array, " B"]  # position of the token in tokens[:, step - 1]
-    caches: tuple[LayerCache, ...]
+    caches: tuple[LayerCache, ...]  # one per decoder layer group; scanned groups stack their layers
     rng: jax.Array
     logits: Float[Array, "B N V"] | None = None  # kept only with record_logits (tests)
-
-
-def unstack_layers(params: dict, num_layers: int) -> dict:
-    """Scanned-decoder params (`layers_a_b/block`, leading layer axis) -> `layer_i`."""
-    decoder = {}
-    for name, value in params["decoder"].items():
-        if not name.startswith("layers_"):
-            decoder[name] = value
-            continue
-        start, end = map(int, name.split("_")[1:])
-        for i in range(start, end):
-            decoder[f"layer_{i}"] = jax.tree.map(lambda x, index=i - start: x[index], value["block"])
-    assert len([k for k in decoder if k.startswith("layer_")]) == num_layers
-    return {**params, "decoder": decoder}
 
 
 class Generator:
@@ -105,7 +93,7 @@ class Generator:
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-        self.cfg = dataclasses.replace(cfg, scan_layers=False, remat=False)
+        self.cfg = dataclasses.replace(cfg, remat=False)
         self.model = SkipVisionVLM(self.cfg)
         self.policy, self.max_new_tokens, self.sampling = policy, max_new_tokens, sampling
         self.stop_ids, self.pad_id, self.record_logits = tuple(stop_ids), pad_id, record_logits
@@ -171,31 +159,16 @@ class Generator:
         )
         captured = captured["prefill"]["decoder"]
         caches = []
-        for i in range(self.cfg.decoder.num_layers):
-            layer = captured[f"layer_{i}"]
-            if "fastv_index" in captured and i >= self.cfg.fastv.layer:
+        for group in layer_groups(self.cfg.decoder.num_layers, self.cfg.skip_layers, self.cfg.scan_layers):
+            if "fastv_index" in captured and group.start >= self.cfg.fastv.layer:
                 # FastV removed visual rows: these layers cache only the rows that stayed.
                 kept_rows = captured["fastv_index"][0]
-                layer_positions, layer_valid = (
-                    jnp.take_along_axis(x, kept_rows, axis=1) for x in (positions, key_valid)
-                )
+                rows = tuple(jnp.take_along_axis(x, kept_rows, axis=1) for x in (positions, key_valid))
             else:
-                layer_positions, layer_valid = positions, key_valid
-            scores = layer["key_scores"][0] if "key_scores" in layer else None
-            priority = kvcache.prompt_priority(
-                self.policy,
-                layer_positions,
-                layer_valid,
-                prompt_lens,
-                (layout.skipped_start, layout.skipped_end),
-                scores,
-            )
-            num_slots = self.policy.prompt_slots(budget, layer_positions.shape[1], self.max_new_tokens)
-            caches.append(
-                kvcache.compact(
-                    layer["k"][0], layer["v"][0], layer_positions, layer_valid, priority, scores, num_slots, budget
-                )
-            )
+                rows = (positions, key_valid)
+            layer_cache = functools.partial(self._layer_cache, *rows, prompt_lens, layout, budget)
+            sown = prefill_captures(captured, group)
+            caches.append(jax.vmap(layer_cache)(sown) if group.scanned else layer_cache(sown))
         rng, first_rng = jax.random.split(rng)
         first = sample(logits, first_rng, self.sampling)
         batch_size = input_ids.shape[0]
@@ -213,25 +186,35 @@ class Generator:
             logits=recorded,
         )
 
+    def _layer_cache(
+        self,
+        positions: Int[Array, "B L"],
+        key_valid: Bool[Array, "B L"],
+        prompt_lens: Int[Array, " B"],
+        layout: SequenceLayout,
+        budget: int,
+        sown: dict[str, Array],
+    ) -> LayerCache:
+        """One layer's cache from what it sowed at prefill, under the policy."""
+        scores = sown.get("key_scores")
+        priority = kvcache.prompt_priority(
+            self.policy, positions, key_valid, prompt_lens, (layout.skipped_start, layout.skipped_end), scores
+        )
+        num_slots = self.policy.prompt_slots(budget, positions.shape[1], self.max_new_tokens)
+        return kvcache.compact(sown["k"], sown["v"], positions, key_valid, priority, scores, num_slots, budget)
+
     def _decode_step(self, params, state: DecodeState) -> DecodeState:
         last = jnp.take_along_axis(
             state.tokens, (state.step - 1)[None, None].repeat(state.tokens.shape[0], 0), axis=1
         )  # [B, 1]
-        h = self.model.apply({"params": params}, last, method=lambda m, t: m.embed(t))
-        positions = state.next_pos[:, None]
-        caches = []
-        block = DecoderBlock(self.cfg.decoder, None, dtype=compute_dtype(self.cfg))
-        for i, cache in enumerate(state.caches):
-            h, cache = block.apply(
-                {"params": params["decoder"][f"layer_{i}"]},
-                h,
-                positions,
-                cache,
-                self.policy,
-                method=DecoderBlock.decode,
-            )
-            caches.append(cache)
-        logits = self.model.apply({"params": params}, h[:, 0], method=SkipVisionVLM.logits)
+        logits, caches = self.model.apply(
+            {"params": params},
+            last,
+            state.next_pos[:, None],
+            state.caches,
+            self.policy,
+            method=SkipVisionVLM.decode_step,
+        )
         rng, step_rng = jax.random.split(state.rng)
         token = jnp.where(state.done, self.pad_id, sample(logits, step_rng, self.sampling))
         recorded = state.logits.at[:, state.step].set(logits) if self.record_logits else None

@@ -18,7 +18,7 @@ from skipvision_jax.config import LayoutConfig, ModelConfig
 from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.experiment import build_model_config, build_state_plan, model_image_size
-from skipvision_jax.generate import Generator, Sampling, unstack_layers
+from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes
 from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
 
@@ -67,8 +67,6 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
     if restored is None:
         raise CheckpointError(f"no checkpoint at {workdir}/checkpoints")
     params = restored[0].params
-    if model_cfg.scan_layers:
-        params = unstack_layers(params, model_cfg.decoder.num_layers)
 
     max_text_len = cfg.data.text_len - 1  # room for one answer token at least
 
@@ -193,7 +191,7 @@ def answer(
         "tokens": tokens.tolist(),
         "prefill_ms": 1000 * float(np.median(prefill_s)),
         "decode_ms_per_token": 1000 * float(np.median(decode_s)) / max(len(tokens) - 1, 1),
-        "kv_slots": int(state.caches[0].pos.shape[1]),
+        "kv_slots": int(state.caches[0].pos.shape[-1]),
         "kv_bytes": cache_bytes(state.caches),
         "policy": policy.name,
     }

@@ -52,6 +52,16 @@ def init_params(cfg: ModelConfig, seed: int = 0):
     return model, nn.unbox(variables["params"])
 
 
+def stack_layers(params, segments: list[tuple[int, int]]):
+    """Unrolled `layer_i` params -> the scanned layout: `layers_a_b/block` per
+    segment [a, b), its layers stacked on a leading axis."""
+    decoder = dict(params["decoder"])
+    for start, end in segments:
+        layers = [decoder.pop(f"layer_{i}") for i in range(start, end)]
+        decoder[f"layers_{start}_{end}"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+    return {**params, "decoder": decoder}
+
+
 def logits_of(model: SkipVisionVLM, params, batch: dict[str, jax.Array]) -> jax.Array:
     return jax.jit(model.apply)({"params": params}, batch["input_ids"], batch["text_mask"], batch["pixels"])
 

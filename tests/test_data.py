@@ -12,7 +12,7 @@ from PIL import Image
 from skipvision_jax.data.images import CLIP_MEAN, CLIP_STD, pad_to_square, preprocess
 from skipvision_jax.data.llava import BadRecord, LlavaSource, LlavaTransform
 from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.data.synthetic import KINDS, SyntheticVQA, chance_accuracy
+from skipvision_jax.data.synthetic import COLOURS, KINDS, SyntheticVQA, chance_accuracy
 
 
 def test_synthetic_task_is_deterministic_with_enough_kinds_and_answers():
@@ -170,3 +170,61 @@ def test_embedded_tokenizer_ignores_case_and_punctuation_spacing_and_names_unkno
     assert tok.decode([tok.bos_id, *tok.encode("red"), tok.pad_id]) == "red"
     with pytest.raises(ValueError, match="word 'colour' is not in the vocabulary"):
         tok.encode("What colour is the ring?")
+
+
+def _colour_cells(image: np.ndarray, cell: int) -> dict[tuple[int, int], tuple[str, np.ndarray]]:
+    """Read off the pixels: (row, col) -> (colour name, [cell, cell] mask) of
+    each grid cell that holds a flat-coloured object (the background is dark)."""
+    found = {}
+    for name, rgb in COLOURS.items():
+        painted = np.all(np.abs(image - np.round(np.array(rgb) * 255) / 255) < 1e-6, axis=-1)
+        for r, c in {(y // cell, x // cell) for y, x in zip(*np.nonzero(painted))}:
+            found[(r, c)] = (name, painted[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell])
+    return found
+
+
+def test_position_answers_agree_with_the_rendered_pixels():
+    source = SyntheticVQA("val", 400)
+    checked = 0
+    for i in range(len(source)):
+        scene, kind, question, answer, rng = source.sample(i)
+        if kind != "position":
+            continue
+        cells = _colour_cells(scene.render(rng), 8)
+        where = {colour: cell for cell, (colour, _) in cells.items()}
+        words = question.split()
+        first, second = words[words.index("the") + 1], words[words.index("or") + 2]
+        axis = 1 if "left" in words else 0
+        assert answer == (first if where[first][axis] < where[second][axis] else second), question
+        checked += 1
+    assert checked > 50
+
+
+def test_detail_answers_agree_with_the_glyphs_read_off_the_pixels():
+    from skipvision_jax.data.detail import FONT, DetailVQA
+
+    def read_digit(mask):
+        crop = mask[1:6, 2:5]  # the glyph's 3 x 5 box, centred in the 8 x 8 cell
+        matches = [d for d, rows in FONT.items() if np.array_equal(crop, [[p == "1" for p in row] for row in rows])]
+        assert len(matches) == 1
+        return matches[0]
+
+    source = DetailVQA("val", 200, text_len=20)
+    sizes = set()
+    for i in range(len(source)):
+        scene, kind, question, answer, rng = source.sample(i)
+        cells = {
+            cell: (colour, read_digit(mask)) for cell, (colour, mask) in _colour_cells(scene.render(rng), 8).items()
+        }
+        sizes.add(len(cells))
+        words = question.split()
+        if kind == "where":
+            colour, digit = words[3], words[4]
+            ((r, c),) = [cell for cell, glyph in cells.items() if glyph == (colour, digit)]
+            assert answer == f"row {r + 1} column {c + 1}"
+        else:
+            row = int(words[4]) - 1
+            assert answer == " ".join(
+                f"{colour} {digit}" for (r, c), (colour, digit) in sorted(cells.items()) if r == row
+            )
+    assert min(sizes) == 4 and max(sizes) == 8

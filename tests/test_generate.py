@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from skipvision_jax.config import FastVConfig, LayoutConfig, SkipConfig
+from skipvision_jax.experiment import init_inputs
 from skipvision_jax.generate import Generator, Sampling, sample
 from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.nn import SkipVisionVLM
-from tests.conftest import TINY_VISION, init_params, tiny_batch, tiny_config
+from tests.conftest import TINY_VISION, init_params, stack_layers, tiny_batch, tiny_config
 from tests.kv_reference import ReferenceDecoder
 
 MAX_NEW = 5
@@ -275,3 +277,50 @@ def test_drop_fine_leaves_the_fine_tokens_out_of_the_sequence():
     all_rows = np.asarray(embed(everything))
     np.testing.assert_array_equal(embed(dropped), np.concatenate([all_rows[:, :6], all_rows[:, 22:]], axis=1))
     _check_against_reference(dropped, KVPolicy("full"))
+
+
+SCAN_POLICIES = [
+    KVPolicy("full"),
+    KVPolicy("skip_vision"),
+    KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4),
+    KVPolicy("snapkv", budget=14, obs_window=3),
+    KVPolicy("streaming", budget=12, sink_tokens=2, recent_window=4),
+]
+
+
+@pytest.mark.parametrize("policy", SCAN_POLICIES, ids=lambda p: p.name)
+def test_scanned_layers_decode_as_the_unrolled_ones(policy):
+    # Plain, Skip-FFN and plain layers: three scanned segments, three stacked caches.
+    cfg = tiny_config(
+        decoder=dataclasses.replace(CFG.decoder, num_layers=4), skip=SkipConfig(layer_start=1, layer_end=3)
+    )
+    _, params = init_params(cfg)
+    prompts = _prompts()
+    unrolled = Generator(cfg, policy, MAX_NEW, record_logits=True)(params, prompts)
+    stacked = stack_layers(params, [(0, 1), (1, 3), (3, 4)])
+    scanned = Generator(dataclasses.replace(cfg, scan_layers=True), policy, MAX_NEW, record_logits=True)(
+        stacked, prompts
+    )
+    np.testing.assert_array_equal(scanned.tokens, unrolled.tokens)
+    np.testing.assert_allclose(scanned.logits, unrolled.logits, atol=1e-5, rtol=1e-5)
+    assert [c.k.shape[0] for c in scanned.caches] == [1, 2, 1]
+    per_layer = [jax.tree.map(lambda x, i=i: x[i], c) for c in scanned.caches for i in range(c.k.shape[0])]
+    for ours, theirs in zip(per_layer, unrolled.caches, strict=True):
+        np.testing.assert_array_equal(ours.pos, theirs.pos)  # the same tokens survived in every layer
+        np.testing.assert_allclose(ours.k, theirs.k, atol=1e-5, rtol=1e-5)
+
+
+def _decode_program_size(num_layers: int, scan_layers: bool) -> int:
+    cfg = tiny_config(decoder=dataclasses.replace(CFG.decoder, num_layers=num_layers), scan_layers=scan_layers)
+    model = SkipVisionVLM(cfg)
+    params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), **init_inputs(cfg, num_text=7))["params"])
+    generator = Generator(cfg, KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4), MAX_NEW)
+    state = jax.eval_shape(generator._prefill, params, _prompts(), jax.random.key(0))
+    return len(generator._decode_jit.lower(params, state).as_text())
+
+
+def test_scanned_decode_program_does_not_grow_with_depth():
+    scanned = [_decode_program_size(n, scan_layers=True) for n in (2, 8)]
+    unrolled = [_decode_program_size(n, scan_layers=False) for n in (2, 8)]
+    assert scanned[1] < 1.02 * scanned[0], scanned
+    assert unrolled[1] > 2 * unrolled[0], unrolled  # what the scan saves

@@ -18,7 +18,7 @@ from skipvision_jax.partition import (
     topk_partition,
 )
 from skipvision_jax.train.loss import next_token_loss
-from tests.conftest import TINY_DECODER, init_params, logits_of, tiny_batch, tiny_config
+from tests.conftest import TINY_DECODER, init_params, logits_of, stack_layers, tiny_batch, tiny_config
 
 
 def _block_inputs(layout: SequenceLayout, batch=2, seed=1):
@@ -145,14 +145,6 @@ def test_topk_block_skips_unselected_rows_and_trains_its_router():
     assert np.abs(grad["router"]["kernel"]).max() > 0
 
 
-def _stack_layers(params, num_layers):
-    """Unrolled `layer_i` params -> the scanned layout `layers_0_n/block` (leading layers axis)."""
-    decoder = dict(params["decoder"])
-    layers = [decoder.pop(f"layer_{i}") for i in range(num_layers)]
-    decoder[f"layers_0_{num_layers}"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
-    return {**params, "decoder": decoder}
-
-
 @pytest.mark.parametrize("partition", ["positional", "topk"])
 def test_scan_and_remat_match_unrolled_layers(partition):
     cfg = tiny_config(skip=SkipConfig(partition=partition))
@@ -160,7 +152,7 @@ def test_scan_and_remat_match_unrolled_layers(partition):
     model, params = init_params(cfg)
     expected = logits_of(model, params, batch)
     scanned = SkipVisionVLM(dataclasses.replace(cfg, scan_layers=True, remat=True))
-    stacked = _stack_layers(params, cfg.decoder.num_layers)
+    stacked = stack_layers(params, [(0, cfg.decoder.num_layers)])
     np.testing.assert_allclose(logits_of(scanned, stacked, batch), expected, rtol=1e-5, atol=1e-5)
     rematted = SkipVisionVLM(dataclasses.replace(cfg, remat=True))
     np.testing.assert_allclose(logits_of(rematted, params, batch), expected, rtol=1e-6, atol=1e-6)

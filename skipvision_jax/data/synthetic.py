@@ -6,9 +6,20 @@ of a distinct shape and a distinct colour. Questions come in four kinds:
     colour    what color is the ring ?                     -> red | green | blue | yellow
     shape     what shape is the red object ?               -> square | ring | dot | cross
     count     how many objects are there ?                 -> one | two | three | four
-    position  is the red ring left of the blue square ?    -> yes | no   (or "above")
+    position  which is further left , the red ring or the blue square ?  -> red | blue
+              (or "which is higher")
 
-14 distinct answers. Example i of a split is a pure function of (seed, split, i),
+The position question names the answer by its colour, so it reads the same
+with its two objects swapped. Asked as "is the red ring left of the blue
+square ? -> yes | no", the answer flips with the order of the two objects, so
+a model that has not yet learnt to tell the first object from the second in
+the question (any model at the start of training) gets no signal from it:
+that form stayed at chance (51% after 2,500 steps, 54% after 7,000) while the
+other kinds were learnt, although a linear probe reads each object's column
+from the tower's tokens. This form is learnt: 100% after the default 7,000
+steps.
+
+12 distinct answers. Example i of a split is a pure function of (seed, split, i),
 so the source is random-access (grain `MapDataset.source`) and needs no files.
 """
 
@@ -33,7 +44,7 @@ GRID, CELL = 4, 8
 IMAGE_SIZE = GRID * CELL
 SPLITS = {"train": 0, "val": 1}
 WORDS = (
-    "what color is the shape object how many objects are there ? left of above yes no".split()
+    "what color is the shape object how many objects are there ? which further left higher , or".split()
     + list(COLOURS)
     + list(SHAPES)
     + list(COUNTS)
@@ -103,11 +114,11 @@ def sample_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, s
     if kind == "count":
         return kind, "how many objects are there ?", COUNTS[len(scene.objects) - 1]
     a, b = (scene.objects[i] for i in rng.choice(len(scene.objects), size=2, replace=False))
-    relations = [("left of", 3)] if a[3] != b[3] else []
-    relations += [("above", 2)] if a[2] != b[2] else []
+    relations = [("further left", 3)] if a[3] != b[3] else []
+    relations += [("higher", 2)] if a[2] != b[2] else []
     relation, axis = relations[int(rng.integers(len(relations)))]
-    answer = "yes" if a[axis] < b[axis] else "no"
-    return kind, f"is the {a[0]} {a[1]} {relation} the {b[0]} {b[1]} ?", answer
+    answer = a[0] if a[axis] < b[axis] else b[0]
+    return kind, f"which is {relation} , the {a[0]} {a[1]} or the {b[0]} {b[1]} ?", answer
 
 
 class GeneratedVQA:

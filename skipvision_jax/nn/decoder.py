@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -137,12 +139,65 @@ class _ScanStep(nn.Module):
     remat: str | None
 
     @nn.compact
-    def __call__(self, h, positions, mask):
+    def __call__(self, h, positions, mask, query_weights):
         block_cls = remat_block(self.remat, scanned=True)
-        return constrain(
-            block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")(h, positions, mask),
-            HIDDEN_ACTIVATION,
-        ), None
+        block = block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")
+        return constrain(block(h, positions, mask, query_weights), HIDDEN_ACTIVATION), None
+
+
+class _ScanDecodeStep(nn.Module):
+    """One scanned layer's decode step. The segment's caches, stacked on a
+    leading layers axis, ride in the carry with the layer index: each layer
+    reads its slice and writes it back with dynamic_update_slice, which XLA
+    does in place (scanning the caches as xs/ys would write a second buffer)."""
+
+    cfg: DecoderConfig
+    dtype: jnp.dtype
+    policy: KVPolicy
+
+    @nn.compact
+    def __call__(self, carry, positions):
+        h, caches, index = carry
+        cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, keepdims=False), caches)
+        h, cache = DecoderBlock(self.cfg, None, dtype=self.dtype, name="block").decode(h, positions, cache, self.policy)
+        caches = jax.tree.map(lambda c, new: jax.lax.dynamic_update_index_in_dim(c, new, index, 0), caches, cache)
+        return (h, caches, index + 1), None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """Layers [start, end) that share a parameter (and KV cache) entry: one
+    unrolled layer `layer_{start}`, or a scanned segment `layers_{start}_{end}`
+    whose weights and caches are stacked on a leading layers axis."""
+
+    start: int
+    end: int
+    skip: bool  # a Skip-FFN segment
+    scanned: bool
+
+    @property
+    def name(self) -> str:
+        return f"layers_{self.start}_{self.end}" if self.scanned else f"layer_{self.start}"
+
+
+def layer_groups(num_layers: int, skip_layers: range, scan_layers: bool) -> list[LayerGroup]:
+    """The decoder's layers in up to three contiguous segments (plain,
+    Skip-FFN, plain), each one group when scanned, one group per layer if not."""
+    start, end = (skip_layers.start, skip_layers.stop) if len(skip_layers) else (num_layers, num_layers)
+    segments = [
+        (a, b, skip) for a, b, skip in [(0, start, False), (start, end, True), (end, num_layers, False)] if b > a
+    ]
+    if scan_layers:
+        return [LayerGroup(a, b, skip, True) for a, b, skip in segments]
+    return [LayerGroup(i, i + 1, skip, False) for a, b, skip in segments for i in range(a, b)]
+
+
+def prefill_captures(captured: dict, group: LayerGroup) -> dict[str, Array]:
+    """What a group's blocks sowed at prefill (`k`, `v`, maybe `key_scores`),
+    from the decoder's "prefill" collection; scanned groups have a leading
+    layers axis."""
+    sown = captured[group.name]["block"] if group.scanned else captured[group.name]
+    return {name: values[0] for name, values in sown.items()}
 
 
 def fastv_keep_index(layout: SequenceLayout, scores: Float[Array, "B L"], keep: int) -> Int[Array, "B M"]:
@@ -156,15 +211,19 @@ def fastv_keep_index(layout: SequenceLayout, scores: Float[Array, "B L"], keep: 
 
 
 class DecoderStack(nn.Module):
-    """The layers, in up to three contiguous segments: plain, Skip-FFN, plain.
+    """The layers, in `layer_groups`: plain, Skip-FFN, plain.
 
     `layout` fixes the visual segments; the text length is read off the input.
     With `fastv` enabled and a `fastv_query` row given (prefill), the visual
     rows are pruned after layer `fastv.layer` (see `fastv_keep_index`).
 
-    With `scan_layers` each segment is one `nn.scan` (weights stacked on a
-    leading `layers` axis, compile time independent of depth); otherwise the
-    layers are unrolled as `layer_{i}`.
+    Given `caches` (one per layer group) and a KV `policy`, the call is one
+    decode step: `h` is one new token per row, and it returns the new `h` and
+    caches (flax allows one compact method, so decoding is a mode of it).
+
+    With `scan_layers` each segment is one `nn.scan` (weights, and caches at
+    decode, stacked on a leading `layers` axis; compile time independent of
+    depth); otherwise the layers are unrolled as `layer_{i}`.
     """
 
     cfg: DecoderConfig
@@ -176,55 +235,78 @@ class DecoderStack(nn.Module):
     scan_layers: bool = False
     fastv: FastVConfig = FastVConfig()
 
-    def segments(self) -> list[tuple[int, int, bool]]:
-        n = self.cfg.num_layers
-        start, end = (self.skip_layers.start, self.skip_layers.stop) if len(self.skip_layers) else (n, n)
-        candidates = [(0, start, False), (start, end, True), (end, n, False)]
-        return [seg for seg in candidates if seg[1] > seg[0]]
+    def groups(self) -> list[LayerGroup]:
+        return layer_groups(self.cfg.num_layers, self.skip_layers, self.scan_layers)
 
     @nn.compact
     def __call__(
         self,
         h: Float[Array, "B L D"],
         positions: Int[Array, "B L"],
-        mask: Bool[Array, "B 1 L L"],
+        mask: Bool[Array, "B 1 L L"] | None = None,
         query_weights: Float[Array, "B L"] | None = None,
         fastv_query: Int[Array, " B"] | None = None,
-    ) -> Float[Array, "B M D"]:
-        # `init` makes every collection mutable: only a real prefill is refused.
-        if self.scan_layers and self.is_mutable_collection("prefill") and not self.is_initializing():
-            raise ValueError(
-                "model.scan_layers: decoding needs unrolled layers; load the params with scan_layers=False (see skipvision_jax.generate.unstack_layers)"
-            )
-        for start, end, skip in self.segments():
-            layout = self.layout if skip else None
-            if self.scan_layers:
+        caches: tuple[LayerCache, ...] | None = None,
+        policy: KVPolicy | None = None,
+    ):
+        if caches is not None:
+            return self._decode(h, positions, caches, policy)
+        for group in self.groups():
+            layout = self.layout if group.skip else None
+            if group.scanned:
                 scanned = nn.scan(
                     _ScanStep,
-                    variable_axes={"params": 0},
+                    variable_axes={"params": 0, "prefill": 0},
                     split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast),
-                    length=end - start,
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=group.end - group.start,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
-                h, _ = scanned(
-                    self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=f"layers_{start}_{end}"
-                )(h, positions, mask)
+                h, _ = scanned(self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=group.name)(
+                    h, positions, mask, query_weights
+                )
                 continue
-            block_cls = remat_block(self.remat, scanned=False)
-            for i in range(start, end):
-                block = block_cls(self.cfg, layout, self.partition_kind, self.dtype, name=f"layer_{i}")
-                prune_after = fastv_query is not None and self.fastv.enabled and i == self.fastv.layer - 1
-                scores = block.attention_received(h, positions, mask, fastv_query) if prune_after else None
-                h = constrain(block(h, positions, mask, query_weights), HIDDEN_ACTIVATION)
-                if prune_after:
-                    keep = fastv_keep_index(self.layout.for_length(h.shape[1]), scores, self.fastv.keep)
-                    if self.is_mutable_collection("prefill"):
-                        self.sow("prefill", "fastv_index", keep)
-                    h = jnp.take_along_axis(h, keep[:, :, None], axis=1)
-                    positions = jnp.take_along_axis(positions, keep, axis=1)
-                    mask = jnp.take_along_axis(
-                        jnp.take_along_axis(mask, keep[:, None, :, None], axis=2), keep[:, None, None, :], axis=3
-                    )
-                    query_weights = None if query_weights is None else jnp.take_along_axis(query_weights, keep, axis=1)
+            i = group.start
+            block = remat_block(self.remat, scanned=False)(
+                self.cfg, layout, self.partition_kind, self.dtype, name=group.name
+            )
+            prune_after = fastv_query is not None and self.fastv.enabled and i == self.fastv.layer - 1
+            scores = block.attention_received(h, positions, mask, fastv_query) if prune_after else None
+            h = constrain(block(h, positions, mask, query_weights), HIDDEN_ACTIVATION)
+            if prune_after:
+                keep = fastv_keep_index(self.layout.for_length(h.shape[1]), scores, self.fastv.keep)
+                if self.is_mutable_collection("prefill"):
+                    self.sow("prefill", "fastv_index", keep)
+                h = jnp.take_along_axis(h, keep[:, :, None], axis=1)
+                positions = jnp.take_along_axis(positions, keep, axis=1)
+                mask = jnp.take_along_axis(
+                    jnp.take_along_axis(mask, keep[:, None, :, None], axis=2), keep[:, None, None, :], axis=3
+                )
+                query_weights = None if query_weights is None else jnp.take_along_axis(query_weights, keep, axis=1)
         return h
+
+    def _decode(
+        self, h: Float[Array, "B 1 D"], positions: Int[Array, "B 1"], caches: tuple[LayerCache, ...], policy: KVPolicy
+    ) -> tuple[Float[Array, "B 1 D"], tuple[LayerCache, ...]]:
+        """One new token per row through every layer against its cache (the
+        blocks run plain: a single token has nothing to skip)."""
+        updated = []
+        for group, cache in zip(self.groups(), caches, strict=True):
+            if group.scanned:
+                scanned = nn.scan(
+                    _ScanDecodeStep,
+                    variable_axes={"params": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast,),
+                    length=group.end - group.start,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                (h, cache, _), _ = scanned(self.cfg, self.dtype, policy, name=group.name)(
+                    (h, cache, jnp.zeros((), jnp.int32)), positions
+                )
+            else:
+                h, cache = DecoderBlock(self.cfg, None, dtype=self.dtype, name=group.name).decode(
+                    h, positions, cache, policy
+                )
+            updated.append(cache)
+        return h, tuple(updated)

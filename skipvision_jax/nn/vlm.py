@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from skipvision_jax.config import ModelConfig
+from skipvision_jax.kvcache import KVPolicy, LayerCache
 from skipvision_jax.nn.attention import causal_mask
 from skipvision_jax.nn.decoder import DecoderStack
 from skipvision_jax.nn.layers import RMSNorm, default_kernel_init, dense, logical
@@ -115,6 +116,19 @@ class SkipVisionVLM(nn.Module):
             )
         h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, extra_mask)
         return self.logits(h[:, self.layout(input_ids.shape[1]).text_positions()])
+
+    def decode_step(
+        self,
+        tokens: Int[Array, "B 1"],
+        positions: Int[Array, "B 1"],
+        caches: tuple[LayerCache, ...],
+        policy: KVPolicy,
+    ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...]]:
+        """One new token per row at its `positions`, against the caches that
+        prefill built (one per `DecoderStack.groups()` entry): its logits and
+        the updated caches."""
+        h, caches = self.decoder(self.embed(tokens), positions, caches=caches, policy=policy)
+        return self.logits(h[:, 0]), caches
 
     def prefill(self, input_ids, text_mask, pixels=None, vision_features=None, query_weights=None):
         """Prompt forward for decoding (Skip-FFN path, as trained). Apply with

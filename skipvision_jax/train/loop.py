@@ -184,6 +184,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
         mininterval=2.0,
     )
     window_start, window_steps = time.perf_counter(), 0
+    run_start = window_start
     try:
         # `step` counts on the host: reading state.step would wait for the
         # device every step and stall asynchronous dispatch.
@@ -207,6 +208,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                     "loss": loss,
                     "grad_norm": float(metrics["grad_norm"]),
                     "tokens_per_s": window_steps * cfg.train.batch_size * tokens_per_example / elapsed,
+                    # Training and evaluation since this process started (or resumed), compile included.
+                    "elapsed_s": time.perf_counter() - run_start,
                 }
                 if is_eval:
                     with sharding.activate(mesh, rules):

@@ -163,7 +163,7 @@ class Answerer:
         tokens, steps = np.asarray(state.tokens), int(state.step)
         metadata = {
             "policy": generator.policy.name,
-            "kv_slots": int(state.caches[0].pos.shape[1]),
+            "kv_slots": int(state.caches[0].pos.shape[-1]),
             "batch_size": s.batch_size,
             "bucket": bucket,
             "prefill_ms": 1000 * prefill_s,
