@@ -46,7 +46,7 @@ from common import (
 
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.generate import Generator
-from skipvision_jax.kvcache import KVPolicy, cache_bytes
+from skipvision_jax.kvcache import KVPolicy, cache_bytes, cache_slots
 
 PROMPT_TEXT = 32
 
@@ -119,7 +119,7 @@ def measure(
     return {
         "policy": policy.name,
         "budget": policy.budget,
-        "kv_slots": int(state.caches[0].pos.shape[-1]),
+        "kv_slots": cache_slots(state.caches),
         "kv_bytes": kv,
         "prefill_ms": prefill_ms,
         "prefill_flops": compiled_flops(prefill),

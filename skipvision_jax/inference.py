@@ -19,7 +19,7 @@ from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.experiment import build_model_config, build_state_plan, model_image_size
 from skipvision_jax.generate import Generator, Sampling
-from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes
+from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes, cache_slots
 from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
 
 # Decoding is bound by reading weights and cache: tensor parallelism splits
@@ -191,7 +191,7 @@ def answer(
         "tokens": tokens.tolist(),
         "prefill_ms": 1000 * float(np.median(prefill_s)),
         "decode_ms_per_token": 1000 * float(np.median(decode_s)) / max(len(tokens) - 1, 1),
-        "kv_slots": int(state.caches[0].pos.shape[-1]),
+        "kv_slots": cache_slots(state.caches),
         "kv_bytes": cache_bytes(state.caches),
         "policy": policy.name,
     }

@@ -201,5 +201,10 @@ def insert(
     )
 
 
+def cache_slots(caches) -> int:
+    """Slots per layer (the budget), for per-layer and layer-stacked caches alike."""
+    return int(caches[0].pos.shape[-1])
+
+
 def cache_bytes(caches) -> int:
     return sum(x.size * x.dtype.itemsize for c in caches for x in (c.k, c.v))

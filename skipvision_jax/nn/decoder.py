@@ -192,6 +192,20 @@ def layer_groups(num_layers: int, skip_layers: range, scan_layers: bool) -> list
     return [LayerGroup(i, i + 1, skip, False) for a, b, skip in segments for i in range(a, b)]
 
 
+def scan_group(step_cls: type[nn.Module], group: LayerGroup, num_broadcast: int):
+    """`step_cls` scanned over a scanned group's layers: weights (and what the
+    blocks sow at prefill) on a leading `layers` axis, the `num_broadcast`
+    arguments after the carry the same for every layer."""
+    return nn.scan(
+        step_cls,
+        variable_axes={"params": 0, "prefill": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * num_broadcast,
+        length=group.end - group.start,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
 def prefill_captures(captured: dict, group: LayerGroup) -> dict[str, Array]:
     """What a group's blocks sowed at prefill (`k`, `v`, maybe `key_scores`),
     from the decoder's "prefill" collection; scanned groups have a leading
@@ -254,23 +268,14 @@ class DecoderStack(nn.Module):
         for group in self.groups():
             layout = self.layout if group.skip else None
             if group.scanned:
-                scanned = nn.scan(
-                    _ScanStep,
-                    variable_axes={"params": 0, "prefill": 0},
-                    split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=group.end - group.start,
-                    metadata_params={nn.PARTITION_NAME: "layers"},
-                )
-                h, _ = scanned(self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=group.name)(
-                    h, positions, mask, query_weights
-                )
+                h, _ = scan_group(_ScanStep, group, num_broadcast=3)(
+                    self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=group.name
+                )(h, positions, mask, query_weights)
                 continue
-            i = group.start
             block = remat_block(self.remat, scanned=False)(
                 self.cfg, layout, self.partition_kind, self.dtype, name=group.name
             )
-            prune_after = fastv_query is not None and self.fastv.enabled and i == self.fastv.layer - 1
+            prune_after = fastv_query is not None and self.fastv.enabled and group.start == self.fastv.layer - 1
             scores = block.attention_received(h, positions, mask, fastv_query) if prune_after else None
             h = constrain(block(h, positions, mask, query_weights), HIDDEN_ACTIVATION)
             if prune_after:
@@ -293,17 +298,9 @@ class DecoderStack(nn.Module):
         updated = []
         for group, cache in zip(self.groups(), caches, strict=True):
             if group.scanned:
-                scanned = nn.scan(
-                    _ScanDecodeStep,
-                    variable_axes={"params": 0},
-                    split_rngs={"params": True},
-                    in_axes=(nn.broadcast,),
-                    length=group.end - group.start,
-                    metadata_params={nn.PARTITION_NAME: "layers"},
-                )
-                (h, cache, _), _ = scanned(self.cfg, self.dtype, policy, name=group.name)(
-                    (h, cache, jnp.zeros((), jnp.int32)), positions
-                )
+                (h, cache, _), _ = scan_group(_ScanDecodeStep, group, num_broadcast=1)(
+                    self.cfg, self.dtype, policy, name=group.name
+                )((h, cache, jnp.zeros((), jnp.int32)), positions)
             else:
                 h, cache = DecoderBlock(self.cfg, None, dtype=self.dtype, name=group.name).decode(
                     h, positions, cache, policy

@@ -26,7 +26,7 @@ from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.inference import LoadedModel, answer_text, default_budget
-from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.kvcache import KVPolicy, cache_slots
 from skipvision_jax.vqa.files import AnswerWriter, Question, answer_id, answered_ids
 
 SMALLEST_BUCKET = 8
@@ -163,7 +163,7 @@ class Answerer:
         tokens, steps = np.asarray(state.tokens), int(state.step)
         metadata = {
             "policy": generator.policy.name,
-            "kv_slots": int(state.caches[0].pos.shape[-1]),
+            "kv_slots": cache_slots(state.caches),
             "batch_size": s.batch_size,
             "bucket": bucket,
             "prefill_ms": 1000 * prefill_s,
