@@ -7,6 +7,9 @@ are there:
                          (full / merge / skip) and against KV slots (policies)
     decode_latency.png   per-token decode and its roofline against KV slots, every policy
     skip_ffn_shares.png  realized against FLOP-ideal saving, by skipped share
+    tradeoff.png         detail task (bench/tradeoff.py): exact match against
+                         forward FLOPs per variant, with the Pareto front, and
+                         against KV slots per policy on the skip model
 
 and rewrites the block between `<!-- results:begin -->` and
 `<!-- results:end -->` in README.md. No number in that block is typed by hand.
@@ -69,6 +72,14 @@ def load(folder: str, name: str):
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
 
 
 def embedded_task_rows(folder: str) -> list[dict]:
@@ -150,6 +161,105 @@ def plot_quality_cost(folder: str, rows: list[dict], kv: dict | None) -> None:
     save_figure(fig, folder, "quality_cost.png")
 
 
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (cost, quality, name) points that no cheaper-or-equal point beats or ties on quality."""
+    front, best = [], float("-inf")
+    for point in sorted(points, key=lambda p: (p[0], -p[1])):
+        if point[1] > best:
+            front.append(point)
+            best = point[1]
+    return front
+
+
+def plot_tradeoff(folder: str, tradeoff: dict | None) -> None:
+    if not tradeoff:
+        return
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    points = [(v["forward_gflops"], 100 * v["exact_match"], k) for k, v in tradeoff["variants"].items()]
+    markers = "osD^vP*Xhp<>"  # variants share costs and accuracies: a legend, not labels that overlap
+    for (gflops, accuracy, name), marker in zip(points, markers * len(points)):
+        axes[0].scatter(gflops, accuracy, s=45, marker=marker, label=name, alpha=0.8)
+    front = pareto_front(points)
+    axes[0].plot([p[0] for p in front], [p[1] for p in front], linestyle="--", color="black", label="Pareto front")
+    axes[0].set(xlabel="forward GFLOPs per example", ylabel="val exact match (%)", title="Detail task: visual tokens")
+    for ax in axes:
+        ax.axhline(100 * tradeoff["chance_exact_match"], linestyle=":", color="gray", label="chance")
+        ax.set_ylim(0, 100)
+    axes[0].legend(fontsize=7, loc="center right")
+    kv = tradeoff.get("kv")
+    if kv:
+        full = kv["full"]
+        for policy in ("h2o", "snapkv", "streaming"):
+            curve = sorted((v["kv_slots"], 100 * v["exact_match"]) for k, v in kv.items() if k.startswith(policy + "@"))
+            curve.append((full["kv_slots"], 100 * full["exact_match"]))
+            axes[1].plot(*zip(*curve), marker="o", label=policy)
+        sv = kv["skip_vision"]
+        axes[1].scatter(
+            sv["kv_slots"], 100 * sv["exact_match"], marker="*", s=150, color="black", label="skip_vision", zorder=3
+        )
+        axes[1].set(
+            xlabel="KV slots per layer",
+            ylabel="val exact match (%)",
+            title=f"Detail task: KV cache ({tradeoff['kv_variant']} model)",
+        )
+        axes[1].legend(fontsize=8)
+    save_figure(fig, folder, "tradeoff.png")
+
+
+def tradeoff_lines(tradeoff: dict) -> list[str]:
+    lines = [
+        f"**Quality and cost on the detail task** (`python bench/tradeoff.py`: every variant trained {tradeoff['steps']} steps"
+        f" x 64, same seed; {tradeoff['questions']} val questions, greedy; chance {pct(tradeoff['chance_exact_match'])}):",
+        "",
+    ]
+    lines += markdown_table(
+        [
+            "variant",
+            "exact match",
+            "answer-token accuracy",
+            "forward GFLOPs / example",
+            "answer ms, batch 1",
+            "answer ms, batch 16",
+            "KV slots",
+            "train s",
+        ],
+        [
+            [
+                k,
+                pct(v["exact_match"]),
+                pct(v["token_accuracy"]),
+                f"{v['forward_gflops']:.3f}",
+                f"{v['latency_ms_batch1']:.1f}",
+                f"{v['latency_ms_batch16']:.1f}",
+                str(v["kv_slots"]),
+                str(round(v["train_s"])),
+            ]
+            for k, v in tradeoff["variants"].items()
+        ],
+    )
+    if tradeoff.get("kv"):
+        lines += [
+            "",
+            f"KV policies on the {tradeoff['kv_variant']} model (slots per layer; agreement: answer tokens equal to the full cache's at their place):",
+            "",
+        ]
+        lines += markdown_table(
+            ["policy", "slots", "exact match", "answer-token accuracy", "agreement with full"],
+            [
+                [
+                    k,
+                    str(v["kv_slots"]),
+                    pct(v["exact_match"]),
+                    pct(v["token_accuracy"]),
+                    pct(v["token_agreement_with_full"]),
+                ]
+                for k, v in tradeoff["kv"].items()
+            ],
+        )
+    return lines + [""]
+
+
 def plot_decode(folder: str, decode: dict | None) -> None:
     if not decode:
         return
@@ -192,12 +302,20 @@ def section(folder: str, draw: bool) -> list[str]:
     device = os.path.basename(folder)
     lines = [f"### {device}", ""]
     rows = embedded_task_rows(folder)
-    kv, decode, skip_ffn, vs_hf, throughput = (
+    kv, decode, skip_ffn, vs_hf, throughput, tradeoff = (
         load(folder, f)
-        for f in ("kv_agreement.json", "decode.json", "skip_ffn.json", "vs_transformers.json", "eval_throughput.json")
+        for f in (
+            "kv_agreement.json",
+            "decode.json",
+            "skip_ffn.json",
+            "vs_transformers.json",
+            "eval_throughput.json",
+            "tradeoff.json",
+        )
     )
     if draw:
         plot_quality_cost(folder, rows, kv)
+        plot_tradeoff(folder, tradeoff)
         plot_decode(folder, decode)
         plot_shares(folder, skip_ffn)
     figures = sorted(glob.glob(os.path.join(folder, "*.png")))
@@ -221,14 +339,17 @@ def section(folder: str, draw: bool) -> list[str]:
         lines += [
             f"**KV policies on the trained model** (`python bench/kv_agreement.py --checkpoint runs/default`, {kv['questions']} val questions):",
             "",
-            "| policy | slots | agreement with full | exact match |",
-            "| --- | --- | --- | --- |",
         ]
-        lines += [
-            f"| {k} | {v['kv_slots']} | {pct(v['agreement_with_full'])} | {pct(v['exact_match'])} |"
-            for k, v in kv["results"].items()
-        ]
+        lines += markdown_table(
+            ["policy", "slots", "agreement with full", "exact match"],
+            [
+                [k, str(v["kv_slots"]), pct(v["agreement_with_full"]), pct(v["exact_match"])]
+                for k, v in kv["results"].items()
+            ],
+        )
         lines.append("")
+    if tradeoff:
+        lines += tradeoff_lines(tradeoff)
     if skip_ffn and "shares" in skip_ffn:
         g = skip_ffn["geometry"]
         lines += [

@@ -4,11 +4,14 @@
 
 Trains each visual-token variant on the detail task (configs/detail.py, same
 seed and steps) unless its run is already in `--runs` (a rerun only
-re-evaluates; `--variants` runs some at a time), then measures for each:
+re-evaluates; `--variants` runs some at a time), then measures for each,
+answered with the full KV cache and (Skip-FFN variants) with skip_vision's:
 validation exact match and answer-token accuracy of greedy answers (eval.py's
 harness on the exported validation questions), forward FLOPs per example
 (the compiled prefill program, batch 1), answer latency (prefill + decode,
-batch 1 and 16) and training time. Then, on the skip model, every KV policy
+batch 1 and 16) and training time. Then, on a Skip-FFN model (`--kv-variant`,
+by default skip_nomerge: on this task the merged ones answer at chance, and a
+sweep over a model that cannot answer measures nothing), every KV policy
 at 25 / 50 / 75% of the full cache: exact match, and agreement with `full`
 per answer token. Prints one JSON line and writes
 bench/results/<device>/tradeoff.json (figures: python bench/report.py).
@@ -20,8 +23,9 @@ bench/results/<device>/tradeoff.json (figures: python bench/report.py).
     skip_nomerge  36 fine unmerged, Skip-FFN + summaries
     skip_topk     merge + Skip-FFN whose 9 FFN tokens a router picks
     drop_fine     only the 9 coarse tokens (the fine ones never enter)
-    fastv         the full model, pruned after layer 2 to the 11 visual tokens
-                  its last prompt token attends to most (skip's 9 + 2 summaries)
+    fastv         the full model, pruned after layer 2 (of 4) to the 11 visual
+                  tokens its last prompt token attends to most (skip's 9 + 2 summaries)
+    fastv_layer1  the same, pruned after layer 1
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ from skipvision_jax.train.loop import train_and_evaluate  # noqa: E402
 from skipvision_jax.vqa import files, scoring  # noqa: E402
 from skipvision_jax.vqa.harness import Encoded, EvalSettings, collate, evaluate_questions  # noqa: E402
 
-MAX_NEW = 13  # the longest answer (12 tokens) and <eos>
-FASTV = FastVConfig(layer=2, keep=11)
-# variant -> (config overrides of configs/detail.py, the trained run it uses, KV policy of its own cache)
+MAX_NEW = 7  # the answer (6 tokens) and <eos>
+# variant -> its FastV pruning, applied to the full run at inference (training-free)
+FASTV = {"fastv": FastVConfig(layer=2, keep=11), "fastv_layer1": FastVConfig(layer=1, keep=11)}
+# variant -> (config overrides of configs/detail.py, the trained run it uses, the KV caches it is answered with:
+# every variant with the full cache, the Skip-FFN ones also with skip_vision's, which drops their skipped tokens)
 VARIANTS = {
     "full": (
         {
@@ -65,12 +71,12 @@ VARIANTS = {
             "model.layout.summary_tokens": False,
         },
         "full",
-        "full",
+        ("full",),
     ),
-    "merge": ({"model.skip.enabled": False}, "merge", "full"),
-    "skip": ({}, "skip", "skip_vision"),
-    "skip_nomerge": ({"model.layout.merge_to": None}, "skip_nomerge", "skip_vision"),
-    "skip_topk": ({"model.skip.partition": "topk"}, "skip_topk", "skip_vision"),
+    "merge": ({"model.skip.enabled": False}, "merge", ("full",)),
+    "skip": ({}, "skip", ("full", "skip_vision")),
+    "skip_nomerge": ({"model.layout.merge_to": None}, "skip_nomerge", ("full", "skip_vision")),
+    "skip_topk": ({"model.skip.partition": "topk"}, "skip_topk", ("full", "skip_vision")),
     "drop_fine": (
         {
             "model.skip.enabled": False,
@@ -79,16 +85,16 @@ VARIANTS = {
             "model.layout.drop_fine": True,
         },
         "drop_fine",
-        "full",
+        ("full",),
     ),
-    "fastv": (None, "full", "full"),  # the full run, decoded with FastV pruning (training-free)
+    "fastv": (None, "full", ("full",)),
+    "fastv_layer1": (None, "full", ("full",)),
 }
 
 
 def variant_config(name: str, steps: int):
     cfg = detail.get_config()
     cfg.train.steps = steps
-    cfg.train.eval_every = steps
     cfg.train.checkpoint_every = steps
     for key, value in (VARIANTS[name][0] or {}).items():
         *path, leaf = key.split(".")
@@ -123,6 +129,9 @@ def answer_token_accuracy(predicted: str, reference: str) -> float:
 
 
 def evaluate(loaded: LoadedModel, exported: dict, policy: KVPolicy, answers_path: str) -> dict[str, str]:
+    """Answers every question afresh: eval.py resumes an answers file, which here may hold an older run's model."""
+    if os.path.exists(answers_path):
+        os.remove(answers_path)
     settings = EvalSettings(policy, max_new_tokens=MAX_NEW, batch_size=16, progress=False)
     evaluate_questions(loaded, files.read_questions(exported["questions"]), exported["images"], answers_path, settings)
     return {a["question_id"]: a["text"] for a in files.read_answers(answers_path)}
@@ -154,7 +163,7 @@ def prefill_flops(loaded: LoadedModel, batch: dict) -> float:
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-def answer_latency_ms(loaded: LoadedModel, batch: dict, policy: KVPolicy, repeats: int = 5) -> float:
+def answer_latency_ms(loaded: LoadedModel, batch: dict, policy: KVPolicy, repeats: int = 31) -> float:
     """Prefill + greedy decode of MAX_NEW tokens (no early stop), median over repeats."""
     generator = Generator(loaded.model_cfg, policy, MAX_NEW, Sampling(), stop_ids=(), pad_id=loaded.pad_id)
     rng = jax.random.key(0)
@@ -176,33 +185,38 @@ def first_batch(loaded: LoadedModel, exported: dict) -> dict:
     return collate(rows, max(len(r.ids) for r in rows), 16, loaded.pad_id)
 
 
-def measure(name: str, runs: str, exported: dict, reference: dict, train_record: dict) -> dict:
+def measure(name: str, runs: str, exported: dict, reference: dict, train_record: dict) -> dict[str, dict]:
+    """One row per KV cache the variant is answered with: "name" (full cache), "name, policy cache"."""
     loaded = load_trained(os.path.join(runs, VARIANTS[name][1]))
-    if name == "fastv":
-        loaded = with_model_config(loaded, lambda cfg: dataclasses.replace(cfg, fastv=FASTV))
+    if name in FASTV:
+        loaded = with_model_config(loaded, lambda cfg: dataclasses.replace(cfg, fastv=FASTV[name]))
     batch16 = first_batch(loaded, exported)
-    policy = KVPolicy(VARIANTS[name][2])
-    answers = evaluate(loaded, exported, policy, os.path.join(runs, f"answers_{name}.jsonl"))
-    return {
-        **quality(answers, reference),
-        "forward_gflops": prefill_flops(loaded, batch16) / 1e9,
-        "latency_ms_batch1": answer_latency_ms(loaded, {k: v[:1] for k, v in batch16.items()}, policy),
-        "latency_ms_batch16": answer_latency_ms(loaded, batch16, policy),
-        "kv_slots": Generator(loaded.model_cfg, policy, MAX_NEW).budget(batch16["input_ids"].shape[1]),
-        "policy": policy.name,
-        **train_record,
-    }
+    gflops = prefill_flops(loaded, batch16) / 1e9
+    rows = {}
+    for policy in map(KVPolicy, VARIANTS[name][2]):
+        row = name if policy.name == "full" else f"{name}, {policy.name} cache"
+        answers = evaluate(loaded, exported, policy, os.path.join(runs, f"answers_{name}_{policy.name}.jsonl"))
+        rows[row] = {
+            **quality(answers, reference),
+            "forward_gflops": gflops,
+            "latency_ms_batch1": answer_latency_ms(loaded, {k: v[:1] for k, v in batch16.items()}, policy),
+            "latency_ms_batch16": answer_latency_ms(loaded, batch16, policy),
+            "kv_slots": Generator(loaded.model_cfg, policy, MAX_NEW).budget(batch16["input_ids"].shape[1]),
+            "policy": policy.name,
+            **train_record,
+        }
+    return rows
 
 
-def kv_policies(runs: str, exported: dict, reference: dict, text_len: int) -> dict:
-    """Every policy on the skip model at fractions of the full cache."""
-    loaded = load_trained(os.path.join(runs, "skip"))
+def kv_policies(runs: str, variant: str, exported: dict, reference: dict, text_len: int) -> dict:
+    """Every policy on a trained variant at fractions of the full cache."""
+    loaded = load_trained(os.path.join(runs, VARIANTS[variant][1]))
     full_slots = Generator(loaded.model_cfg, KVPolicy("full"), MAX_NEW).budget(text_len)
     base = KVPolicy("full", None, sink_tokens=2, recent_window=8, obs_window=4)
-    full = evaluate(loaded, exported, base, os.path.join(runs, "answers_skip_kv_full.jsonl"))
+    full = evaluate(loaded, exported, base, os.path.join(runs, f"answers_kv_{variant}_full.jsonl"))
     rows = {"full": {"kv_slots": full_slots, **quality(full, reference), "token_agreement_with_full": 1.0}}
     skip_policy = dataclasses.replace(base, name="skip_vision")
-    answers = evaluate(loaded, exported, skip_policy, os.path.join(runs, "answers_skip_kv_skip_vision.jsonl"))
+    answers = evaluate(loaded, exported, skip_policy, os.path.join(runs, f"answers_kv_{variant}_skip_vision.jsonl"))
     rows["skip_vision"] = {
         "kv_slots": Generator(loaded.model_cfg, skip_policy, MAX_NEW).budget(text_len),
         **quality(answers, reference),
@@ -216,7 +230,9 @@ def kv_policies(runs: str, exported: dict, reference: dict, text_len: int) -> di
         )
         for name in ("h2o", "snapkv", "streaming"):
             policy = dataclasses.replace(base, name=name, budget=budget)
-            answers = evaluate(loaded, exported, policy, os.path.join(runs, f"answers_skip_kv_{name}_{fraction}.jsonl"))
+            answers = evaluate(
+                loaded, exported, policy, os.path.join(runs, f"answers_kv_{variant}_{name}_{fraction}.jsonl")
+            )
             row = {"kv_slots": budget, "fraction": fraction, **quality(answers, reference)}
             row["token_agreement_with_full"] = float(
                 np.mean([answer_token_accuracy(answers[i], full[i]) for i in full])
@@ -236,6 +252,12 @@ def main():
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--questions", type=int, default=500, help="validation questions answered per variant")
     parser.add_argument("--skip-kv", action="store_true", help="leave out the KV policy sweep")
+    parser.add_argument(
+        "--kv-variant",
+        default="skip_nomerge",
+        choices=[name for name, (_, _, policies) in VARIANTS.items() if "skip_vision" in policies],
+        help="the Skip-FFN model the KV policies are swept on (trained if its run is missing)",
+    )
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
@@ -251,8 +273,9 @@ def main():
     variants = previous.get("variants", {})
     for name in names:
         record = train(name, args.runs, args.steps)
-        variants[name] = measure(name, args.runs, exported, reference, record)
-        print(json.dumps({name: variants[name]}), flush=True)
+        rows = measure(name, args.runs, exported, reference, record)
+        variants.update(rows)
+        print(json.dumps(rows), flush=True)
     chance = chance_accuracy(DetailVQA("val", args.questions, cfg.data.seed))
     result = {
         "task": "detail",
@@ -260,10 +283,13 @@ def main():
         "questions": args.questions,
         "chance_exact_match": chance,
         "variants": variants,
+        "kv_variant": previous.get("kv_variant"),
         "kv": previous.get("kv"),
     }
-    if not args.skip_kv and "skip" in names:
-        result["kv"] = kv_policies(args.runs, exported, reference, cfg.data.text_len)
+    if not args.skip_kv:
+        train(args.kv_variant, args.runs, args.steps)
+        result["kv_variant"] = args.kv_variant
+        result["kv"] = kv_policies(args.runs, args.kv_variant, exported, reference, cfg.data.text_len)
     write_result("tradeoff", result)
 
 

@@ -1,17 +1,21 @@
 """The detail task: small coloured digits on a 6 x 6 grid, multi-token answers.
 
-Each image is a 6 x 6 grid of 8-pixel cells holding 4 to 8 glyphs: digits
-0-9 drawn in a 3 x 5 pixel font, each in one of four colours, every
-(colour, digit) pair distinct. A glyph fills a fraction of its cell, so an
-average over 2 x 2 cells (a coarse token) blurs its shape into its
-neighbours' and loses where in the block it sits: the answers need the fine
-tokens. Questions come in two kinds, answered in several tokens:
+Each image is a 6 x 6 grid of 8-pixel cells; each cell holds a glyph with
+probability one half: a digit 0-9 drawn in a 3 x 5 pixel font, in one of four
+colours. A glyph fills a fraction of its cell, so an average over 2 x 2 cells
+(a coarse token) blurs its shape into its neighbours': the answers need the
+fine tokens. Questions come in two kinds, equally likely, each answered with
+one word per cell of a row, left to right, "-" for an empty cell:
 
-    where   where is the red 7 ?      -> row 3 column 5
-    row     what is in row 3 ?        -> blue 2 red 7 green 0   (reading order)
+    digits   what digits are in row 3 ?   -> 7 - - 2 9 -
+    colours  what colors are in row 3 ?   -> red - - blue red -
 
-Chance (the most common answer of each kind): about 3% exact match. Example
-i of a split is a pure function of (seed, split, i), as in the default task.
+Six answer tokens. Chance (the most common answer of each kind): about 2%
+exact match. A question naming one cell ("what is at row 3 column 5 ?") was
+tried as a second kind and stayed at chance after 1,500 steps while reading a
+row reached 74%: with rotary positions, a row is read at one fixed distance
+from the answer token, a cell needs a distance built from two words. Example i
+of a split is a pure function of (seed, split, i), as in the default task.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from skipvision_jax.data.tokenizer import WordTokenizer
 
 GRID = 6  # cells of synthetic.CELL pixels
 IMAGE_SIZE = GRID * CELL
-KINDS = ("where", "row")
+KINDS = ("digits", "colours")
 DIGITS = tuple(str(d) for d in range(10))
-MIN_GLYPHS, MAX_GLYPHS = 4, 8
+EMPTY = "-"
+OCCUPIED = 0.5  # the chance that a cell holds a glyph
 # 3 x 5 font, one string of three pixels per row.
 FONT = {
     "0": ("111", "101", "101", "101", "111"),
@@ -41,7 +46,7 @@ FONT = {
     "8": ("111", "101", "111", "101", "111"),
     "9": ("111", "101", "111", "001", "111"),
 }
-WORDS = ("where is the what in row column ?".split()) + list(COLOURS) + list(DIGITS)
+WORDS = "what digits colors are in row ?".split() + [EMPTY] + list(COLOURS) + list(DIGITS)
 
 
 def glyph_mask(digit: str) -> np.ndarray:
@@ -68,24 +73,27 @@ class GlyphScene:
 
 
 def sample_glyph_scene(rng: np.random.Generator) -> GlyphScene:
-    count = int(rng.integers(MIN_GLYPHS, MAX_GLYPHS + 1))
-    pairs = [(c, d) for c in COLOURS for d in DIGITS]
-    chosen = rng.choice(len(pairs), size=count, replace=False)
-    cells = np.sort(rng.choice(GRID * GRID, size=count, replace=False))
+    occupied = np.flatnonzero(rng.random(GRID * GRID) < OCCUPIED)
+    colours = rng.integers(len(COLOURS), size=occupied.size)
+    digits = rng.integers(len(DIGITS), size=occupied.size)
+    names = list(COLOURS)
     return GlyphScene(
-        tuple((pairs[p][0], pairs[p][1], int(cell) // GRID, int(cell) % GRID) for p, cell in zip(chosen, cells))
+        tuple(
+            (names[c], DIGITS[d], int(cell) // GRID, int(cell) % GRID) for cell, c, d in zip(occupied, colours, digits)
+        )
     )
 
 
 def sample_glyph_question(scene: GlyphScene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """(kind, question, answer), the kinds equally likely; rows and columns count from 1."""
+    """(kind, question, answer), the kinds and rows equally likely; rows count from 1."""
     kind = KINDS[int(rng.integers(len(KINDS)))]
-    if kind == "where":
-        colour, digit, row, col = scene.glyphs[int(rng.integers(len(scene.glyphs)))]
-        return kind, f"where is the {colour} {digit} ?", f"row {row + 1} column {col + 1}"
-    row = scene.glyphs[int(rng.integers(len(scene.glyphs)))][2]  # a row that holds a glyph
-    in_row = [f"{colour} {digit}" for colour, digit, r, _ in scene.glyphs if r == row]
-    return kind, f"what is in row {row + 1} ?", " ".join(in_row)
+    row = int(rng.integers(GRID))
+    cells = [EMPTY] * GRID
+    for colour, digit, r, col in scene.glyphs:
+        if r == row:
+            cells[col] = digit if kind == "digits" else colour
+    noun = "digits" if kind == "digits" else "colors"
+    return kind, f"what {noun} are in row {row + 1} ?", " ".join(cells)
 
 
 class DetailVQA(GeneratedVQA):
