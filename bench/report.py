@@ -75,6 +75,7 @@ def pct(x: float) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A header, its separator and one line per row of already formatted cells."""
     return [
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -323,17 +324,21 @@ def section(folder: str, draw: bool) -> list[str]:
         lines += [
             f"**Embedded task** ({rows[0]['steps']} steps x 64; `train_*.metrics.jsonl`), validation exact match:",
             "",
-            "| visual tokens | all | "
-            + " | ".join(rows[0]["per_kind"])
-            + " | train wall s | forward GFLOPs / example | command |",
-            "| --- | --- | " + "--- | " * len(rows[0]["per_kind"]) + "--- | --- | --- |",
         ]
-        lines += [
-            f"| {r['name']} | {pct(r['exact_match'])} | "
-            + " | ".join(pct(v) for v in r["per_kind"].values())
-            + f" | {'-' if r['elapsed_s'] is None else round(r['elapsed_s'])} | {r['gflops']:.3f} | `{r['command']}` |"
-            for r in rows
-        ]
+        lines += markdown_table(
+            ["visual tokens", "all", *rows[0]["per_kind"], "train wall s", "forward GFLOPs / example", "command"],
+            [
+                [
+                    r["name"],
+                    pct(r["exact_match"]),
+                    *(pct(v) for v in r["per_kind"].values()),
+                    "-" if r["elapsed_s"] is None else str(round(r["elapsed_s"])),
+                    f"{r['gflops']:.3f}",
+                    f"`{r['command']}`",
+                ]
+                for r in rows
+            ],
+        )
         lines.append("")
     if kv:
         lines += [
@@ -419,13 +424,21 @@ def section(folder: str, draw: bool) -> list[str]:
         lines += [
             f"**eval.py throughput** (`python bench/eval_throughput.py --checkpoint {throughput['checkpoint']}`, {throughput['questions']} exported val questions, `{throughput['policy']}`; compilation apart; target: the largest batch >= 5x the questions/s of batch 1):",
             "",
-            "| batch | run | questions/s | warm-up s (compile) | answering s | exact match |",
-            "| --- | --- | --- | --- | --- | --- |",
         ]
-        lines += [
-            f"| {r['batch_size']} | {r['repeat'] + 1} | {r['questions_per_s']:.1f} | {r['warmup_s']:.1f} | {r['answer_s']:.2f} | {pct(r['exact_match'])} |"
-            for r in throughput["runs"]
-        ]
+        lines += markdown_table(
+            ["batch", "run", "questions/s", "warm-up s (compile)", "answering s", "exact match"],
+            [
+                [
+                    str(r["batch_size"]),
+                    str(r["repeat"] + 1),
+                    f"{r['questions_per_s']:.1f}",
+                    f"{r['warmup_s']:.1f}",
+                    f"{r['answer_s']:.2f}",
+                    pct(r["exact_match"]),
+                ]
+                for r in throughput["runs"]
+            ],
+        )
         if "speedup_largest_over_smallest" in throughput:
             lines += [
                 "",
@@ -477,14 +490,20 @@ def scale_section(folder: str) -> list[str]:
         " the unrolled program all-reduced activations, so it holds more (8B on 8 devices: 8.6 GB against"
         " 6.2 GB unrolled).",
         "",
-        "| config | devices | prefill GB | decode step GB |",
-        "| --- | --- | --- | --- |",
     ]
-    lines += [
-        f"| {r['config']} | {r['devices']} | {r['prefill_skip']['per_device_bytes']['total'] / 1e9:.1f} | {r['decode_skip']['per_device_bytes']['total'] / 1e9:.2f} |"
-        for r in runs
-        if "prefill_skip" in r
-    ]
+    lines += markdown_table(
+        ["config", "devices", "prefill GB", "decode step GB"],
+        [
+            [
+                r["config"],
+                str(r["devices"]),
+                f"{r['prefill_skip']['per_device_bytes']['total'] / 1e9:.1f}",
+                f"{r['decode_skip']['per_device_bytes']['total'] / 1e9:.2f}",
+            ]
+            for r in runs
+            if "prefill_skip" in r
+        ],
+    )
     return lines + [""]
 
 

@@ -208,6 +208,11 @@ def measure(name: str, runs: str, exported: dict, reference: dict, train_record:
     return rows
 
 
+def agreement(answers: dict, reference_answers: dict) -> float:
+    """Mean answer-token accuracy of `answers` against another run's answers to the same questions."""
+    return float(np.mean([answer_token_accuracy(answers[i], reference_answers[i]) for i in reference_answers]))
+
+
 def kv_policies(runs: str, variant: str, exported: dict, reference: dict, text_len: int) -> dict:
     """Every policy on a trained variant at fractions of the full cache."""
     loaded = load_trained(os.path.join(runs, VARIANTS[variant][1]))
@@ -220,10 +225,8 @@ def kv_policies(runs: str, variant: str, exported: dict, reference: dict, text_l
     rows["skip_vision"] = {
         "kv_slots": Generator(loaded.model_cfg, skip_policy, MAX_NEW).budget(text_len),
         **quality(answers, reference),
+        "token_agreement_with_full": agreement(answers, full),
     }
-    rows["skip_vision"]["token_agreement_with_full"] = float(
-        np.mean([answer_token_accuracy(answers[i], full[i]) for i in full])
-    )
     for fraction in (0.25, 0.5, 0.75):
         budget = max(
             int(round(fraction * full_slots)), base.sink_tokens + base.recent_window + 1, base.obs_window + MAX_NEW
@@ -233,11 +236,12 @@ def kv_policies(runs: str, variant: str, exported: dict, reference: dict, text_l
             answers = evaluate(
                 loaded, exported, policy, os.path.join(runs, f"answers_kv_{variant}_{name}_{fraction}.jsonl")
             )
-            row = {"kv_slots": budget, "fraction": fraction, **quality(answers, reference)}
-            row["token_agreement_with_full"] = float(
-                np.mean([answer_token_accuracy(answers[i], full[i]) for i in full])
-            )
-            rows[f"{name}@{fraction:g}"] = row
+            rows[f"{name}@{fraction:g}"] = {
+                "kv_slots": budget,
+                "fraction": fraction,
+                **quality(answers, reference),
+                "token_agreement_with_full": agreement(answers, full),
+            }
     return rows
 
 
