@@ -1,15 +1,19 @@
 """Evaluate a model on a question file in LLaVA's `model_vqa_loader` format.
 
     python eval.py --checkpoint DIR --question-file Q.jsonl --image-folder IMGS --answers-file A.jsonl
-        [--annotation-file GT.jsonl] [--kv-policy full|skip_vision|h2o|snapkv|streaming|all] [--kv-budget N]
+        [--annotation-file GT.jsonl [--benchmark textvqa|vqav2|gqa|pope|mme|scienceqa_img|exact]
+        [--convention llava|lmms-eval]] [--kv-policy POLICY|all] [--kv-budget N | --kv-compression R]
         [--batch-size 16] [--max-new-tokens 16] [--num-chunks N --chunk-idx I] [--model-id NAME]
     python eval.py --hf-checkpoint HF_DIR [--visual-kept K] ...
 
-Greedy decoding, one answer line per question. Started again on the same
-answers file it answers only the questions still missing. `--kv-policy all`
-writes `A.<policy>.jsonl` for every policy and the table `A.policies.json`.
-With an annotation file the scores go to `A.scores.json` (or
-`A.<policy>.scores.json`) and are printed.
+Greedy decoding, one answer line per question (a question is its id and
+text: MME's two questions about an image share the id). Started again on the
+same answers file it answers only the questions still missing. `--kv-policy
+all` writes `A.<policy>.jsonl` for every policy and the table
+`A.policies.json`. With an annotation file the answers are scored as the
+benchmark's reference scores them (skipvision_jax/vqa/benchmarks.py; the
+embedded tasks' plain exact match by default), written to `A.scores.json`
+(or `A.<policy>.scores.json`) and printed.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from absl import flags
 
 from skipvision_jax import cli
 from skipvision_jax.data.images import ImageError
-from skipvision_jax.kvcache import POLICIES, KVPolicy
+from skipvision_jax.kvcache import POLICIES
 from skipvision_jax.train.checkpoint import CheckpointError
-from skipvision_jax.vqa import files, scoring
+from skipvision_jax.vqa import benchmarks, files
 
 flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
 flags.DEFINE_string("hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory.")
@@ -36,15 +40,16 @@ flags.DEFINE_string(
 flags.DEFINE_string("image_folder", None, "The folder the questions' image paths are relative to.", required=True)
 flags.DEFINE_string("answers_file", None, "Answers jsonl to write (appended to, when it exists).", required=True)
 flags.DEFINE_string(
-    "annotation_file", None, "Ground truth: question_id with answer, or answers (a list of human answers)."
+    "annotation_file", None, "Ground truth, one JSON object a line: question_id and the benchmark's fields."
+)
+flags.DEFINE_string(
+    "benchmark", None, f"Score as {' | '.join(benchmarks.BENCHMARKS)} does (default with --annotation-file: exact)."
+)
+flags.DEFINE_string(
+    "convention", None, "llava | lmms-eval: whose scorer (default: LLaVA's where it has one, lmms-eval's elsewhere)."
 )
 flags.DEFINE_string("kv_policy", "full", f"{' | '.join(POLICIES)} | all")
-flags.DEFINE_integer(
-    "kv_budget", None, "KV slots per layer (h2o, snapkv, streaming; with 'all': half of the full cache when unset)."
-)
-flags.DEFINE_integer("sink_tokens", 4, "Attention sinks kept by streaming and h2o.")
-flags.DEFINE_integer("recent_window", 16, "Recent tokens kept by streaming and h2o.")
-flags.DEFINE_integer("obs_window", 8, "SnapKV observation window.")
+cli.define_kv_flags()  # with 'all' and neither a budget nor a ratio: half of the full cache
 flags.DEFINE_integer("batch_size", 16, "Questions decoded together.")
 flags.DEFINE_integer("max_new_tokens", 16, "Answer tokens at most.")
 flags.DEFINE_integer(
@@ -76,18 +81,18 @@ def policy_table(answers: dict[str, list[dict]], scores: dict[str, dict]) -> lis
             "kv_slots": max((a["metadata"]["kv_slots"] for a in answered), default=0),
             "ms_per_answer": sum(a["metadata"]["ms_per_answer"] for a in answered) / max(len(answered), 1),
         }
-        if name in scores:
-            row["exact_match"] = scores[name]["exact_match"]
+        if "accuracy" in scores.get(name, {}):
+            row["accuracy"] = scores[name]["accuracy"]
         rows.append(row)
     return rows
 
 
 def format_policy_table(rows: list[dict]) -> str:
-    lines = [f"{'policy':<12} {'exact match':>11} {'agrees w/ full':>14} {'kv slots':>8} {'ms/answer':>9}"]
+    lines = [f"{'policy':<18} {'accuracy':>8} {'agrees w/ full':>14} {'kv slots':>8} {'ms/answer':>9}"]
     for row in rows:
-        exact = f"{row['exact_match']:.4f}" if "exact_match" in row else "-"
+        accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else "-"
         lines.append(
-            f"{row['policy']:<12} {exact:>11} {row['agreement_with_full']:>14.4f} {row['kv_slots']:>8} {row['ms_per_answer']:>9.2f}"
+            f"{row['policy']:<18} {accuracy:>8} {row['agreement_with_full']:>14.4f} {row['kv_slots']:>8} {row['ms_per_answer']:>9.2f}"
         )
     return "\n".join(lines)
 
@@ -102,13 +107,17 @@ def main() -> None:
         raise ValueError("give exactly one of --checkpoint (a train.py workdir) and --hf-checkpoint")
     if f.kv_policy != "all" and f.kv_policy not in POLICIES:
         raise ValueError(f"--kv-policy: unknown {f.kv_policy!r}, expected one of {POLICIES + ('all',)}")
-    base = KVPolicy("full", f.kv_budget, f.sink_tokens, f.recent_window, f.obs_window)
-    policies = POLICIES if f.kv_policy == "all" else (f.kv_policy,)
+    policies = cli.kv_policies_from_flags(POLICIES if f.kv_policy == "all" else (f.kv_policy,))
     # Everything that can be wrong with the input fails before the model loads.
     questions = files.chunk(files.read_questions(f.question_file), f.num_chunks, f.chunk_idx)
-    annotations = scoring.read_annotations(f.annotation_file) if f.annotation_file else None
+    if f.benchmark is not None and f.annotation_file is None:
+        raise ValueError("--benchmark: needs --annotation-file")
+    benchmark = f.benchmark or "exact"
+    annotations = benchmarks.read_annotations(f.annotation_file, benchmark, f.convention) if f.annotation_file else None
     if annotations is not None:
-        missing = [q.question_id for q in questions if q.question_id not in annotations]
+        missing = [
+            q.question_id for q in questions if (q.key if benchmark == "mme" else q.question_id) not in annotations
+        ]
         if missing:
             raise ValueError(
                 f"annotation file: {f.annotation_file} lacks {len(missing)} of the questions (first: {missing[0]!r})"
@@ -120,11 +129,13 @@ def main() -> None:
         fastv = FastVConfig(f.fastv_layer, f.fastv_keep)
         loaded = with_model_config(loaded, lambda cfg: dataclasses.replace(cfg, fastv=fastv))
     categories = {q.question_id: q.category for q in questions}
+    asked = {q.key for q in questions}
     answers, scores = {}, {}
-    for name in policies:
+    for policy in policies:
+        name = policy.name
         path = files.sibling_path(f.answers_file, f"{name}.jsonl") if f.kv_policy == "all" else f.answers_file
         settings = EvalSettings(
-            dataclasses.replace(base, name=name),
+            policy,
             f.max_new_tokens,
             f.batch_size,
             model_id,
@@ -135,12 +146,12 @@ def main() -> None:
         print(json.dumps({"policy": name, "answers_file": path, **summary}))
         if summary["errors"]:
             print(f"{summary['errors']} questions could not be answered (their lines carry an 'error' field)")
-        answers[name] = [a for a in files.read_answers(path) if a["question_id"] in categories]
+        answers[name] = [a for a in files.read_answers(path) if files.answer_key(a) in asked]
         if annotations is not None:
-            scores[name] = scoring.score_answers(answers[name], annotations, categories)
+            scores[name] = benchmarks.score(benchmark, answers[name], annotations, f.convention, categories)
             with open(files.sibling_path(path, "scores.json"), "w") as out:
                 json.dump(scores[name], out, indent=2)
-            print(scoring.format_scores(scores[name]))
+            print(json.dumps(scores[name]))
     if f.kv_policy == "all":
         table = policy_table(answers, scores)
         with open(files.sibling_path(f.answers_file, "policies.json"), "w") as out:

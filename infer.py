@@ -18,7 +18,7 @@ from absl import flags
 from skipvision_jax import cli
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.generate import Sampling
-from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.kvcache import POLICIES
 from skipvision_jax.train.checkpoint import CheckpointError
 
 flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
@@ -30,11 +30,8 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_string("image", None, "Image file.", required=True)
 flags.DEFINE_string("prompt", None, "The question.", required=True)
-flags.DEFINE_string("kv_policy", "full", "full | skip_vision | h2o | snapkv | streaming")
-flags.DEFINE_integer("kv_budget", None, "KV slots per layer (required by h2o, snapkv, streaming).")
-flags.DEFINE_integer("sink_tokens", 4, "Attention sinks kept by streaming and h2o.")
-flags.DEFINE_integer("recent_window", 16, "Recent tokens kept by streaming and h2o.")
-flags.DEFINE_integer("obs_window", 8, "SnapKV observation window.")
+flags.DEFINE_string("kv_policy", "full", " | ".join(POLICIES))
+cli.define_kv_flags()
 flags.DEFINE_integer("max_new_tokens", 16, "Tokens to generate at most.")
 flags.DEFINE_bool("greedy", True, "Greedy decoding; --nogreedy samples.")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature (with --nogreedy).")
@@ -51,7 +48,7 @@ def main() -> None:
     from skipvision_jax.inference import answer, compare_policies, load_hf, load_trained
 
     f = flags.FLAGS
-    policy = KVPolicy(f.kv_policy, f.kv_budget, f.sink_tokens, f.recent_window, f.obs_window)
+    policies = cli.kv_policies_from_flags(POLICIES if f.compare_policies else (f.kv_policy,))
     sampling = Sampling(
         greedy=f.greedy and f.temperature == 1.0, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p
     )
@@ -61,19 +58,19 @@ def main() -> None:
     loaded = load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
     batch, model_cfg = loaded.make_batch(f.image, f.prompt)
     if f.compare_policies:
-        rows = compare_policies(loaded, batch, model_cfg, policy, f.max_new_tokens, sampling, f.seed)
+        rows = compare_policies(loaded, batch, model_cfg, policies, f.max_new_tokens, sampling, f.seed)
         if f.json:
             print(json.dumps(rows))
             return
         print(
-            f"{'policy':<12} {'answer':<24} {'prefill ms':>10} {'decode ms/tok':>13} {'kv slots':>8} {'kv KiB':>8}  agrees"
+            f"{'policy':<18} {'answer':<24} {'prefill ms':>10} {'decode ms/tok':>13} {'kv slots':>8} {'kv KiB':>8}  agrees"
         )
         for row in rows:
             print(
-                f"{row['policy']:<12} {row['text'][:24]:<24} {row['prefill_ms']:>10.2f} {row['decode_ms_per_token']:>13.3f} {row['kv_slots']:>8} {row['kv_bytes'] / 1024:>8.1f}  {row['agrees_with_full']}"
+                f"{row['policy']:<18} {row['text'][:24]:<24} {row['prefill_ms']:>10.2f} {row['decode_ms_per_token']:>13.3f} {row['kv_slots']:>8} {row['kv_bytes'] / 1024:>8.1f}  {row['agrees_with_full']}"
             )
         return
-    result = answer(loaded, batch, model_cfg, policy, f.max_new_tokens, sampling, f.seed)
+    result = answer(loaded, batch, model_cfg, policies[0], f.max_new_tokens, sampling, f.seed)
     print(json.dumps(result) if f.json else result["text"])
 
 

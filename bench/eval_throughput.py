@@ -19,10 +19,10 @@ import tempfile
 
 from common import write_result
 
-from skipvision_jax.data.synthetic import export_llava_eval
+from skipvision_jax.data.tasks import export_llava_eval
 from skipvision_jax.inference import load_trained
 from skipvision_jax.kvcache import KVPolicy
-from skipvision_jax.vqa import files, scoring
+from skipvision_jax.vqa import benchmarks, files
 from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
 
 
@@ -41,18 +41,18 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_llava_eval(os.path.join(tmp, "export"), "val", args.questions, loaded.cfg.data.seed)
         questions = files.read_questions(exported["questions"])
-        annotations = scoring.read_annotations(exported["annotations"])
+        annotations = benchmarks.read_annotations(exported["annotations"], "exact")
         for repeat in range(args.repeats):
             for batch_size in batch_sizes:
                 answers_path = os.path.join(tmp, f"answers_{batch_size}_{repeat}.jsonl")
                 settings = EvalSettings(KVPolicy(args.policy), max_new_tokens=4, batch_size=batch_size, progress=False)
                 summary = evaluate_questions(loaded, questions, exported["images"], answers_path, settings)
-                scores = scoring.score_answers(files.read_answers(answers_path), annotations)
+                scores = benchmarks.score("exact", files.read_answers(answers_path), annotations)
                 runs.append(
                     {
                         "batch_size": batch_size,
                         "repeat": repeat,
-                        "exact_match": scores["exact_match"],
+                        "exact_match": scores["accuracy"],
                         **{k: summary[k] for k in ("answered", "warmup_s", "answer_s", "questions_per_s")},
                     }
                 )

@@ -176,7 +176,7 @@ def plot_tradeoff(folder: str, tradeoff: dict | None) -> None:
     if not tradeoff:
         return
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.6))
     points = [(v["forward_gflops"], 100 * v["exact_match"], k) for k, v in tradeoff["variants"].items()]
     markers = "osD^vP*Xhp<>"  # variants share costs and accuracies: a legend, not labels that overlap
     for (gflops, accuracy, name), marker in zip(points, markers * len(points)):
@@ -190,22 +190,90 @@ def plot_tradeoff(folder: str, tradeoff: dict | None) -> None:
     axes[0].legend(fontsize=7, loc="center right")
     kv = tradeoff.get("kv")
     if kv:
-        full = kv["full"]
+        full, sv = kv["full"], kv["skip_vision"]
+        for ax, mode in zip(axes[1:], ("budget", "ratio")):
+            for policy in kv_policy_names(kv):
+                curve = sorted(
+                    (100 * v["fraction"], 100 * v["exact_match"])
+                    for v in kv.values()
+                    if v.get("policy") == policy and v.get("mode") == mode
+                )
+                ax.plot(*zip(*curve, (100, 100 * full["exact_match"])), marker="o", label=policy)
+            ax.scatter(
+                100 * sv["kv_slots"] / full["kv_slots"],
+                100 * sv["exact_match"],
+                marker="*",
+                s=150,
+                color="black",
+                label="skip_vision",
+                zorder=3,
+            )
         for policy in ("h2o", "snapkv", "streaming"):
-            curve = sorted((v["kv_slots"], 100 * v["exact_match"]) for k, v in kv.items() if k.startswith(policy + "@"))
-            curve.append((full["kv_slots"], 100 * full["exact_match"]))
-            axes[1].plot(*zip(*curve), marker="o", label=policy)
-        sv = kv["skip_vision"]
-        axes[1].scatter(
-            sv["kv_slots"], 100 * sv["exact_match"], marker="*", s=150, color="black", label="skip_vision", zorder=3
-        )
+            before = sorted(
+                (100 * v["fraction"], 100 * v["exact_match"])
+                for k, v in (tradeoff.get("kv_per_layer") or {}).items()
+                if k.startswith(policy + "@")
+            )
+            if before:
+                axes[1].plot(*zip(*before), linestyle=":", color="gray", alpha=0.7)
         axes[1].set(
-            xlabel="KV slots per layer",
+            xlabel="KV budget (% of the full cache's slots)",
             ylabel="val exact match (%)",
-            title=f"Detail task: KV cache ({tradeoff['kv_variant']} model)",
+            title=f"KV budget, evicting ({tradeoff['kv_variant']} model; dotted: per-layer before)",
         )
-        axes[1].legend(fontsize=8)
+        axes[2].set(
+            xlabel="prompt keys kept (%, = 1 - compression ratio)",
+            ylabel="val exact match (%)",
+            title=f"kvpress compression ratio ({tradeoff['kv_variant']} model)",
+        )
+        axes[1].legend(fontsize=7)
     save_figure(fig, folder, "tradeoff.png")
+
+
+def kv_policy_names(kv: dict) -> list[str]:
+    """The swept policies, in the sweep's order."""
+    return list(dict.fromkeys(v["policy"] for v in kv.values() if "policy" in v))
+
+
+def kv_sweep_lines(tradeoff: dict) -> list[str]:
+    """Exact match (and answer-token agreement with the full cache) of every
+    policy in both budget modes, beside the per-layer sweep it replaced."""
+    kv, before = tradeoff["kv"], tradeoff.get("kv_per_layer") or {}
+    fractions = sorted({v["fraction"] for v in kv.values() if "fraction" in v})
+    cell = lambda v: f"{pct(v['exact_match'])} ({pct(v['token_agreement_with_full'])})" if v else "-"
+    slots = ", ".join(
+        f"{100 * f:g}%: {next(v['kv_slots'] for v in kv.values() if v.get('fraction') == f and v['mode'] == 'budget')}"
+        for f in fractions
+    )
+    lines = [
+        "",
+        f"KV policies on the {tradeoff['kv_variant']} model, selecting per KV head: exact match (answer tokens equal"
+        f" to the full cache's at their place). `full`: {kv['full']['kv_slots']} slots, {pct(kv['full']['exact_match'])};"
+        f" `skip_vision`: {kv['skip_vision']['kv_slots']} slots, {pct(kv['skip_vision']['exact_match'])}. Budget"
+        f" columns: a buffer of that share of the full cache ({slots} slots), evicting while decoding; ratio columns:"
+        " kvpress's compression ratio, the prompt keeps that share of its keys and decoding appends; the last"
+        " column: the per-layer selection this replaced, at the same budgets.",
+        "",
+    ]
+    header = (
+        ["policy"]
+        + [f"budget {100 * f:g}%" for f in fractions]
+        + [f"ratio {1 - f:g}" for f in fractions]
+        + ["per layer, budget " + " / ".join(f"{100 * f:g}" for f in fractions) + "% (before)"]
+    )
+    by_mode = lambda policy, mode, f: next(
+        (v for v in kv.values() if v.get("policy") == policy and v["mode"] == mode and v["fraction"] == f), None
+    )
+    rows = []
+    for policy in kv_policy_names(kv):
+        previous = [before.get(f"{policy}@{f:g}") for f in fractions]
+        rows.append(
+            [policy]
+            + [cell(by_mode(policy, "budget", f)) for f in fractions]
+            + [cell(by_mode(policy, "ratio", f)) for f in fractions]
+            + [" / ".join(pct(v["exact_match"]) for v in previous) if all(previous) else "-"]
+        )
+    return lines + markdown_table(header, rows)
 
 
 def tradeoff_lines(tradeoff: dict) -> list[str]:
@@ -240,24 +308,7 @@ def tradeoff_lines(tradeoff: dict) -> list[str]:
         ],
     )
     if tradeoff.get("kv"):
-        lines += [
-            "",
-            f"KV policies on the {tradeoff['kv_variant']} model (slots per layer; agreement: answer tokens equal to the full cache's at their place):",
-            "",
-        ]
-        lines += markdown_table(
-            ["policy", "slots", "exact match", "answer-token accuracy", "agreement with full"],
-            [
-                [
-                    k,
-                    str(v["kv_slots"]),
-                    pct(v["exact_match"]),
-                    pct(v["token_accuracy"]),
-                    pct(v["token_agreement_with_full"]),
-                ]
-                for k, v in tradeoff["kv"].items()
-            ],
-        )
+        lines += kv_sweep_lines(tradeoff)
     return lines + [""]
 
 
@@ -480,7 +531,7 @@ def scale_section(folder: str) -> list[str]:
             fits = ", ".join("yes" if row["projected"][chip]["fits_hbm"] else "no" for chip in chips)
             first = row["projected"][chips[0]]
             lines.append(
-                f"| {run['config']} | {run['devices']} | {variant} | {row['sequence']} | {row['per_device_bytes']['total'] / 1e9:.1f} | {fits} | {first['step_s']:.3f} | {run['batch'] / run['devices'] / first['step_s']:.1f} |"
+                f"| {run['config']} | {run['devices']} | {variant} | {row['sequence']} | {row['per_device_bytes']['total'] / 1e9:.1f} | {fits} | {first['step_s']:.3f} | {first['tokens_per_s_per_chip']:,.0f} |"
             )
     lines += [
         "",

@@ -26,6 +26,11 @@ bench/results/<device>/tradeoff.json (figures: python bench/report.py).
     fastv         the full model, pruned after layer 2 (of 4) to the 11 visual
                   tokens its last prompt token attends to most (skip's 9 + 2 summaries)
     fastv_layer1  the same, pruned after layer 1
+    skip_cls      the paper's layout, its 9 kept tokens the fine patches the tower's
+                  CLS attends most (layout.select=cls_attention; a one-layer tower)
+    skip_masked   the paper's layout, text hidden from the skipped rows
+                  (skip.text_sees_skipped=False): the skip_vision cache is exact
+    skip_nomerge_masked  skip_nomerge, text hidden from the skipped rows
 """
 
 from __future__ import annotations
@@ -48,13 +53,15 @@ sys.path.insert(0, REPO)
 from configs import detail  # noqa: E402
 from skipvision_jax.config import FastVConfig  # noqa: E402
 from skipvision_jax.data.detail import DetailVQA  # noqa: E402
-from skipvision_jax.data.synthetic import chance_accuracy, export_llava_eval  # noqa: E402
+from skipvision_jax.data.synthetic import chance_accuracy  # noqa: E402
+from skipvision_jax.data.tasks import export_llava_eval  # noqa: E402
 from skipvision_jax.generate import Generator, Sampling  # noqa: E402
 from skipvision_jax.inference import LoadedModel, load_trained, with_model_config  # noqa: E402
-from skipvision_jax.kvcache import KVPolicy  # noqa: E402
+from skipvision_jax.kvcache import POLICIES, KVPolicy  # noqa: E402
 from skipvision_jax.nn import SkipVisionVLM  # noqa: E402
 from skipvision_jax.train.loop import train_and_evaluate  # noqa: E402
-from skipvision_jax.vqa import files, scoring  # noqa: E402
+from skipvision_jax.vqa import files  # noqa: E402
+from skipvision_jax.vqa.benchmarks import exact_match  # noqa: E402
 from skipvision_jax.vqa.harness import Encoded, EvalSettings, collate, evaluate_questions  # noqa: E402
 
 MAX_NEW = 7  # the answer (6 tokens) and <eos>
@@ -76,6 +83,22 @@ VARIANTS = {
     "merge": ({"model.skip.enabled": False}, "merge", ("full",)),
     "skip": ({}, "skip", ("full", "skip_vision")),
     "skip_nomerge": ({"model.layout.merge_to": None}, "skip_nomerge", ("full", "skip_vision")),
+    # The official LLaVA setting's selection: the 9 kept tokens are the fine
+    # patches the CLS token attends most in the tower's one layer (the
+    # attention needs a layer, which the other variants' towers do not run);
+    # no pooled coarse grid, the other 27 merged to 12.
+    "skip_cls": (
+        {"model.vision.pooled_grids": (), "model.vision.select_layer": 1, "model.layout.select": "cls_attention"},
+        "skip_cls",
+        ("full", "skip_vision"),
+    ),
+    # Text hidden from the skipped rows (the older official variants): the skip cache is exact.
+    "skip_masked": ({"model.skip.text_sees_skipped": False}, "skip_masked", ("full", "skip_vision")),
+    "skip_nomerge_masked": (
+        {"model.layout.merge_to": None, "model.skip.text_sees_skipped": False},
+        "skip_nomerge_masked",
+        ("full", "skip_vision"),
+    ),
     "skip_topk": ({"model.skip.partition": "topk"}, "skip_topk", ("full", "skip_vision")),
     "drop_fine": (
         {
@@ -140,9 +163,7 @@ def evaluate(loaded: LoadedModel, exported: dict, policy: KVPolicy, answers_path
 def quality(answers: dict, reference: dict) -> dict[str, float]:
     ids = sorted(reference)
     return {
-        "exact_match": float(
-            np.mean([scoring.normalize_answer(answers[i]) == scoring.normalize_answer(reference[i]) for i in ids])
-        ),
+        "exact_match": float(np.mean([exact_match(answers[i], reference[i]) for i in ids])),
         "token_accuracy": float(np.mean([answer_token_accuracy(answers[i], reference[i]) for i in ids])),
     }
 
@@ -213,8 +234,19 @@ def agreement(answers: dict, reference_answers: dict) -> float:
     return float(np.mean([answer_token_accuracy(answers[i], reference_answers[i]) for i in reference_answers]))
 
 
+def mean_slots(loaded: LoadedModel, policy: KVPolicy, text_len: int) -> float:
+    """Cache slots per layer, the mean over layers (PyramidKV sizes its layers apart)."""
+    return float(np.mean(Generator(loaded.model_cfg, policy, MAX_NEW).plan(text_len).slots))
+
+
+SWEPT_POLICIES = [name for name in POLICIES if name not in ("full", "skip_vision")]
+
+
 def kv_policies(runs: str, variant: str, exported: dict, reference: dict, text_len: int) -> dict:
-    """Every policy on a trained variant at fractions of the full cache."""
+    """Every policy on a trained variant at fractions of the full cache, in
+    both budget modes: a buffer of that many slots (`name@fraction`, the
+    evicting policies evict while decoding) and kvpress's compression ratio
+    1 - fraction of each prompt (`name@fraction/ratio`, decoding appends)."""
     loaded = load_trained(os.path.join(runs, VARIANTS[variant][1]))
     full_slots = Generator(loaded.model_cfg, KVPolicy("full"), MAX_NEW).budget(text_len)
     base = KVPolicy("full", None, sink_tokens=2, recent_window=8, obs_window=4)
@@ -231,17 +263,22 @@ def kv_policies(runs: str, variant: str, exported: dict, reference: dict, text_l
         budget = max(
             int(round(fraction * full_slots)), base.sink_tokens + base.recent_window + 1, base.obs_window + MAX_NEW
         )
-        for name in ("h2o", "snapkv", "streaming"):
-            policy = dataclasses.replace(base, name=name, budget=budget)
-            answers = evaluate(
-                loaded, exported, policy, os.path.join(runs, f"answers_kv_{variant}_{name}_{fraction}.jsonl")
-            )
-            rows[f"{name}@{fraction:g}"] = {
-                "kv_slots": budget,
-                "fraction": fraction,
-                **quality(answers, reference),
-                "token_agreement_with_full": agreement(answers, full),
-            }
+        ratio = round(1 - fraction, 2)
+        for name in SWEPT_POLICIES:
+            for row, policy in (
+                (f"{name}@{fraction:g}", dataclasses.replace(base, name=name, budget=budget)),
+                (f"{name}@{fraction:g}/ratio", dataclasses.replace(base, name=name, compression=ratio)),
+            ):
+                path = os.path.join(runs, f"answers_kv_{variant}_{row.replace('@', '_').replace('/', '_')}.jsonl")
+                answers = evaluate(loaded, exported, policy, path)
+                rows[row] = {
+                    "policy": name,
+                    "mode": "ratio" if policy.compression is not None else "budget",
+                    "kv_slots": mean_slots(loaded, policy, text_len),
+                    "fraction": fraction,
+                    **quality(answers, reference),
+                    "token_agreement_with_full": agreement(answers, full),
+                }
     return rows
 
 
@@ -263,7 +300,7 @@ def main():
         help="the Skip-FFN model the KV policies are swept on (trained if its run is missing)",
     )
     args = parser.parse_args()
-    names = args.variants.split(",")
+    names = [name for name in args.variants.split(",") if name]  # --variants "": the KV sweep alone
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"error: --variants: unknown {unknown}, expected some of {list(VARIANTS)}")
@@ -290,6 +327,9 @@ def main():
         "kv_variant": previous.get("kv_variant"),
         "kv": previous.get("kv"),
     }
+    # The sweep of the per-layer caches (one slot set for all KV heads, before
+    # per-head selection) stays beside the new one for comparison.
+    result["kv_per_layer"] = previous.get("kv_per_layer")
     if not args.skip_kv:
         train(args.kv_variant, args.runs, args.steps)
         result["kv_variant"] = args.kv_variant

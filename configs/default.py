@@ -37,8 +37,20 @@ def get_config() -> ConfigDict:
                 "select_layer": 0,
                 "pooled_grids": (2,),
             },
-            "layout": {"image_offset": SyntheticVQA.image_offset, "num_kept": 4, "merge_to": 8, "summary_tokens": True},
-            "skip": {"enabled": True, "partition": "positional", "layer_start": 0, "layer_end": -1},
+            "layout": {
+                "image_offset": SyntheticVQA.image_offset,
+                "num_kept": 4,
+                "select": "first",
+                "merge_to": 8,
+                "summary_tokens": True,
+            },
+            "skip": {
+                "enabled": True,
+                "partition": "positional",
+                "layer_start": 0,
+                "layer_end": -1,
+                "text_sees_skipped": True,
+            },
             "decoder": {
                 "vocab_size": len(SyntheticVQA.tokenizer),
                 "width": 128,

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from skipvision_jax import sharding
+from skipvision_jax.kvcache import KVPolicy
 
 
 def one_line(err: BaseException) -> str:
@@ -82,6 +83,45 @@ def define_distributed_flags() -> None:
         False,
         "Call jax.distributed.initialize() with its cluster auto-detection (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS).",
     )
+
+
+def define_kv_flags() -> None:
+    """The KV policy's settings (the policy's name is each command's own flag)."""
+    flags.DEFINE_integer(
+        "kv_budget", None, "KV slots per layer: a fixed buffer; h2o, streaming and tova evict while decoding."
+    )
+    flags.DEFINE_float(
+        "kv_compression",
+        None,
+        "kvpress's compression ratio R: each prompt keeps int(L * (1 - R)) keys per KV head, decoding appends.",
+    )
+    flags.DEFINE_integer("sink_tokens", 4, "Attention sinks kept by streaming and h2o.")
+    flags.DEFINE_integer("recent_window", 16, "Recent tokens kept by h2o.")
+    flags.DEFINE_integer("obs_window", 8, "SnapKV's and PyramidKV's observation window.")
+    flags.DEFINE_integer("pool_kernel", 5, "SnapKV's and PyramidKV's average pooling of the window's scores (odd).")
+    flags.DEFINE_integer("pyramid_beta", 20, "PyramidKV's steepness.")
+
+
+def kv_policies_from_flags(names: Sequence[str]) -> list[KVPolicy]:
+    """One policy per name, from the KV flags. Run together (eval.py's `all`,
+    infer.py's --compare_policies), `full` and `skip_vision` take neither the
+    budget nor the ratio: those size the pruning policies. Alone, a budget or
+    ratio they cannot take is an error."""
+    f = flags.FLAGS
+    sized = lambda name: len(names) == 1 or name not in ("full", "skip_vision")
+    return [
+        KVPolicy(
+            name,
+            f.kv_budget if sized(name) else None,
+            sink_tokens=f.sink_tokens,
+            recent_window=f.recent_window,
+            obs_window=f.obs_window,
+            pool_kernel=f.pool_kernel,
+            compression=f.kv_compression if sized(name) else None,
+            pyramid_beta=f.pyramid_beta,
+        )
+        for name in names
+    ]
 
 
 def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ...]) -> None:

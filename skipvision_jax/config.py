@@ -114,14 +114,22 @@ class VisionConfig:
         return self.select_layer % (self.depth + 1)
 
 
+LAYOUT_SELECTIONS = ("first", "cls_attention")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayoutConfig:
     """Where the visual tokens go: `[prefix | kept | q1 | skipped | q2 | text]`."""
 
     # Text tokens before the visual block (a chat template's fixed prefix).
     image_offset: int = 0
-    # The first `num_kept` visual tokens are kept; the rest are the fine tokens.
+    # `num_kept` visual tokens are kept; the rest are the fine tokens. Which:
+    # "first" (by position), or "cls_attention": the top num_kept by the CLS
+    # token's attention to the patches at the feature layer, mean over heads,
+    # kept in image order (VisionZip's dominant tokens, `use_zip` in the
+    # official Skip-Vision clip_encoder.py).
     num_kept: int = 4
+    select: str = "first"
     # Fine tokens after token merging; None keeps them all.
     merge_to: int | None = None
     # Insert the learned summary tokens q1 (after kept) and q2 (after skipped).
@@ -152,6 +160,11 @@ class LayoutConfig:
             f"must be None or >= 0, got {self.merge_to!r}",
         )
         _require(
+            self.select in LAYOUT_SELECTIONS,
+            "layout.select",
+            f"unknown {self.select!r}, expected one of {LAYOUT_SELECTIONS}",
+        )
+        _require(
             not (self.drop_fine and self.merge_to is not None),
             "layout.drop_fine",
             "the fine tokens are dropped, so there is nothing to merge; set merge_to to None",
@@ -167,6 +180,12 @@ class SkipConfig:
     layer_start: int = 0
     # Exclusive; -1 means through the last layer.
     layer_end: int = -1
+    # Whether the rows after q2 (text, answer) attend to the skipped rows, in
+    # training and prefill. True: the newest official variants (plain causal
+    # mask), whose skip KV cache then drops keys the text was trained to read.
+    # False: the older `*_pass_last_sdpa_pass_o.py` variants, which hide them,
+    # so the skip_vision cache is exact (q2 still reads them and carries them on).
+    text_sees_skipped: bool = True
 
     def __post_init__(self):
         _require(
@@ -294,6 +313,20 @@ class ModelConfig:
             not (self.layout.summary_tokens and self.layout.num_kept == 0),
             "layout.summary_tokens",
             "q1 would pool over an empty kept set",
+        )
+        _require(
+            self.layout.select == "first"
+            or (
+                self.vision.select_strategy == "patch" and not self.vision.pooled_grids and self.vision.layers_used > 0
+            ),
+            "layout.select",
+            "cls_attention ranks the patch tokens of one scale inside the feature layer: needs vision.select_strategy"
+            " 'patch', no pooled_grids and a feature layer after the embeddings",
+        )
+        _require(
+            self.skip.text_sees_skipped or (self.layout.summary_tokens and self.num_skipped > 0),
+            "skip.text_sees_skipped",
+            "False needs summary tokens (layout.summary_tokens): nothing would carry the skipped rows to the text",
         )
         _require(self.dtype in COMPUTE_DTYPES, "dtype", f"unknown {self.dtype!r}, expected one of {COMPUTE_DTYPES}")
         n = self.decoder.num_layers

@@ -121,9 +121,14 @@ class Generator:
         with self._sharded():
             return self._decode_jit(params, state)
 
-    def budget(self, num_text: int) -> int:
+    def plan(self, num_text: int) -> kvcache.CachePlan:
+        """The caches' static sizes for prompts of `num_text` padded text tokens."""
         layout = self.model.layout(num_text)
-        return self.policy.resolve_budget(layout.length, layout.skipped, self.max_new_tokens)
+        return self.policy.plan(layout.length, layout.skipped, self.max_new_tokens, self.cfg.decoder.num_layers)
+
+    def budget(self, num_text: int) -> int:
+        """Slots per layer (the largest layer's, where a policy sizes layers apart)."""
+        return max(self.plan(num_text).slots)
 
     def _is_stop(self, tokens):
         return (
@@ -133,7 +138,7 @@ class Generator:
     def _prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
         input_ids, text_mask = batch["input_ids"], batch["text_mask"]
         layout = self.model.layout(input_ids.shape[1])
-        budget = self.budget(input_ids.shape[1])
+        plan = self.plan(input_ids.shape[1])
         length = layout.length
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (input_ids.shape[0], length))
         image = {"pixels": batch["pixels"]} if "pixels" in batch else {"vision_features": batch["vision_features"]}
@@ -141,13 +146,7 @@ class Generator:
         # Real tokens are contiguous from 0 (text is right-padded), so a row's
         # prompt length is its count of valid rows.
         prompt_lens = key_valid.sum(axis=1).astype(jnp.int32)
-        query_weights = None
-        if self.policy.name == "h2o":
-            query_weights = key_valid.astype(jnp.float32)
-        elif self.policy.name == "snapkv":
-            query_weights = (key_valid & (positions >= prompt_lens[:, None] - self.policy.obs_window)).astype(
-                jnp.float32
-            )
+        query_weights = self.policy.query_weights(positions, key_valid, prompt_lens)
         logits, captured = self.model.apply(
             {"params": params},
             input_ids,
@@ -158,17 +157,26 @@ class Generator:
             mutable=["prefill"],
         )
         captured = captured["prefill"]["decoder"]
+        cached = key_valid
+        if not self.cfg.skip.text_sees_skipped:
+            # No row after q2 reads the skipped rows, the new tokens included:
+            # their keys are dead after prefill, under every policy.
+            cached = key_valid & ~((positions >= layout.skipped_start) & (positions < layout.skipped_end))
         caches = []
         for group in layer_groups(self.cfg.decoder.num_layers, self.cfg.skip_layers, self.cfg.scan_layers):
             if "fastv_index" in captured and group.start >= self.cfg.fastv.layer:
                 # FastV removed visual rows: these layers cache only the rows that stayed.
                 kept_rows = captured["fastv_index"][0]
-                rows = tuple(jnp.take_along_axis(x, kept_rows, axis=1) for x in (positions, key_valid))
+                rows = tuple(jnp.take_along_axis(x, kept_rows, axis=1) for x in (positions, cached))
             else:
-                rows = (positions, key_valid)
-            layer_cache = functools.partial(self._layer_cache, *rows, prompt_lens, layout, budget)
+                rows = (positions, cached)
+            keep, num_slots, budget = plan.group(group.start, group.end)
+            layer_keep = jnp.asarray(keep)[:, prompt_lens]  # [layers, B]: each row's count, by its prompt length
+            layer_cache = functools.partial(self._layer_cache, *rows, prompt_lens, layout, num_slots, budget)
             sown = prefill_captures(captured, group)
-            caches.append(jax.vmap(layer_cache)(sown) if group.scanned else layer_cache(sown))
+            caches.append(
+                jax.vmap(layer_cache)(sown, layer_keep) if group.scanned else layer_cache(sown, layer_keep[0])
+            )
         rng, first_rng = jax.random.split(rng)
         first = sample(logits, first_rng, self.sampling)
         batch_size = input_ids.shape[0]
@@ -192,16 +200,24 @@ class Generator:
         key_valid: Bool[Array, "B L"],
         prompt_lens: Int[Array, " B"],
         layout: SequenceLayout,
+        num_slots: int,
         budget: int,
         sown: dict[str, Array],
+        keep: Int[Array, " B"],
     ) -> LayerCache:
-        """One layer's cache from what it sowed at prefill, under the policy."""
-        scores = sown.get("key_scores")
-        priority = kvcache.prompt_priority(
-            self.policy, positions, key_valid, prompt_lens, (layout.skipped_start, layout.skipped_end), scores
+        """One layer's cache from what it sowed at prefill, under the policy:
+        `keep[row]` prompt keys per KV head, ranked among `num_slots`, in a
+        buffer of `budget` slots."""
+        keys = kvcache.PromptKeys(
+            sown["k"],
+            positions,
+            key_valid,
+            prompt_lens,
+            sown.get("key_scores"),
+            (layout.skipped_start, layout.skipped_end),
         )
-        num_slots = self.policy.prompt_slots(budget, positions.shape[1], self.max_new_tokens)
-        return kvcache.compact(sown["k"], sown["v"], positions, key_valid, priority, scores, num_slots, budget)
+        priority, score = kvcache.prompt_scores(self.policy, keys)
+        return kvcache.compact(keys, sown["v"], priority, score, keep, num_slots, budget)
 
     def _decode_step(self, params, state: DecodeState) -> DecodeState:
         last = jnp.take_along_axis(

@@ -19,7 +19,7 @@ from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.experiment import build_model_config, build_state_plan, model_image_size
 from skipvision_jax.generate import Generator, Sampling
-from skipvision_jax.kvcache import POLICIES, KVPolicy, cache_bytes, cache_slots
+from skipvision_jax.kvcache import KVPolicy, cache_bytes, cache_slots
 from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
 
 # Decoding is bound by reading weights and cache: tensor parallelism splits
@@ -145,12 +145,13 @@ def answer_text(loaded: LoadedModel, tokens: np.ndarray) -> str:
     return loaded.decode(tokens[:stop].tolist())
 
 
-def default_budget(base: KVPolicy, full_slots: int, max_new_tokens: int) -> int:
-    """A pruning policy's budget when none is given: `base.budget`, or half of
-    the full cache, but at least what the policy needs to run."""
-    return base.budget or max(
-        full_slots // 2, base.sink_tokens + base.recent_window + 1, base.obs_window + max_new_tokens
-    )
+def with_default_budget(policy: KVPolicy, full_slots: int, max_new_tokens: int) -> KVPolicy:
+    """A pruning policy given neither a budget nor a ratio gets half of the
+    full cache, but at least what it needs to run."""
+    if policy.budget is not None or policy.compression is not None or policy.name in ("full", "skip_vision"):
+        return policy
+    budget = max(full_slots // 2, policy.sink_tokens + policy.recent_window + 1, policy.obs_window + max_new_tokens)
+    return dataclasses.replace(policy, budget=budget)
 
 
 def answer(
@@ -201,19 +202,20 @@ def compare_policies(
     loaded: LoadedModel,
     batch: dict,
     model_cfg: ModelConfig,
-    base: KVPolicy,
+    policies: list[KVPolicy],
     max_new_tokens: int,
     sampling: Sampling,
     seed: int = 0,
 ) -> list[dict]:
-    """Every policy on one input; pruning policies get `base.budget`, or half of
-    the full cache (at least sinks + window + 1) when it is unset."""
+    """Several policies on one input (the first is the reference, `full`);
+    pruning policies without a budget or ratio get half of the full cache."""
     full_slots = Generator(model_cfg, KVPolicy("full"), max_new_tokens).budget(batch["input_ids"].shape[1])
-    budget = default_budget(base, full_slots, max_new_tokens)
-    rows = []
-    for name in POLICIES:
-        policy = dataclasses.replace(base, name=name, budget=None if name in ("full", "skip_vision") else budget)
-        rows.append(answer(loaded, batch, model_cfg, policy, max_new_tokens, sampling, seed))
+    rows = [
+        answer(
+            loaded, batch, model_cfg, with_default_budget(p, full_slots, max_new_tokens), max_new_tokens, sampling, seed
+        )
+        for p in policies
+    ]
     for row in rows:
         row["agrees_with_full"] = row["tokens"] == rows[0]["tokens"]
     return rows

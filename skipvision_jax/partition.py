@@ -71,6 +71,13 @@ class SequenceLayout:
     def visual_end(self) -> int:
         return self.skipped_end + int(self.summary_tokens)
 
+    def text_sees_skipped_mask(self) -> np.ndarray:
+        """[L, L] (query, key): False where a row after q2 (text, answer) would
+        read a skipped row (model.skip.text_sees_skipped=False)."""
+        mask = np.ones((self.length, self.length), bool)
+        mask[self.visual_end :, self.skipped_start : self.skipped_end] = False
+        return mask
+
     @property
     def visual_length(self) -> int:
         return self.visual_end - self.visual_start
@@ -174,3 +181,13 @@ def topk_partition(layout: SequenceLayout, router_logits: Float[Array, "B V"]) -
     return IndexPartition(
         retained_idx=jnp.take_along_axis(idx, order, axis=1), gate=jnp.take_along_axis(gate, order, axis=1)
     )
+
+
+def kept_first_order(scores: Float[Array, "B N"], num_kept: int) -> Int[Array, "B N"]:
+    """A permutation of the N visual tokens: the `num_kept` highest-scoring in
+    image order, then the rest in image order (static top-k)."""
+    batch, n = scores.shape
+    _, top = jax.lax.top_k(scores, num_kept)
+    kept = jnp.zeros((batch, n), bool).at[jnp.arange(batch)[:, None], top].set(True)
+    index = jnp.arange(n)
+    return jnp.argsort(jnp.where(kept, index, index + n), axis=1).astype(jnp.int32)

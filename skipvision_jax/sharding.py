@@ -56,6 +56,7 @@ HIDDEN_ACTIVATION = ("batch", None, None)  # [B, L, D]
 HEADS_ACTIVATION = ("batch", None, "heads", None)  # [B, L, H, Dh]
 KV_ACTIVATION = ("batch", None, "kv_heads", None)  # [B, L, KV, Dh]
 CACHE_KV = ("batch", "kv_heads", None, None)  # the KV cache, head-major [B, KV, S, Dh]
+CACHE_SLOTS = ("batch", "kv_heads", None)  # its slot positions, validity and scores [B, KV, S]
 
 
 def logits_axes(ndim: int) -> tuple[str | None, ...]:

@@ -91,6 +91,16 @@ VARIANTS = {
 }
 
 
+# mha_odd with its own LM head: a tied head makes a random model repeat its
+# last token whatever it attends to, so answers could not show which keys a
+# KV policy kept (tests/test_kvpress.py).
+VARIANTS["mha_untied"] = {
+    **VARIANTS["mha_odd"],
+    "text": {**VARIANTS["mha_odd"]["text"], "tie_word_embeddings": False},
+    "llava": {**VARIANTS["mha_odd"]["llava"], "tie_word_embeddings": False},
+}
+
+
 def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -1,17 +1,22 @@
 """A plain NumPy decoder with each KV policy written as sets of token
-positions, one row at a time: the independent reference for the jitted
-fixed-budget caches (tests/test_generate.py).
+positions, one row and one KV head at a time: the independent reference for
+the jitted fixed-budget caches (tests/test_generate.py).
 
-It runs a plain LLaMA decoder (no Skip-FFN) in float64 on the embedded prompt
-of one row, keeps per layer the set of cached positions with their keys,
-values and scores, and applies each policy's rule as the method describes it:
+It runs a plain LLaMA decoder (no Skip-FFN) in float64 on the embedded
+prompt of one row, keeps per layer and KV head the set of cached positions
+with their keys, values and scores, and applies each policy's rule as the
+method (and kvpress, for the GQA mean over a KV head's query heads) describes it:
 
     h2o        prefill: sinks + the recent window + the keys with the most
                attention received from all prompt queries; decode: when full,
                evict the unprotected key with the least accumulated attention
     snapkv     prefill: the observation window + the keys most attended by it
-               (scores max-pooled over neighbouring keys); decode: append
-    streaming  sinks + a sliding window: evict the oldest unprotected key
+               (scores average-pooled over neighbouring keys, zeros past the
+               edges); decode: append
+    streaming  sinks + the newest keys: evict the oldest non-sink key
+    tova       prefill: the last query + the keys it attends most (mean over
+               all heads); decode: when full, evict the key the last step's
+               query attended least
 """
 
 from __future__ import annotations
@@ -44,11 +49,14 @@ def silu(x):
 
 @dataclasses.dataclass
 class LayerSet:
-    """One layer's cache as a set: position -> (key [KV, Dh], value [KV, Dh], score)."""
+    """One layer's cache for one KV head as a set: position -> (key [Dh], value [Dh], score)."""
 
     keys: dict
     values: dict
     scores: dict
+
+
+EVICTING = ("h2o", "streaming", "tova")
 
 
 class ReferenceDecoder:
@@ -88,8 +96,12 @@ class ReferenceDecoder:
     def logits(self, h_last):
         return rms_norm(h_last, self.final_scale, self.cfg.norm_eps) @ self.head
 
+    def heads_of(self, kv_head):
+        return slice(kv_head * self.group, (kv_head + 1) * self.group)
+
     def prefill(self, h):
-        """h [P, D]: the row's embedded prompt. Returns (last hidden state, the per-layer sets).
+        """h [P, D]: the row's embedded prompt. Returns (last hidden state,
+        per layer a list of per-KV-head sets).
 
         With the config's FastV pruning, after `fastv.layer` layers only the
         `fastv.keep` visual rows that the last row attended to most (mean over
@@ -105,14 +117,17 @@ class ReferenceDecoder:
             logits = np.where(np.tril(np.ones((length, length), bool))[None], logits, -np.inf)
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-            kept, scores = self.select_prompt(probs, positions)
-            sets.append(
-                LayerSet(
-                    {positions[j]: k[j] for j in kept},
-                    {positions[j]: v[j] for j in kept},
-                    {positions[j]: scores[j] for j in kept},
+            layer_sets = []
+            for kv_head in range(self.cfg.num_kv_heads):
+                kept, scores = self.select_prompt(probs, positions, kv_head)
+                layer_sets.append(
+                    LayerSet(
+                        {positions[j]: k[j, kv_head] for j in kept},
+                        {positions[j]: v[j, kv_head] for j in kept},
+                        {positions[j]: scores[j] for j in kept},
+                    )
                 )
-            )
+            sets.append(layer_sets)
             h = self.finish(layer, h, np.einsum("hts,she->the", probs, v_heads))
             if self.fastv.enabled and layer == self.fastv.layer - 1:
                 keep, (start, end) = self.fastv.keep, self.visual_rows
@@ -122,40 +137,48 @@ class ReferenceDecoder:
                 h, positions = h[stay], positions[stay]
         return h[-1], sets
 
-    def select_prompt(self, probs, positions):
-        """Which prompt rows the cache keeps (indices into `positions`, the
-        rows' token positions) and the score each starts with."""
+    def select_prompt(self, probs, positions, kv_head):
+        """Which prompt rows one KV head's cache keeps (indices into
+        `positions`, the rows' token positions) and the score each starts with."""
         pol, length, prompt_len = self.policy, probs.shape[-1], positions[-1] + 1
         if self.budget is None:  # full: every prompt row
             slots = length
         else:
-            slots = min(length, self.budget if pol.name in ("h2o", "streaming") else self.budget - self.max_new_tokens)
+            slots = min(length, self.budget if pol.name in EVICTING else self.budget - self.max_new_tokens)
+        group_probs = probs[self.heads_of(kv_head)]  # [G, T, S]
         scores = np.zeros(length)
+        sinks = positions < pol.sink_tokens
         if pol.name == "h2o":
-            scores = probs.sum(axis=(0, 1))  # every prompt query, every head
-            protected = (positions < pol.sink_tokens) | (positions >= prompt_len - pol.recent_window)
+            scores = group_probs.sum(axis=1).mean(axis=0)  # every prompt query, mean over the group
+            protected = sinks | (positions >= prompt_len - pol.recent_window)
             priority = np.where(protected, np.inf, scores)
         elif pol.name == "streaming":
-            protected = (positions < pol.sink_tokens) | (positions >= prompt_len - pol.recent_window)
-            priority = np.where(protected, np.inf, positions.astype(np.float64))
+            priority = np.where(sinks, np.inf, positions.astype(np.float64))
+        elif pol.name == "tova":
+            scores = probs[:, -1].mean(axis=0)  # the last query, every head
+            priority = np.where(positions == prompt_len - 1, np.inf, scores)
         elif pol.name == "snapkv":
             observed = positions >= prompt_len - pol.obs_window
-            received = probs[:, observed].sum(axis=(0, 1))
+            received = np.where(observed, 0.0, group_probs[:, observed].sum(axis=1).mean(axis=0))
             half = pol.pool_kernel // 2
-            pooled = np.array([received[max(0, j - half) : j + half + 1].max() for j in range(length)])
+            padded = np.concatenate([np.zeros(half), received, np.zeros(half)])
+            pooled = np.array([padded[j : j + pol.pool_kernel].sum() / pol.pool_kernel for j in range(length)])
             priority = np.where(observed, np.inf, pooled)
-            scores = received
         else:
             priority = np.zeros(length)
         order = np.argsort(-priority, kind="stable")  # ties: the earlier position first, as lax.top_k
         kept = sorted(order[:slots].tolist())
-        return kept, (scores if pol.name == "h2o" else np.zeros(length))
+        return kept, (scores if pol.name in ("h2o", "tova") else np.zeros(length))
 
     def insert(self, layer_set: LayerSet, position: int, key, value):
         pol = self.policy
-        if self.budget is not None and len(layer_set.keys) >= self.budget:
-            candidates = [p for p in layer_set.keys if p >= pol.sink_tokens and p <= position - pol.recent_window]
-            rank = (lambda p: layer_set.scores[p]) if pol.name == "h2o" else (lambda p: p)
+        if pol.name in EVICTING and len(layer_set.keys) >= self.budget:
+            candidates = list(layer_set.keys)
+            if pol.name != "tova":
+                candidates = [p for p in candidates if p >= pol.sink_tokens]
+            if pol.name == "h2o":
+                candidates = [p for p in candidates if p <= position - pol.recent_window]
+            rank = (lambda p: p) if pol.name == "streaming" else (lambda p: layer_set.scores[p])
             victim = min(candidates, key=rank)
             for table in (layer_set.keys, layer_set.values, layer_set.scores):
                 del table[victim]
@@ -164,17 +187,31 @@ class ReferenceDecoder:
     def step(self, h, position: int, sets):
         """One new token (embedding h [D]) at `position` through every layer."""
         h = h[None]
-        for layer, layer_set in enumerate(sets):
+        for layer, layer_sets in enumerate(sets):
             q, k, v = self.qkv(layer, h, np.array([float(position)]))
-            self.insert(layer_set, position, k[0], v[0])
-            cached = sorted(layer_set.keys)
-            keys = np.repeat(np.stack([layer_set.keys[p] for p in cached]), self.group, axis=1)
-            values = np.repeat(np.stack([layer_set.values[p] for p in cached]), self.group, axis=1)
-            logits = np.einsum("he,she->hs", q[0], keys) / np.sqrt(q.shape[-1])
-            probs = np.exp(logits - logits.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
+            attended = np.zeros(q.shape[1:])  # [H, Dh]
+            step_probs = []
+            for kv_head, layer_set in enumerate(layer_sets):
+                self.insert(layer_set, position, k[0, kv_head], v[0, kv_head])
+                cached = sorted(layer_set.keys)
+                keys = np.stack([layer_set.keys[p] for p in cached])
+                values = np.stack([layer_set.values[p] for p in cached])
+                heads = self.heads_of(kv_head)
+                logits = np.einsum("he,se->hs", q[0, heads], keys) / np.sqrt(q.shape[-1])
+                probs = np.exp(logits - logits.max(-1, keepdims=True))
+                probs /= probs.sum(-1, keepdims=True)
+                attended[heads] = probs @ values
+                step_probs.append((layer_set, cached, probs))
             if self.policy.name == "h2o":
-                for p, received in zip(cached, probs.sum(axis=0)):
-                    layer_set.scores[p] += received
-            h = self.finish(layer, h, np.einsum("hs,she->he", probs, values)[None])
+                for layer_set, cached, probs in step_probs:
+                    for p, received in zip(cached, probs.mean(axis=0)):
+                        layer_set.scores[p] += received
+            elif self.policy.name == "tova":
+                # TOVA averages over every head, so all KV heads hold the same positions (asserted).
+                assert all(cached == step_probs[0][1] for _, cached, _ in step_probs)
+                mean = np.mean([probs for _, _, probs in step_probs], axis=(0, 1))
+                for layer_set, cached, _ in step_probs:
+                    for p, received in zip(cached, mean):
+                        layer_set.scores[p] = received
+            h = self.finish(layer, h, attended[None])
         return h[0]

@@ -13,10 +13,11 @@ import time
 import numpy as np
 import pytest
 
-from skipvision_jax.data.synthetic import SyntheticVQA, as_typed, export_llava_eval
+from skipvision_jax.data.synthetic import SyntheticVQA, as_typed
+from skipvision_jax.data.tasks import export_llava_eval
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.inference import answer_text, load_trained
-from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.kvcache import POLICIES, KVPolicy
 from skipvision_jax.train.loop import train_and_evaluate
 from skipvision_jax.vqa import files
 from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions, length_buckets
@@ -128,10 +129,11 @@ def test_eval_answers_as_infer_one_at_a_time_and_scores_as_train(workdir, export
     scores = json.loads((tmp_path / "answers.scores.json").read_text())
     final = read_metrics(workdir)[-1]
     assert 0 < final["val_exact_match"] < 1  # a model that is right on some and wrong on others
-    assert scores["count"] == VAL_SIZE and scores["exact_match"] == pytest.approx(final["val_exact_match"])
+    assert scores["benchmark"] == "exact" and scores["count"] == VAL_SIZE
+    assert scores["accuracy"] == pytest.approx(final["val_exact_match"])
     for kind, row in scores["by_category"].items():
-        assert row["exact_match"] == pytest.approx(final[f"val_exact_match_{kind}"]), kind
-    assert "exact match" in proc.stdout
+        assert row["accuracy"] == pytest.approx(final[f"val_exact_match_{kind}"]), kind
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == scores
 
 
 def test_every_policy_writes_its_file_and_the_table(workdir, exported, tmp_path):
@@ -152,13 +154,13 @@ def test_every_policy_writes_its_file_and_the_table(workdir, exported, tmp_path)
     )
     assert proc.returncode == 0, proc.stderr
     table = {row["policy"]: row for row in json.loads((tmp_path / "a.policies.json").read_text())}
-    assert list(table) == ["full", "skip_vision", "h2o", "snapkv", "streaming"]
+    assert list(table) == list(POLICIES)
     assert table["full"]["agreement_with_full"] == 1.0 and table["skip_vision"]["kv_slots"] < table["full"]["kv_slots"]
     for name in table:
         lines = files.read_answers(str(tmp_path / f"a.{name}.jsonl"))
         assert len(lines) == VAL_SIZE and {a["metadata"]["policy"] for a in lines} == {name}
         scores = json.loads((tmp_path / f"a.{name}.scores.json").read_text())
-        assert table[name]["exact_match"] == scores["exact_match"]
+        assert table[name]["accuracy"] == scores["accuracy"]
     # Agreement is computed, not assumed: it is the share of identical answer texts.
     full = {a["question_id"]: a["text"] for a in files.read_answers(str(tmp_path / "a.full.jsonl"))}
     streaming = files.read_answers(str(tmp_path / "a.streaming.jsonl"))
@@ -221,12 +223,12 @@ def test_killed_mid_file_the_rerun_answers_every_question_exactly_once(workdir, 
 
 def test_a_line_cut_short_by_a_kill_is_dropped_and_answered_again(tmp_path):
     path = tmp_path / "answers.jsonl"
-    path.write_text('{"question_id": 1, "text": "red"}\n{"question_id": 2, "te')
-    assert files.answered_ids(str(path)) == {1}
-    assert path.read_text() == '{"question_id": 1, "text": "red"}\n'
+    path.write_text('{"question_id": 1, "prompt": "Q?", "text": "red"}\n{"question_id": 2, "te')
+    assert files.answered_keys(str(path)) == {(1, "Q?")}
+    assert path.read_text() == '{"question_id": 1, "prompt": "Q?", "text": "red"}\n'
     path.write_text('{"question_id": 1}\nnot json\n')
     with pytest.raises(ValueError, match="line 2 is not an answer line"):
-        files.answered_ids(str(path))
+        files.answered_keys(str(path))
 
 
 def test_chunks_split_as_llava_and_concatenate():
@@ -254,8 +256,8 @@ def write_lines(path, lines) -> str:
         ([{"question_id": 0, "text": "Q?"}], "line 1 has no 'image'"),
         ([{"question_id": 0, "image": "a.png"}], "line 1 has no 'text'"),
         (
-            [{"question_id": 0, "image": "a.png", "text": "Q?"}, {"question_id": 0, "image": "b.png", "text": "R?"}],
-            "line 2 repeats question_id 0 (first on line 1)",
+            [{"question_id": 0, "image": "a.png", "text": "Q?"}, {"question_id": 0, "image": "b.png", "text": "Q?"}],
+            "line 2 repeats question_id 0 with the same text (first on line 1)",
         ),
         ([], "holds no question"),
     ],
@@ -274,12 +276,18 @@ def test_malformed_question_files_are_refused(tmp_path, lines, message):
         (["--kv-policy=h2o"], "kv.budget: the h2o policy needs a budget"),
         (["--question-file=EMPTY"], "holds no question"),
         (["--batch-size=0"], "--batch-size: must be >= 1"),
+        (["--benchmark=gqa"], "--benchmark: needs --annotation-file"),
+        (["--annotation-file=GT", "--benchmark=mmbench"], "--benchmark: unknown 'mmbench'"),
+        (["--annotation-file=GT", "--benchmark=vqav2", "--convention=llava"], "--convention: vqav2 is scored under"),
+        (["--annotation-file=GT", "--benchmark=pope"], "line 1: 'answer' must be yes or no, got"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(workdir, exported, tmp_path, extra, message):
     short = write_lines(tmp_path / "short.jsonl", [{"question_id": i, "answer": "red"} for i in range(VAL_SIZE - 1)])
     empty = write_lines(tmp_path / "empty.jsonl", [])
-    extra = [arg.replace("SHORT", short).replace("EMPTY", empty) for arg in extra]
+    extra = [
+        arg.replace("SHORT", short).replace("EMPTY", empty).replace("GT", exported["annotations"]) for arg in extra
+    ]
     answers = tmp_path / "answers.jsonl"
     proc = run_eval(*eval_args(workdir, exported, str(answers)), *extra)
     lines = proc.stderr.strip().splitlines()
@@ -316,3 +324,43 @@ def test_missing_and_corrupt_images_are_answered_as_errors_and_counted(workdir, 
     assert "error" not in lines["good"]
     assert "image not found" in lines["missing"]["error"] and "cannot decode image" in lines["corrupt"]["error"]
     assert "word 'colour' is not in the vocabulary" in lines["unknown word"]["error"]
+
+
+def test_mme_questions_sharing_an_image_id_are_answered_scored_and_resumed(workdir, exported, tmp_path):
+    """MME's files give an image's two questions the image's id: eval.py keys
+    questions by (question_id, text), scores the pairs (acc and acc+), and a
+    rerun answers nothing twice. An annotation image without two questions is
+    a one-line error before anything is written."""
+    first, second = files.read_questions(exported["questions"])[:2]
+    texts = ("how many objects are there ?", "which is further left , the red ring or the blue square ?")
+    questions = write_lines(
+        tmp_path / "q.jsonl",
+        [{"question_id": q.image, "image": q.image, "text": t} for q in (first, second) for t in texts],
+    )
+    truth = [
+        {"question_id": q.image, "question": t, "answer": yes_no, "category": "count"}
+        for q in (first, second)
+        for t, yes_no in zip(texts, ("Yes", "No"))
+    ]
+    gt = write_lines(tmp_path / "gt.jsonl", truth)
+    answers = tmp_path / "answers.jsonl"
+    args = eval_args(workdir, exported, str(answers), f"--annotation-file={gt}", "--benchmark=mme")
+    args[1] = f"--question-file={questions}"
+    proc = run_eval(*args)
+    assert proc.returncode == 0, proc.stderr
+    lines = files.read_answers(str(answers))
+    assert sorted((a["question_id"], a["prompt"]) for a in lines) == sorted(
+        (q.image, t) for q in (first, second) for t in texts
+    )
+    assert len({a["answer_id"] for a in lines}) == 4
+    scores = json.loads((tmp_path / "answers.scores.json").read_text())
+    assert scores["benchmark"] == "mme" and scores["by_category"]["count"]["count"] == 4
+    assert scores["perception"] == scores["by_category"]["count"]["score"]
+    rerun = run_eval(*args)
+    summary = json.loads(next(line for line in rerun.stdout.splitlines() if line.startswith('{"policy"')))
+    assert (summary["resumed"], summary["answered"]) == (4, 0)
+    write_lines(tmp_path / "gt.jsonl", truth[:3])
+    answers.unlink()
+    bad = run_eval(*args)
+    assert bad.returncode != 0 and f"MME image {second.image!r} has 1 questions" in bad.stderr
+    assert not answers.exists()

@@ -92,13 +92,14 @@ def test_budget_is_exact_and_sinks_and_recent_window_survive_every_step(name):
     for _ in range(7):
         state = step(params, state)
         for cache in state.caches:
-            assert cache.k.shape[2] == cache.pos.shape[1] == 12
+            assert cache.k.shape[2] == cache.pos.shape[2] == 12
             assert bool(cache.valid.all())
             for row in range(2):
-                kept = set(np.asarray(cache.pos[row]).tolist())
-                newest = int(state.next_pos[row]) - 1
-                assert {0, 1} <= kept, kept
-                assert set(range(newest - 3, newest + 1)) <= kept, (kept, newest)
+                for head in range(cache.pos.shape[1]):
+                    kept = set(np.asarray(cache.pos[row, head]).tolist())
+                    newest = int(state.next_pos[row]) - 1
+                    assert {0, 1} <= kept, kept
+                    assert set(range(newest - 3, newest + 1)) <= kept, (kept, newest)
 
 
 @pytest.mark.parametrize(
@@ -109,13 +110,21 @@ def test_budget_is_exact_and_sinks_and_recent_window_survive_every_step(name):
         KVPolicy("streaming", budget=14, sink_tokens=2, recent_window=4),
         KVPolicy("h2o", budget=14, sink_tokens=1, recent_window=3),
         KVPolicy("snapkv", budget=16, obs_window=3),
+        KVPolicy("tova", budget=14),
+        KVPolicy("knorm", budget=16),
+        # kvpress's mode: each row keeps int(L (1 - R)) of its own L prompt keys.
+        KVPolicy("snapkv", compression=0.5, obs_window=3),
+        KVPolicy("pyramidkv", compression=0.3, obs_window=3, pyramid_beta=2),
+        KVPolicy("observed_attention", compression=0.6),
     ],
+    ids=lambda p: f"{p.name}-{'ratio' if p.compression is not None else 'budget'}",
 )
 def test_ragged_batch_gives_the_same_tokens_as_each_prompt_alone(policy):
     _, params = init_params(CFG)
     prompts = _prompts()
     generator = Generator(CFG, policy, MAX_NEW)
-    together = np.asarray(generator(params, prompts).tokens)
+    batch_state = generator(params, prompts)
+    together = np.asarray(batch_state.tokens)
     lens = np.asarray(prompts["text_mask"]).sum(1)
     for row in range(2):
         alone = {
@@ -123,7 +132,14 @@ def test_ragged_batch_gives_the_same_tokens_as_each_prompt_alone(policy):
             "text_mask": prompts["text_mask"][row : row + 1, : lens[row]],
             "pixels": prompts["pixels"][row : row + 1],
         }
-        np.testing.assert_array_equal(np.asarray(generator(params, alone).tokens)[0], together[row])
+        alone_state = generator(params, alone)
+        np.testing.assert_array_equal(np.asarray(alone_state.tokens)[0], together[row])
+        # And the caches hold the same keys: each row keeps what its own length asks for.
+        for layer in range(CFG.decoder.num_layers):
+            for head in range(CFG.decoder.num_kv_heads):
+                assert _cached_positions(batch_state, layer, row, head) == _cached_positions(
+                    alone_state, layer, 0, head
+                )
 
 
 def test_no_recompilation_across_steps_or_prompts_of_the_same_length(compile_counter):
@@ -163,7 +179,8 @@ def test_sampling_modes():
     "policy, field",
     [
         (KVPolicy("full", budget=10), "kv.budget"),
-        (KVPolicy("streaming", budget=5, sink_tokens=2, recent_window=4), "kv.budget"),
+        (KVPolicy("streaming", budget=2, sink_tokens=2), "kv.budget"),
+        (KVPolicy("h2o", budget=6, sink_tokens=2, recent_window=4), "kv.budget"),
         (KVPolicy("h2o"), "kv.budget"),
         (KVPolicy("snapkv", budget=8, obs_window=4), "kv.budget"),
     ],
@@ -178,6 +195,20 @@ def test_unknown_policy_is_a_clear_error():
         KVPolicy("lru")
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(name="snapkv", budget=20, compression=0.5), "budget or a compression ratio, not both"),
+        (dict(name="snapkv", compression=1.0), r"must be in \[0, 1\), got 1.0"),
+        (dict(name="knorm", compression=-0.1), r"must be in \[0, 1\)"),
+        (dict(name="full", compression=0.5), "keeps a fixed set"),
+    ],
+)
+def test_bad_compression_ratios_are_clear_errors(fields, message):
+    with pytest.raises(ValueError, match=f"^kv.compression: .*{message}"):
+        KVPolicy(**fields)
+
+
 # A plain model (no Skip-FFN, every visual token kept), so that the NumPy
 # reference is a plain decoder: 2 + 16 + 5 = 23 prompt rows, 21 real in row 1.
 PLAIN_CFG = tiny_config(
@@ -185,9 +216,9 @@ PLAIN_CFG = tiny_config(
 )
 
 
-def _cached_positions(state, layer: int, row: int) -> list[int]:
+def _cached_positions(state, layer: int, row: int, head: int) -> list[int]:
     cache = state.caches[layer]
-    return sorted(np.asarray(cache.pos[row])[np.asarray(cache.valid[row])].tolist())
+    return sorted(np.asarray(cache.pos[row, head])[np.asarray(cache.valid[row, head])].tolist())
 
 
 @pytest.mark.parametrize(
@@ -195,16 +226,21 @@ def _cached_positions(state, layer: int, row: int) -> list[int]:
     [
         KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4),
         KVPolicy("streaming", budget=12, sink_tokens=2, recent_window=4),
+        KVPolicy("tova", budget=12),
         KVPolicy("snapkv", budget=14, obs_window=3),
     ],
     ids=lambda p: p.name,
 )
 def test_evicting_policies_keep_the_slots_and_logits_of_a_numpy_reference(policy):
-    """At budgets that evict at prefill (and, for h2o and streaming, at every
-    decode step): the cached positions of every layer and row after prefill
-    and after each step, and the logits, against tests/kv_reference.py."""
-    evicted_while_decoding = _check_against_reference(PLAIN_CFG, policy)
+    """At budgets that evict at prefill (and, for h2o, streaming and tova, at
+    every decode step): the cached positions of every layer, row and KV head
+    after prefill and after each step, and the logits, against
+    tests/kv_reference.py."""
+    evicted_while_decoding, heads_differ = _check_against_reference(PLAIN_CFG, policy)
     assert evicted_while_decoding == policy.evicts
+    # Selection per KV head matters here: some layer's heads keep different keys
+    # (TOVA ranks by the mean over all heads, and streaming by position alone).
+    assert heads_differ == (policy.name in ("h2o", "snapkv"))
 
 
 @pytest.mark.parametrize(
@@ -218,10 +254,29 @@ def test_fastv_prunes_the_visual_rows_the_last_prompt_token_attends_least(policy
     _check_against_reference(cfg, policy)
 
 
-def _check_against_reference(cfg, policy) -> bool:
+def _sharpened(params, factor=10.0):
+    """Queries and keys scaled up: a random model's attention is near uniform,
+    so every head would rank keys alike (by how many queries see them); sharper
+    attention lets the heads disagree, as a trained model's do."""
+    decoder = {
+        name: {
+            **layer,
+            "attn": {
+                **layer["attn"],
+                **{proj: {"kernel": layer["attn"][proj]["kernel"] * factor} for proj in ("q_proj", "k_proj")},
+            },
+        }
+        for name, layer in params["decoder"].items()
+    }
+    return {**params, "decoder": decoder}
+
+
+def _check_against_reference(cfg, policy) -> tuple[bool, bool]:
     """Decodes MAX_NEW tokens for two ragged rows with the jitted caches and
-    with the NumPy reference; returns whether the reference evicted while decoding."""
+    with the NumPy reference; returns whether the reference evicted while
+    decoding, and whether two KV heads of a layer ever held different keys."""
     model, params = init_params(dataclasses.replace(cfg, fastv=FastVConfig()))  # FastV adds no weights
+    params = _sharpened(params)
     prompts = {k: v for k, v in tiny_batch(cfg, batch=2, num_text=7).items() if k != "loss_mask"}
     generator = Generator(cfg, policy, MAX_NEW, record_logits=True)
     states = [generator.prefill(params, prompts, jax.random.key(0))]
@@ -233,25 +288,29 @@ def _check_against_reference(cfg, policy) -> bool:
         {"params": params}, prompts["input_ids"], prompts["text_mask"], features, method=SkipVisionVLM.embed_sequence
     )
     embedding = np.asarray(params["embed"]["embedding"], np.float64)
-    evicted_while_decoding = False
+    evicted_while_decoding = heads_differ = False
     for row in range(2):
         prompt_len = int(key_valid[row].sum())
         reference = ReferenceDecoder(params, cfg, policy, MAX_NEW)
         last, sets = reference.prefill(np.asarray(h[row, :prompt_len], np.float64))
         if policy.budget is not None or cfg.fastv.enabled:
-            assert all(len(s.keys) < prompt_len for s in sets[cfg.fastv.layer :])  # the prompt itself was pruned
+            # the prompt itself was pruned
+            assert all(len(s.keys) < prompt_len for layer_sets in sets[cfg.fastv.layer :] for s in layer_sets)
         expected_logits = [reference.logits(last)]
         tokens = np.asarray(states[-1].tokens[row])
         for n, state in enumerate(states):
             if n:
-                before = [set(s.keys) for s in sets]
+                before = [set(s.keys) for layer_sets in sets for s in layer_sets]
                 hidden = reference.step(embedding[tokens[n - 1]], prompt_len + n - 1, sets)
                 expected_logits.append(reference.logits(hidden))
-                evicted_while_decoding |= any(old - set(s.keys) for old, s in zip(before, sets))
-            for layer, layer_set in enumerate(sets):
-                assert _cached_positions(state, layer, row) == sorted(layer_set.keys), (row, n, layer)
+                after = [s for layer_sets in sets for s in layer_sets]
+                evicted_while_decoding |= any(old - set(s.keys) for old, s in zip(before, after))
+            for layer, layer_sets in enumerate(sets):
+                for head, layer_set in enumerate(layer_sets):
+                    assert _cached_positions(state, layer, row, head) == sorted(layer_set.keys), (row, n, layer, head)
+                heads_differ |= any(set(s.keys) != set(layer_sets[0].keys) for s in layer_sets)
         np.testing.assert_allclose(states[-1].logits[row], np.stack(expected_logits), atol=1e-4, rtol=1e-4)
-    return evicted_while_decoding
+    return evicted_while_decoding, heads_differ
 
 
 def test_drop_fine_leaves_the_fine_tokens_out_of_the_sequence():
@@ -285,6 +344,9 @@ SCAN_POLICIES = [
     KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4),
     KVPolicy("snapkv", budget=14, obs_window=3),
     KVPolicy("streaming", budget=12, sink_tokens=2, recent_window=4),
+    KVPolicy("tova", budget=12),
+    # Per-layer budgets: the scanned Skip-FFN group pads to its larger layer.
+    KVPolicy("pyramidkv", compression=0.3, obs_window=3, pyramid_beta=2),
 ]
 
 
@@ -306,8 +368,13 @@ def test_scanned_layers_decode_as_the_unrolled_ones(policy):
     assert [c.k.shape[0] for c in scanned.caches] == [1, 2, 1]
     per_layer = [jax.tree.map(lambda x, i=i: x[i], c) for c in scanned.caches for i in range(c.k.shape[0])]
     for ours, theirs in zip(per_layer, unrolled.caches, strict=True):
-        np.testing.assert_array_equal(ours.pos, theirs.pos)  # the same tokens survived in every layer
-        np.testing.assert_allclose(ours.k, theirs.k, atol=1e-5, rtol=1e-5)
+        # The same tokens survived in every layer and KV head (a padded group holds extra free slots).
+        slots = theirs.pos.shape[-1]
+        assert not ours.valid[..., slots:].any()
+        np.testing.assert_array_equal(
+            np.where(ours.valid, ours.pos, -1)[..., :slots], np.where(theirs.valid, theirs.pos, -1)
+        )
+        np.testing.assert_allclose(ours.k[..., :slots, :], theirs.k, atol=1e-5, rtol=1e-5)
 
 
 def _decode_program_size(num_layers: int, scan_layers: bool) -> int:
@@ -324,3 +391,47 @@ def test_scanned_decode_program_does_not_grow_with_depth():
     unrolled = [_decode_program_size(n, scan_layers=False) for n in (2, 8)]
     assert scanned[1] < 1.02 * scanned[0], scanned
     assert unrolled[1] > 2 * unrolled[0], unrolled  # what the scan saves
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_with_text_hidden_from_the_skipped_rows_the_skip_vision_cache_is_exact(scan):
+    """model.skip.text_sees_skipped=False (the older official variants): the
+    rows after q2 never read the skipped rows, in prefill as in training, so
+    dropping their keys after prefill changes nothing: skip_vision's tokens and
+    logits are the full cache's at every step. With the default (True, the
+    newest official code) the later steps' logits differ, since the text read
+    the skipped rows at prefill and cannot after it."""
+    cfg = tiny_config(
+        decoder=dataclasses.replace(CFG.decoder, num_layers=4), skip=SkipConfig(layer_start=1, layer_end=3)
+    )
+    _, params = init_params(cfg)
+    if scan:
+        params = stack_layers(params, [(0, 1), (1, 3), (3, 4)])
+    prompts = _prompts()
+    runs = {}
+    for sees in (False, True):
+        masked = dataclasses.replace(cfg, skip=dataclasses.replace(cfg.skip, text_sees_skipped=sees), scan_layers=scan)
+        runs[sees] = [
+            Generator(masked, KVPolicy(name), MAX_NEW, record_logits=True)(params, prompts)
+            for name in ("full", "skip_vision")
+        ]
+    full, skip = runs[False]
+    assert skip.caches[0].pos.shape[-1] < full.caches[0].pos.shape[-1]  # the skipped keys really left
+    if not scan:  # and both are the cache-free forward of the masked model
+        masked = dataclasses.replace(cfg, skip=dataclasses.replace(cfg.skip, text_sees_skipped=False))
+        expected = _reference_logits(SkipVisionVLM(masked), params, prompts, np.asarray(skip.tokens))
+        np.testing.assert_allclose(skip.logits, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(skip.tokens, full.tokens)
+    np.testing.assert_allclose(skip.logits, full.logits, atol=1e-5, rtol=1e-5)
+    full, skip = runs[True]
+    assert not np.allclose(skip.logits[:, 1:], full.logits[:, 1:], atol=1e-5)
+    # Hiding the skipped rows changes the model's own answers: the mask is in prefill.
+    assert not np.allclose(runs[False][0].logits[:, 0], runs[True][0].logits[:, 0], atol=1e-5)
+
+
+def test_text_hidden_from_the_skipped_rows_needs_summary_tokens():
+    with pytest.raises(ValueError, match="^skip.text_sees_skipped: False needs summary tokens"):
+        tiny_config(
+            layout=LayoutConfig(image_offset=2, num_kept=6, merge_to=5, summary_tokens=False),
+            skip=SkipConfig(text_sees_skipped=False),
+        )

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from skipvision_jax.data.synthetic import SyntheticVQA
+from skipvision_jax.kvcache import POLICIES
 from skipvision_jax.train.loop import train_and_evaluate
 from tests.helpers import REPO, tiny_train_config
 
@@ -68,14 +69,14 @@ def test_compare_policies_table(workdir, image_path):
     proc = run_infer(*common)
     assert proc.returncode == 0, proc.stderr
     rows = {r["policy"]: r for r in json.loads(proc.stdout)}
-    assert list(rows) == ["full", "skip_vision", "h2o", "snapkv", "streaming"]
+    assert list(rows) == list(POLICIES)
     full_slots = rows["full"]["kv_slots"]
-    assert all(rows[name]["kv_slots"] < full_slots for name in ("skip_vision", "h2o", "snapkv", "streaming"))
+    assert all(rows[name]["kv_slots"] < full_slots for name in POLICIES[1:])
     # With a budget that holds the whole cache, no pruning policy may answer differently from full.
     proc = run_infer(*common, f"--kv-budget={full_slots}")
     assert proc.returncode == 0, proc.stderr
     unpruned = {r["policy"]: r for r in json.loads(proc.stdout)}
-    for name in ("full", "h2o", "snapkv", "streaming"):
+    for name in (name for name in POLICIES if name != "skip_vision"):
         assert unpruned[name]["agrees_with_full"] and unpruned[name]["tokens"] == rows["full"]["tokens"], name
 
 
@@ -94,7 +95,12 @@ def corrupt_image(tmp_path_factory):
         ({"prompt": "   "}, "prompt: empty"),
         ({"prompt": "what " * 20}, "prompt: 21 tokens exceed"),
         ({"prompt": "what colour is it ?"}, "not in the vocabulary"),
-        ({"kv_policy": "h2o", "kv_budget": "4"}, "kv.budget: 4 is smaller than sink_tokens + recent_window"),
+        ({"kv_policy": "h2o", "kv_budget": "4"}, "kv.budget: 4 is smaller than the 21 slots the h2o policy needs"),
+        (
+            {"kv_policy": "snapkv", "kv_budget": "20", "kv_compression": "0.5"},
+            "kv.compression: give a budget or a compression ratio, not both",
+        ),
+        ({"kv_policy": "knorm", "kv_compression": "1.5"}, "kv.compression: must be in [0, 1), got 1.5"),
         ({"kv_policy": "lru"}, "kv.policy: unknown 'lru'"),
         ({"checkpoint": "/nonexistent/run"}, "no checkpoint at /nonexistent/run"),
     ],

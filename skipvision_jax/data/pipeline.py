@@ -9,7 +9,8 @@ import grain
 import numpy as np
 
 from skipvision_jax.data.llava import BadRecord, LlavaSource, LlavaTransform
-from skipvision_jax.data.synthetic import chance_accuracy, generated_task
+from skipvision_jax.data.synthetic import chance_accuracy
+from skipvision_jax.data.tasks import generated_task
 
 log = logging.getLogger(__name__)
 

@@ -209,9 +209,10 @@ _PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("lm_head.", "lm_head."),
 )
-# The layout transformers itself writes (5.x save_pretrained), for export.
+# The layout the hub's llava-hf checkpoints and transformers < 5.3 write
+# (save_pretrained), which every 5.x release loads; for export.
 _EXPORT_PREFIXES = {
-    "vision.": "vision_tower.",
+    "vision.": "vision_tower.vision_model.",
     "projector.": "multi_modal_projector.",
     "text.": "language_model.model.",
     "lm_head.": "language_model.lm_head.",

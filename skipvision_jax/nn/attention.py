@@ -34,18 +34,22 @@ def attend(
 
 
 def attend_cache(
-    q: Float[Array, "B T H Dh"], k: Float[Array, "B KV S Dh"], v: Float[Array, "B KV S Dh"], valid: Bool[Array, "B S"]
+    q: Float[Array, "B T H Dh"],
+    k: Float[Array, "B KV S Dh"],
+    v: Float[Array, "B KV S Dh"],
+    valid: Bool[Array, "B KV S"],
 ) -> tuple[Float[Array, "B T H Dh"], Float[Array, "B H T S"]]:
     """Attention of a few new queries over a head-major KV cache, and its weights.
 
-    Each (row, KV head) reads one contiguous [S, Dh] slab, which is what makes
-    decoding run near memory bandwidth; the weights come for free (the policies
-    that rank keys by attention received accumulate them)."""
+    Each (row, KV head) reads one contiguous [S, Dh] slab with its own valid
+    slots (the policies select per KV head), which is what makes decoding run
+    near memory bandwidth; the weights come for free (the policies that rank
+    keys by attention received accumulate them)."""
     b, t, h, dh = q.shape
     kv = k.shape[1]
     grouped = q.reshape(b, t, kv, h // kv, dh).astype(jnp.float32)
     logits = jnp.einsum("btkgd,bksd->bkgts", grouped, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(dh))
-    logits = jnp.where(valid[:, None, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(valid[:, :, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)  # [B, KV, G, T, S]
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(jnp.float32))
     return out.reshape(b, t, h, dh).astype(v.dtype), probs.reshape(b, h, t, -1)

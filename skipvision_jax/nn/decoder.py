@@ -77,12 +77,12 @@ class DecoderBlock(nn.Module):
         if self.is_mutable_collection("prefill"):
             # Prefill for decoding: hand the keys and values (RoPE applied) to the
             # KV cache, and the attention each key received from the weighted
-            # queries, but only for the policies that rank by it.
+            # queries, per query head, but only for the policies that rank by it.
             self.sow("prefill", "k", k)
             self.sow("prefill", "v", v)
             if query_weights is not None:
                 probs = attention_probs(q, k, mask)  # [B, H, L, L]
-                self.sow("prefill", "key_scores", jnp.einsum("bhts,bt->bs", probs, query_weights))
+                self.sow("prefill", "key_scores", jnp.einsum("bhts,bt->bhs", probs, query_weights))
         h = h + self.attn.output(attend(q, k, v, mask))
         if self.layout is None:
             return h + self.ffn(h)
@@ -115,7 +115,7 @@ class DecoderBlock(nn.Module):
         cache = kvcache.insert(cache, policy, k[:, 0], v[:, 0], positions[:, 0])
         o, probs = attend_cache(q, cache.k, cache.v, cache.valid)  # probs [B, H, 1, S]
         if policy.decode_scores:
-            cache = cache.replace(score=cache.score + probs.sum(axis=(1, 2)))
+            cache = kvcache.observe(cache, policy, probs)
         h = h + self.attn.output(o)
         return h + self.ffn(h), cache
 

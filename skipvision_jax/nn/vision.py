@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from skipvision_jax.config import VisionConfig
-from skipvision_jax.nn.attention import Attention
+from skipvision_jax.nn.attention import Attention, attend, attention_probs
 from skipvision_jax.nn.layers import LayerNorm, default_kernel_init, dense, logical
 
 
@@ -21,7 +21,11 @@ class VisionBlock(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B N W"]) -> Float[Array, "B N W"]:
+    def __call__(
+        self, x: Float[Array, "B N W"], with_cls_attention: bool = False
+    ) -> Float[Array, "B N W"] | tuple[Float[Array, "B N W"], Float[Array, "B P"]]:
+        """The block; with `with_cls_attention` also the attention the class
+        token pays each patch in this block, the mean over heads [B, N - 1]."""
         cfg = self.cfg
         head_dim = cfg.width // cfg.num_heads
         attn = Attention(
@@ -34,12 +38,18 @@ class VisionBlock(nn.Module):
             dtype=self.dtype,
             name="attn",
         )
-        x = x + attn(LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln1")(x), None, None)
+        normed = LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln1")(x)
+        q, k, v = attn.project(normed, None)
+        cls_attention = None
+        if with_cls_attention:
+            everything = jnp.ones((x.shape[0], 1, 1, x.shape[1]), bool)
+            cls_attention = attention_probs(q[:, :1], k, everything)[:, :, 0, 1:].mean(axis=1)
+        x = x + attn.output(attend(q, k, v, None))
         act = quick_gelu if cfg.quick_gelu else (lambda y: nn.gelu(y, approximate=False))
         y = LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln2")(x)
         y = dense(cfg.mlp_dim, "embed", ("mlp",), use_bias=True, dtype=self.dtype, name="fc1")(y)
         y = dense(cfg.width, "mlp", ("embed",), use_bias=True, dtype=self.dtype, name="fc2")(act(y))
-        return x + y
+        return (x + y, cls_attention) if with_cls_attention else x + y
 
 
 class VisionTower(nn.Module):
@@ -53,7 +63,12 @@ class VisionTower(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, pixels: Float[Array, "B H W C"]) -> Float[Array, "B N W"]:
+    def __call__(
+        self, pixels: Float[Array, "B H W C"], with_cls_attention: bool = False
+    ) -> Float[Array, "B N W"] | tuple[Float[Array, "B N W"], Float[Array, "B P"]]:
+        """The features; with `with_cls_attention` also the class token's
+        attention to each patch inside the feature layer (the layer whose
+        output is the feature), mean over heads (VisionZip's ranking)."""
         cfg = self.cfg
         patches = nn.Conv(
             cfg.width,
@@ -75,13 +90,19 @@ class VisionTower(nn.Module):
             [jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.width)), patches], axis=1
         ) + pos.astype(self.dtype)
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_norm")(x)
+        cls_attention = None
         for i in range(cfg.layers_used):
-            x = VisionBlock(cfg, self.dtype, name=f"layer_{i}")(x)
+            block = VisionBlock(cfg, self.dtype, name=f"layer_{i}")
+            if with_cls_attention and i == cfg.layers_used - 1:
+                x, cls_attention = block(x, with_cls_attention=True)
+            else:
+                x = block(x)
         cls, patches = x[:, :1], x[:, 1:]
         tokens = [pool_grid(patches, cfg.patch_grid, grid) for grid in cfg.pooled_grids] + [patches]
         if cfg.select_strategy == "full":
             tokens.insert(0, cls)
-        return jnp.concatenate(tokens, axis=1)
+        features = jnp.concatenate(tokens, axis=1)
+        return (features, cls_attention) if with_cls_attention else features
 
 
 def sincos2d_init(grid: int):

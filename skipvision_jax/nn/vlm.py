@@ -13,7 +13,7 @@ from skipvision_jax.nn.decoder import DecoderStack
 from skipvision_jax.nn.layers import RMSNorm, default_kernel_init, dense, logical
 from skipvision_jax.nn.projector import VisualTokens
 from skipvision_jax.nn.vision import VisionTower
-from skipvision_jax.partition import SequenceLayout
+from skipvision_jax.partition import SequenceLayout, kept_first_order
 from skipvision_jax.sharding import HIDDEN_ACTIVATION, constrain, logits_axes
 
 
@@ -61,7 +61,14 @@ class SkipVisionVLM(nn.Module):
         return SequenceLayout.from_config(self.cfg, num_text)
 
     def encode_images(self, pixels: Float[Array, "B H W C"]) -> Float[Array, "B N W"]:
-        return self.vision(pixels)
+        """The tower's features; under `layout.select="cls_attention"` reordered
+        so that the kept tokens (top `num_kept` by CLS attention, in image
+        order) come first and the fine ones follow in image order."""
+        if self.cfg.layout.select == "first":
+            return self.vision(pixels)
+        features, cls_attention = self.vision(pixels, with_cls_attention=True)
+        order = kept_first_order(cls_attention, self.cfg.layout.num_kept)
+        return jnp.take_along_axis(features, order[:, :, None], axis=1)
 
     def embed_sequence(
         self, input_ids: Int[Array, "B T"], text_mask: Bool[Array, "B T"], features: Float[Array, "B N W"]
@@ -88,10 +95,16 @@ class SkipVisionVLM(nn.Module):
         """Final hidden states [B, M, D] (before the norm; M = L unless FastV pruned) and key_valid [B, L]."""
         if (pixels is None) == (vision_features is None):
             raise ValueError("pass exactly one of pixels or vision_features")
+        if vision_features is not None and self.cfg.layout.select != "first":
+            raise ValueError(
+                "layout.select: cls_attention ranks the tower's attention; pass pixels, not vision_features"
+            )
         features = self.encode_images(pixels) if vision_features is None else vision_features
         h, key_valid = self.embed_sequence(input_ids, text_mask, features)
         positions = jnp.broadcast_to(jnp.arange(h.shape[1], dtype=jnp.int32), h.shape[:2])
         mask = causal_mask(key_valid)
+        if not self.cfg.skip.text_sees_skipped:
+            mask = mask & self.layout(input_ids.shape[1]).text_sees_skipped_mask()[None, None]
         if extra_mask is not None:
             mask = mask & extra_mask[:, None]
         return self.decoder(h, positions, mask, query_weights, fastv_query), key_valid

@@ -1,2 +1,2 @@
 """Benchmark-format evaluation: LLaVA's `model_vqa_loader` question and answer
-files, the batched harness behind eval.py, and VQA scoring."""
+files, the batched harness behind eval.py, and the benchmarks' scorers."""

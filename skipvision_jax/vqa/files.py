@@ -3,6 +3,9 @@
     questions  {"question_id", "image", "text", "category"?}
     answers    {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 
+A question is known by (question_id, text): MME's files give an image's two
+questions the image's id, so an id may repeat with other text.
+
 Every problem with a file is a `ValueError` of one line that names the file
 and the line number."""
 
@@ -22,6 +25,15 @@ class Question:
     image: str
     text: str
     category: str = ""
+
+    @property
+    def key(self) -> tuple:
+        return (self.question_id, self.text)
+
+
+def answer_key(line: dict) -> tuple:
+    """An answer line's question, as `Question.key`."""
+    return (line["question_id"], line.get("prompt"))
 
 
 def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
@@ -57,11 +69,12 @@ def read_questions(path: str) -> list[Question]:
         qid = record["question_id"]
         if not isinstance(qid, (int, str)) or isinstance(qid, bool):
             raise ValueError(f"question file: {path} line {number}: 'question_id' must be an integer or a string")
-        if qid in seen:
+        key = (qid, record["text"])
+        if key in seen:
             raise ValueError(
-                f"question file: {path} line {number} repeats question_id {qid!r} (first on line {seen[qid]})"
+                f"question file: {path} line {number} repeats question_id {qid!r} with the same text (first on line {seen[key]})"
             )
-        seen[qid] = number
+        seen[key] = number
         questions.append(Question(qid, record["image"], record["text"], str(record.get("category", ""))))
     if not questions:
         raise ValueError(f"question file: {path} holds no question")
@@ -79,8 +92,8 @@ def chunk(items: list, num_chunks: int, chunk_idx: int) -> list:
     return items[chunk_idx * size : (chunk_idx + 1) * size]
 
 
-def answered_ids(path: str) -> set:
-    """The question ids an answers file already holds. A last line cut short
+def answered_keys(path: str) -> set:
+    """The questions (`answer_key`) an answers file already holds. A last line cut short
     (the process died while writing it) is removed, so a resumed run writes
     that answer again, whole, and never twice."""
     if not os.path.exists(path):
@@ -96,7 +109,7 @@ def answered_ids(path: str) -> set:
         if not line.strip():
             continue
         try:
-            ids.add(json.loads(line)["question_id"])
+            ids.add(answer_key(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(
                 f"answers file: {path} line {number} is not an answer line; move the file aside to start over"
@@ -104,9 +117,9 @@ def answered_ids(path: str) -> set:
     return ids
 
 
-def answer_id(model_id: str, question_id, policy: str) -> str:
+def answer_id(model_id: str, question: Question, policy: str) -> str:
     """Deterministic (LLaVA draws a random shortuuid): the same run writes the same file."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{policy}/{question_id}").hex[:22]
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{policy}/{question.question_id}/{question.text}").hex[:22]
 
 
 class AnswerWriter:

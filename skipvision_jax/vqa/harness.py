@@ -25,9 +25,9 @@ from skipvision_jax.cli import one_line
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.generate import Generator, Sampling
-from skipvision_jax.inference import LoadedModel, answer_text, default_budget
+from skipvision_jax.inference import LoadedModel, answer_text, with_default_budget
 from skipvision_jax.kvcache import KVPolicy, cache_slots
-from skipvision_jax.vqa.files import AnswerWriter, Question, answer_id, answered_ids
+from skipvision_jax.vqa.files import AnswerWriter, Question, answer_id, answered_keys
 
 SMALLEST_BUCKET = 8
 
@@ -92,7 +92,7 @@ class EvalSettings:
     # grain threads that read and preprocess images; 0: half the cores (they
     # share the host with XLA's own threads: on 2 cores, 8 threads ran 25% slower than 1)
     workers: int = 0
-    default_budgets: bool = False  # pruning policies without a budget get `default_budget` per bucket
+    default_budgets: bool = False  # pruning policies without a budget or ratio get `with_default_budget` per bucket
     progress: bool = True
 
     def __post_init__(self):
@@ -119,9 +119,9 @@ class Answerer:
 
     def policy_for(self, model_cfg: ModelConfig, bucket: int) -> KVPolicy:
         policy, s = self.settings.policy, self.settings
-        if s.default_budgets and policy.budget is None and policy.name not in ("full", "skip_vision"):
+        if s.default_budgets:
             full_slots = Generator(model_cfg, KVPolicy("full"), s.max_new_tokens).budget(bucket)
-            policy = dataclasses.replace(policy, budget=default_budget(policy, full_slots, s.max_new_tokens))
+            policy = with_default_budget(policy, full_slots, s.max_new_tokens)
         return policy
 
     def check_budget(self) -> None:
@@ -181,7 +181,7 @@ def answer_line(question: Question, text: str, model_id: str, metadata: dict, er
         "question_id": question.question_id,
         "prompt": question.text,
         "text": text,
-        "answer_id": answer_id(model_id, question.question_id, metadata["policy"]),
+        "answer_id": answer_id(model_id, question, metadata["policy"]),
         "model_id": model_id,
         "metadata": metadata,
     }
@@ -199,8 +199,8 @@ def evaluate_questions(
     questions_per_s."""
     answerer = Answerer(loaded, settings)
     answerer.check_budget()
-    done = answered_ids(answers_file)
-    pending = [q for q in questions if q.question_id not in done]
+    done = answered_keys(answers_file)
+    pending = [q for q in questions if q.key not in done]
     encoded = grain.MapDataset.source(pending).map(QuestionEncoder(loaded, image_folder))
     stream = encoded.to_iter_dataset(
         grain.ReadOptions(
