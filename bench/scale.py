@@ -176,7 +176,11 @@ def main():
     # Analytic decoder FLOPs against the compiler's, on a 2-layer unrolled cut
     # fed precomputed vision features (no tower), no remat.
     cut = dataclasses.replace(
-        skip_cfg, decoder=dataclasses.replace(skip_cfg.decoder, num_layers=2), scan_layers=False, remat=False
+        skip_cfg,
+        decoder=dataclasses.replace(skip_cfg.decoder, num_layers=2),
+        layout=dataclasses.replace(skip_cfg.layout, select="first"),  # fed features: no tower attention to rank by
+        scan_layers=False,
+        remat=False,
     )
     model, optimizer, plan = build_state_plan(cfg, cut, mesh, rules)
     cut_batch = {**train_batch, "vision_features": rows((batch, v.num_features, v.width), jnp.float32)}

@@ -1,7 +1,7 @@
 """LLaVA-1.5-7B geometry with Skip-Vision: CLIP ViT-L/14-336 (select layer
 -2), a 2-layer MLP projector to 4096, Vicuna-7B (4096 wide, 32 layers, 32
-heads, MLP 11008, vocab 32000); 576 visual tokens, the paper's 100 kept and
-476 merged to 156. bf16 compute over fp32 master weights and optimizer
+heads, MLP 11008, vocab 32000); 576 visual tokens, the paper's 100 kept (by
+the CLS token's attention, as the official code's use_zip) and 476 merged to 156. bf16 compute over fp32 master weights and optimizer
 state, scanned decoder layers, remat; LLaVA stage 2 (the tower frozen).
 
 Sized without weights by `python bench/scale.py --config configs/llava15_7b.py`;
@@ -29,7 +29,10 @@ CLIP_VIT_L_336 = {
 def get_config() -> ConfigDict:
     cfg = default.get_config()
     cfg.model.vision.update(CLIP_VIT_L_336)
-    cfg.model.layout.update({"image_offset": 35, "num_kept": 100, "merge_to": 156, "summary_tokens": True})
+    # The official LLaVA setting: the 100 kept tokens by CLS attention (clip_encoder.py's use_zip).
+    cfg.model.layout.update(
+        {"image_offset": 35, "num_kept": 100, "select": "cls_attention", "merge_to": 156, "summary_tokens": True}
+    )
     cfg.model.decoder.update(
         {"vocab_size": 32000, "width": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32, "mlp_dim": 11008}
     )

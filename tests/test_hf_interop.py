@@ -18,7 +18,7 @@ from PIL import Image
 from skipvision_jax.generate import Generator
 from skipvision_jax.interop import hf_llava, hf_model
 from skipvision_jax.interop.hf_llava import HFCheckpointError
-from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.kvcache import POLICIES, KVPolicy
 from skipvision_jax.nn import SkipVisionVLM
 from tests.conftest import init_params
 from tests.helpers import REPO
@@ -177,7 +177,9 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path, image_path):
     expected = torch_text_logits(torch_model, inputs, hf.image_token_id)
     assert np.abs(our_logits(hf.params, cfg, batch) - expected).max() <= 1e-4
     plain = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, rope_llama3_scaling=None))
-    assert np.abs(our_logits(hf.params, plain, batch) - expected).max() > 1e-3  # the scaling matters here
+    # The scaling matters here: without it the logits leave the 1e-4 parity by far (8.9e-4 with
+    # transformers 5.2's random init, 2e-3 or more with 5.24's).
+    assert np.abs(our_logits(hf.params, plain, batch) - expected).max() > 5e-4
     with torch.no_grad():
         generated = torch_model.generate(**inputs, max_new_tokens=16, do_sample=False)[
             0, inputs["input_ids"].shape[1] :
@@ -257,7 +259,7 @@ def test_infer_cli_runs_every_policy_on_a_hf_checkpoint(gqa_dir, image_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert [row["policy"] for row in rows] == ["full", "skip_vision", "h2o", "snapkv", "streaming"]
+    assert [row["policy"] for row in rows] == list(POLICIES)
     assert all(len(row["tokens"]) >= 1 for row in rows)
 
 

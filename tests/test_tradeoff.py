@@ -44,9 +44,17 @@ def test_study_trains_once_measures_every_cache_and_sweeps_the_policies(tmp_path
 
     kv = result["kv"]
     full_slots = kv["full"]["kv_slots"]
+    from tradeoff import SWEPT_POLICIES
+
+    assert set(SWEPT_POLICIES) == {"h2o", "snapkv", "pyramidkv", "streaming", "knorm", "tova", "observed_attention"}
     for fraction in (0.25, 0.5, 0.75):
-        for policy in ("h2o", "snapkv", "streaming"):
-            assert kv[f"{policy}@{fraction:g}"]["kv_slots"] == max(round(fraction * full_slots), 11)
+        for policy in SWEPT_POLICIES:
+            budget = kv[f"{policy}@{fraction:g}"]
+            assert (budget["policy"], budget["mode"]) == (policy, "budget")
+            if policy != "pyramidkv":  # its layers differ; kv_slots is their mean
+                assert budget["kv_slots"] == max(round(fraction * full_slots), 11)
+            ratio = kv[f"{policy}@{fraction:g}/ratio"]  # kvpress's ratio: the prompt keeps a share of its keys
+            assert (ratio["policy"], ratio["mode"]) == (policy, "ratio") and ratio["kv_slots"] < full_slots
     assert kv["full"]["token_agreement_with_full"] == 1.0
 
     before = {name: (runs / name / "tradeoff_train.json").stat().st_mtime_ns for name in trained}
