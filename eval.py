@@ -29,11 +29,7 @@ from skipvision_jax.kvcache import POLICIES
 from skipvision_jax.train.checkpoint import CheckpointError
 from skipvision_jax.vqa import benchmarks, files
 
-flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
-flags.DEFINE_string("hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory.")
-flags.DEFINE_integer(
-    "visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all)."
-)
+cli.define_model_flags()
 flags.DEFINE_string(
     "question_file", None, "Questions, one JSON object a line: question_id, image, text, category.", required=True
 )
@@ -64,7 +60,6 @@ flags.DEFINE_integer(
     "FastV baseline: prune the visual tokens after this many decoder layers (0: off; plain models only).",
 )
 flags.DEFINE_integer("fastv_keep", 0, "FastV baseline: visual tokens kept, by the attention of the last prompt token.")
-flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
 cli.define_distributed_flags()
 
 
@@ -99,12 +94,11 @@ def format_policy_table(rows: list[dict]) -> str:
 
 def main() -> None:
     from skipvision_jax.config import FastVConfig
-    from skipvision_jax.inference import load_hf, load_trained, with_model_config
+    from skipvision_jax.inference import with_model_config
     from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
 
     f = flags.FLAGS
-    if (f.checkpoint is None) == (f.hf_checkpoint is None):
-        raise ValueError("give exactly one of --checkpoint (a train.py workdir) and --hf-checkpoint")
+    cli.check_model_flags()
     if f.kv_policy != "all" and f.kv_policy not in POLICIES:
         raise ValueError(f"--kv-policy: unknown {f.kv_policy!r}, expected one of {POLICIES + ('all',)}")
     policies = cli.kv_policies_from_flags(POLICIES if f.kv_policy == "all" else (f.kv_policy,))
@@ -123,8 +117,7 @@ def main() -> None:
                 f"annotation file: {f.annotation_file} lacks {len(missing)} of the questions (first: {missing[0]!r})"
             )
     model_id = f.model_id or cli.directory_name(f.checkpoint or f.hf_checkpoint)
-    mesh = cli.parse_mesh(f.mesh)
-    loaded = load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
+    loaded = cli.load_model_from_flags()
     if f.fastv_layer:
         fastv = FastVConfig(f.fastv_layer, f.fastv_keep)
         loaded = with_model_config(loaded, lambda cfg: dataclasses.replace(cfg, fastv=fastv))

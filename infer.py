@@ -21,13 +21,7 @@ from skipvision_jax.generate import Sampling
 from skipvision_jax.kvcache import POLICIES
 from skipvision_jax.train.checkpoint import CheckpointError
 
-flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
-flags.DEFINE_string(
-    "hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory (weights, tokenizer, processor)."
-)
-flags.DEFINE_integer(
-    "visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all)."
-)
+cli.define_model_flags()
 flags.DEFINE_string("image", None, "Image file.", required=True)
 flags.DEFINE_string("prompt", None, "The question.", required=True)
 flags.DEFINE_string("kv_policy", "full", " | ".join(POLICIES))
@@ -40,22 +34,18 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("json", False, "Print one JSON object.")
 flags.DEFINE_bool("compare_policies", False, "Run every KV policy on the same input and print a table.")
-flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
 cli.define_distributed_flags()
 
 
 def main() -> None:
-    from skipvision_jax.inference import answer, compare_policies, load_hf, load_trained
+    from skipvision_jax.inference import answer, compare_policies
 
     f = flags.FLAGS
     policies = cli.kv_policies_from_flags(POLICIES if f.compare_policies else (f.kv_policy,))
     sampling = Sampling(
         greedy=f.greedy and f.temperature == 1.0, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p
     )
-    if (f.checkpoint is None) == (f.hf_checkpoint is None):
-        raise ValueError("give exactly one of --checkpoint (a train.py workdir) and --hf-checkpoint")
-    mesh = cli.parse_mesh(f.mesh)
-    loaded = load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
+    loaded = cli.load_model_from_flags()
     batch, model_cfg = loaded.make_batch(f.image, f.prompt)
     if f.compare_policies:
         rows = compare_policies(loaded, batch, model_cfg, policies, f.max_new_tokens, sampling, f.seed)

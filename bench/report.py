@@ -354,7 +354,7 @@ def section(folder: str, draw: bool) -> list[str]:
     device = os.path.basename(folder)
     lines = [f"### {device}", ""]
     rows = embedded_task_rows(folder)
-    kv, decode, skip_ffn, vs_hf, throughput, tradeoff = (
+    kv, decode, skip_ffn, vs_hf, throughput, tradeoff, serving = (
         load(folder, f)
         for f in (
             "kv_agreement.json",
@@ -363,6 +363,7 @@ def section(folder: str, draw: bool) -> list[str]:
             "vs_transformers.json",
             "eval_throughput.json",
             "tradeoff.json",
+            "serve_load.json",
         )
     )
     if draw:
@@ -496,8 +497,43 @@ def section(folder: str, draw: bool) -> list[str]:
                 f"Median questions/s, largest over smallest batch: {throughput['speedup_largest_over_smallest']:.2f}x.",
             ]
         lines.append("")
+    if serving:
+        lines += serving_lines(serving)
     lines += [f"![{os.path.basename(p)}](bench/results/{device}/{os.path.basename(p)})" for p in figures]
     return lines + [""]
+
+
+def serving_lines(serving: dict) -> list[str]:
+    lines = [
+        f"**serve.py under load** (`python bench/serve_load.py --checkpoint {serving['checkpoint']}`, `{serving['policy']}`, "
+        f"--max-batch {serving['max_batch']}, greedy; {serving['client']}; device busy: the scheduler's device work "
+        "over the wall time; target: concurrency 32 >= 4x the requests/s of one at a time):",
+        "",
+    ]
+    lines += markdown_table(
+        ["answers", "concurrency", "run", "requests/s", "answer tokens/s", "p50 ms", "p99 ms", "device busy"],
+        [
+            [
+                scenario["answers"],
+                str(r["concurrency"]),
+                str(r["repeat"] + 1),
+                f"{r['requests_per_s']:.1f}",
+                f"{r['tokens_per_s']:.1f}",
+                f"{r['latency_p50_ms']:.1f}",
+                f"{r['latency_p99_ms']:.1f}",
+                pct(r["device_busy_share"]),
+            ]
+            for scenario in serving["scenarios"]
+            for r in scenario["runs"]
+        ],
+    )
+    speedups = "; ".join(f"{s['answers']}: {s['speedup_highest_over_1']:.2f}x" for s in serving["scenarios"])
+    return lines + [
+        "",
+        f"Median requests/s, highest concurrency over one: {speedups}. "
+        f"Compilations after warm-up: {serving['compilations_after_warmup']}.",
+        "",
+    ]
 
 
 def scale_section(folder: str) -> list[str]:

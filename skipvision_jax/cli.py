@@ -1,4 +1,4 @@
-"""Shared command-line plumbing for train.py and infer.py: configs from Python
+"""Shared command-line plumbing for train.py, infer.py, eval.py and serve.py: configs from Python
 files (ml_collections), and bad input as a one-line error with a non-zero exit."""
 
 from __future__ import annotations
@@ -85,6 +85,35 @@ def define_distributed_flags() -> None:
     )
 
 
+def define_model_flags() -> None:
+    """Which model a command answers with (infer.py, eval.py, serve.py)."""
+    flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
+    flags.DEFINE_string(
+        "hf_checkpoint", None, "A Hugging Face LlavaForConditionalGeneration directory (weights, tokenizer, processor)."
+    )
+    flags.DEFINE_integer(
+        "visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all)."
+    )
+    flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
+
+
+def check_model_flags() -> None:
+    f = flags.FLAGS
+    if (f.checkpoint is None) == (f.hf_checkpoint is None):
+        raise ValueError("give exactly one of --checkpoint (a train.py workdir) and --hf-checkpoint")
+    parse_mesh(f.mesh)
+
+
+def load_model_from_flags():
+    """The model the model flags name, on their mesh (an `inference.LoadedModel`)."""
+    from skipvision_jax.inference import load_hf, load_trained
+
+    check_model_flags()
+    f = flags.FLAGS
+    mesh = parse_mesh(f.mesh)
+    return load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
+
+
 def define_kv_flags() -> None:
     """The KV policy's settings (the policy's name is each command's own flag)."""
     flags.DEFINE_integer(
@@ -134,7 +163,8 @@ def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ..
         quiet_library_logs()
         try:
             f = flags.FLAGS
-            sharding.initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.distributed)
+            if "coordinator" in f:  # commands that run on several hosts define the distributed flags
+                sharding.initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.distributed)
             main()
         except expected_errors as err:
             fail(one_line(err))

@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from skipvision_jax import kvcache, sharding
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.kvcache import KVPolicy, LayerCache
-from skipvision_jax.nn.decoder import layer_groups, prefill_captures
+from skipvision_jax.nn.decoder import LayerGroup, layer_groups, prefill_captures
 from skipvision_jax.nn.vlm import SkipVisionVLM
 from skipvision_jax.partition import SequenceLayout
 
@@ -44,6 +44,17 @@ class Sampling:
             raise ValueError(f"sampling.top_p: must be in (0, 1], got {self.top_p}")
 
 
+def top_p_cut(logits: Float[Array, "B V"], top_p: float | Float[Array, "B 1"]) -> Float[Array, "B V"]:
+    """Nucleus sampling's cut: -inf outside the smallest set of tokens whose
+    mass reaches `top_p` (one value, or one per row)."""
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass before it is < top_p.
+    cutoff_index = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p, axis=-1) - 1
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None], axis=-1)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
 def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> Int[Array, " B"]:
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -52,13 +63,22 @@ def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> I
         kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # The smallest set whose mass reaches top_p: keep a token if the mass before it is < top_p.
-        cutoff_index = jnp.sum(cumulative - jax.nn.softmax(sorted_logits, axis=-1) < sampling.top_p, axis=-1) - 1
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index[:, None], axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        logits = top_p_cut(logits, sampling.top_p)
     return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+def sample_rows(
+    logits: Float[Array, "B V"],
+    keys: jax.Array,
+    temperature: Float[Array, " B"],
+    top_p: Float[Array, " B"],
+) -> Int[Array, " B"]:
+    """Each row under its own settings and key (a server's slots hold
+    different requests): temperature 0 is greedy, as in OpenAI's API."""
+    sampled = temperature > 0
+    scaled = top_p_cut(logits / jnp.where(sampled, temperature, 1.0)[:, None], top_p[:, None])
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+    return jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 @flax.struct.dataclass
@@ -103,7 +123,8 @@ class Generator:
         self._prefill_jit = jax.jit(self._prefill)
         self._decode_jit = jax.jit(self._decode, donate_argnums=1)
 
-    def _sharded(self):
+    def mesh_context(self):
+        """Where this generator's programs trace and run: its mesh and rules, if any."""
         return contextlib.nullcontext() if self.mesh is None else sharding.activate(self.mesh, self.rules)
 
     def prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
@@ -113,18 +134,22 @@ class Generator:
                 k: jax.device_put(np.asarray(v), sharding.rows_sharding(self.mesh, np.shape(v)))
                 for k, v in batch.items()
             }
-        with self._sharded():
+        with self.mesh_context():
             return self._prefill_jit(params, batch, rng)
 
     def decode(self, params, state: DecodeState) -> DecodeState:
         """The rest of the answer in one jitted `lax.while_loop`."""
-        with self._sharded():
+        with self.mesh_context():
             return self._decode_jit(params, state)
 
     def plan(self, num_text: int) -> kvcache.CachePlan:
         """The caches' static sizes for prompts of `num_text` padded text tokens."""
         layout = self.model.layout(num_text)
         return self.policy.plan(layout.length, layout.skipped, self.max_new_tokens, self.cfg.decoder.num_layers)
+
+    def groups(self) -> list[LayerGroup]:
+        """The decoder's layer groups, one cache each (scanned groups stack their layers)."""
+        return layer_groups(self.cfg.decoder.num_layers, self.cfg.skip_layers, self.cfg.scan_layers)
 
     def budget(self, num_text: int) -> int:
         """Slots per layer (the largest layer's, where a policy sizes layers apart)."""
@@ -135,7 +160,14 @@ class Generator:
             jnp.isin(tokens, jnp.asarray(self.stop_ids, jnp.int32)) if self.stop_ids else jnp.zeros(tokens.shape, bool)
         )
 
-    def _prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
+    def prefill_caches(
+        self, params, batch: dict, buffer_slots: tuple[int, ...] | None = None
+    ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...], Int[Array, " B"]]:
+        """The prompt's forward (traced inside the caller's jit): the logits
+        after each row's last prompt token, the caches the policy keeps (one
+        per layer group, in buffers of `buffer_slots` slots where given: a
+        server's slots hold prompts of every length), and each row's prompt
+        length."""
         input_ids, text_mask = batch["input_ids"], batch["text_mask"]
         layout = self.model.layout(input_ids.shape[1])
         plan = self.plan(input_ids.shape[1])
@@ -163,7 +195,7 @@ class Generator:
             # their keys are dead after prefill, under every policy.
             cached = key_valid & ~((positions >= layout.skipped_start) & (positions < layout.skipped_end))
         caches = []
-        for group in layer_groups(self.cfg.decoder.num_layers, self.cfg.skip_layers, self.cfg.scan_layers):
+        for index, group in enumerate(self.groups()):
             if "fastv_index" in captured and group.start >= self.cfg.fastv.layer:
                 # FastV removed visual rows: these layers cache only the rows that stayed.
                 kept_rows = captured["fastv_index"][0]
@@ -171,15 +203,24 @@ class Generator:
             else:
                 rows = (positions, cached)
             keep, num_slots, budget = plan.group(group.start, group.end)
+            if buffer_slots is not None:
+                # Only free slots are added: a buffer the policy fills and evicts from keeps its size.
+                if buffer_slots[index] < budget:
+                    raise ValueError(f"buffer_slots: group {index} needs {budget} slots, got {buffer_slots[index]}")
+                budget = buffer_slots[index]
             layer_keep = jnp.asarray(keep)[:, prompt_lens]  # [layers, B]: each row's count, by its prompt length
             layer_cache = functools.partial(self._layer_cache, *rows, prompt_lens, layout, num_slots, budget)
             sown = prefill_captures(captured, group)
             caches.append(
                 jax.vmap(layer_cache)(sown, layer_keep) if group.scanned else layer_cache(sown, layer_keep[0])
             )
+        return logits, tuple(caches), prompt_lens
+
+    def _prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
+        logits, caches, prompt_lens = self.prefill_caches(params, batch)
         rng, first_rng = jax.random.split(rng)
         first = sample(logits, first_rng, self.sampling)
-        batch_size = input_ids.shape[0]
+        batch_size = logits.shape[0]
         tokens = jnp.full((batch_size, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(first)
         recorded = None
         if self.record_logits:
@@ -189,7 +230,7 @@ class Generator:
             tokens=tokens,
             done=self._is_stop(first),
             next_pos=prompt_lens,
-            caches=tuple(caches),
+            caches=caches,
             rng=rng,
             logits=recorded,
         )
@@ -219,18 +260,20 @@ class Generator:
         priority, score = kvcache.prompt_scores(self.policy, keys)
         return kvcache.compact(keys, sown["v"], priority, score, keep, num_slots, budget)
 
+    def next_logits(
+        self, params, tokens: Int[Array, "B 1"], positions: Int[Array, "B 1"], caches: tuple[LayerCache, ...]
+    ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...]]:
+        """One decode step of the model: each row's token at its position, against (and into) its caches."""
+        logits, caches = self.model.apply(
+            {"params": params}, tokens, positions, caches, self.policy, method=SkipVisionVLM.decode_step
+        )
+        return logits, tuple(caches)
+
     def _decode_step(self, params, state: DecodeState) -> DecodeState:
         last = jnp.take_along_axis(
             state.tokens, (state.step - 1)[None, None].repeat(state.tokens.shape[0], 0), axis=1
         )  # [B, 1]
-        logits, caches = self.model.apply(
-            {"params": params},
-            last,
-            state.next_pos[:, None],
-            state.caches,
-            self.policy,
-            method=SkipVisionVLM.decode_step,
-        )
+        logits, caches = self.next_logits(params, last, state.next_pos[:, None], state.caches)
         rng, step_rng = jax.random.split(state.rng)
         token = jnp.where(state.done, self.pad_id, sample(logits, step_rng, self.sampling))
         recorded = state.logits.at[:, state.step].set(logits) if self.record_logits else None
@@ -239,7 +282,7 @@ class Generator:
             tokens=state.tokens.at[:, state.step].set(token),
             done=state.done | self._is_stop(token),
             next_pos=state.next_pos + 1,
-            caches=tuple(caches),
+            caches=caches,
             rng=rng,
             logits=recorded,
         )

@@ -6,16 +6,18 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
+from PIL import Image
 
 from skipvision_jax import sharding
 from skipvision_jax.config import LayoutConfig, ModelConfig
 from skipvision_jax.data.images import load_image, preprocess
+from skipvision_jax.data.llava import Turn
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.experiment import build_model_config, build_state_plan, model_image_size
 from skipvision_jax.generate import Generator, Sampling
@@ -38,11 +40,15 @@ class LoadedModel:
     stop_ids: tuple[int, ...]
     pad_id: int
     decode: Callable[[list[int]], str]
-    # (image path, question) -> (batch of 1 as numpy arrays, the model config for its layout)
-    make_batch: Callable[[str, str], tuple[dict, ModelConfig]]
+    # (image, conversation) -> (batch of 1 as numpy arrays, the model config for its layout)
+    encode: Callable[[Image.Image, Sequence[Turn]], tuple[dict, ModelConfig]]
     max_text_len: int  # text tokens a prompt may have
     cfg: ml_collections.ConfigDict | None = None  # train.py's config (trained models)
     data: DataSpec | None = None
+
+    def make_batch(self, image_path: str, question: str) -> tuple[dict, ModelConfig]:
+        """One question about an image file (eval.py's and infer.py's prompt)."""
+        return self.encode(load_image(image_path), [Turn("user", question)])
 
 
 def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
@@ -70,15 +76,17 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
 
     max_text_len = cfg.data.text_len - 1  # room for one answer token at least
 
-    def make_batch(image_path: str, prompt: str) -> tuple[dict, ModelConfig]:
-        if not prompt.strip():
+    def encode(image: Image.Image, turns: Sequence[Turn]) -> tuple[dict, ModelConfig]:
+        if [turn.role for turn in turns] != ["user"]:
+            raise ValueError("prompt: this model's prompt format takes one user message (with the image)")
+        if not turns[0].text.strip():
             raise ValueError("prompt: empty")
-        ids = data.encode_prompt(prompt)
+        ids = data.encode_prompt(turns[0].text)
         if len(ids) > max_text_len:
             raise ValueError(
                 f"prompt: {len(ids)} tokens exceed the model's text length ({max_text_len} + 1 answer token at least)"
             )
-        pixels = preprocess(load_image(image_path), model_cfg.vision.image_size)
+        pixels = preprocess(image, model_cfg.vision.image_size)
         return {
             "input_ids": np.asarray([ids], np.int32),
             "text_mask": np.ones((1, len(ids)), bool),
@@ -86,7 +94,7 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
         }, model_cfg
 
     return LoadedModel(
-        model_cfg, params, mesh, rules, data.stop_ids, data.pad_id, data.decode, make_batch, max_text_len, cfg, data
+        model_cfg, params, mesh, rules, data.stop_ids, data.pad_id, data.decode, encode, max_text_len, cfg, data
     )
 
 
@@ -107,10 +115,10 @@ def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel
         raise hf_llava.HFCheckpointError(f"{directory}: no tokenizer/processor files, cannot encode a prompt")
     tokenizer = hf.processor.tokenizer
 
-    def make_batch(image_path: str, prompt: str) -> tuple[dict, ModelConfig]:
-        if not prompt.strip():
+    def encode(image: Image.Image, turns: Sequence[Turn]) -> tuple[dict, ModelConfig]:
+        if not any(turn.text.strip() for turn in turns if turn.role == "user"):
             raise ValueError("prompt: empty")
-        return hf_model.encode(hf, load_image(image_path), prompt)
+        return hf_model.encode(hf, image, turns)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
@@ -123,7 +131,7 @@ def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel
         hf_model.stop_ids(hf),
         pad_id,
         decode,
-        make_batch,
+        encode,
         max_text_len,
     )
 
@@ -132,11 +140,11 @@ def with_model_config(loaded: LoadedModel, change: Callable[[ModelConfig], Model
     """The same weights decoded under a changed config (e.g. FastV pruning,
     which adds no weights): every batch's config goes through `change`."""
 
-    def make_batch(image_path: str, prompt: str) -> tuple[dict, ModelConfig]:
-        batch, model_cfg = loaded.make_batch(image_path, prompt)
+    def encode(image: Image.Image, turns: Sequence[Turn]) -> tuple[dict, ModelConfig]:
+        batch, model_cfg = loaded.encode(image, turns)
         return batch, change(model_cfg)
 
-    return dataclasses.replace(loaded, model_cfg=change(loaded.model_cfg), make_batch=make_batch)
+    return dataclasses.replace(loaded, model_cfg=change(loaded.model_cfg), encode=encode)
 
 
 def answer_text(loaded: LoadedModel, tokens: np.ndarray) -> str:

@@ -15,6 +15,7 @@ from skipvision_jax.experiment import build_model_config, build_state_plan, mode
 from skipvision_jax.train.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VAL_SIZE = 32  # validation questions of the trained tiny model (conftest.trained_workdir)
 
 TINY_OVERRIDES = {
     "model.vision.width": 32,
@@ -90,7 +91,8 @@ def subprocess_env(devices: int) -> dict[str, str]:
     """Environment for a child JAX process with `devices` fake CPU devices."""
     return {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        # Keeps the test session's flags (conftest.py), adds the device count.
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {os.environ.get('XLA_FLAGS', '')}".strip(),
         "PYTHONPATH": REPO,
         "JAX_PLATFORMS": "cpu",
     }

@@ -18,29 +18,14 @@ from skipvision_jax.data.tasks import export_llava_eval
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.inference import answer_text, load_trained
 from skipvision_jax.kvcache import POLICIES, KVPolicy
-from skipvision_jax.train.loop import train_and_evaluate
 from skipvision_jax.vqa import files
 from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions, length_buckets
-from tests.helpers import REPO, read_metrics, tiny_train_config
-
-VAL_SIZE = 32
+from tests.helpers import REPO, VAL_SIZE, read_metrics
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A tiny model trained far enough to be right on some questions and wrong on others."""
-    path = str(tmp_path_factory.mktemp("eval") / "run")
-    overrides = {
-        "train.steps": 60,
-        "train.checkpoint_every": 60,
-        "train.eval_every": 60,
-        "optimizer.decay_steps": 60,
-        "optimizer.lr": 3e-3,
-        "data.val_size": VAL_SIZE,
-        "train.batch_size": 16,
-    }
-    train_and_evaluate(tiny_train_config(**overrides), path)
-    return path
+def workdir(trained_workdir):
+    return trained_workdir
 
 
 @pytest.fixture(scope="module")

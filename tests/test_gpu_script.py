@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_gpu_script_dry_run_writes_every_result_outside_the_repo(tmp_path):
     before = sorted(os.listdir(os.path.join(REPO, "bench", "results")))
     env = {**os.environ, "OUT": str(tmp_path)}

@@ -21,7 +21,7 @@ from skipvision_jax.interop.hf_llava import HFCheckpointError
 from skipvision_jax.kvcache import POLICIES, KVPolicy
 from skipvision_jax.nn import SkipVisionVLM
 from tests.conftest import init_params
-from tests.helpers import REPO
+from tests.helpers import REPO, subprocess_env
 from tests.hf_tiny import make_hf_llava, write_image
 
 QUESTION = "what is in the picture ?"
@@ -122,7 +122,7 @@ print(json.dumps({"q_shape": q.shape, "q_shard": q.addressable_shards[0].data.sh
 
 def test_loading_onto_a_mesh_shards_each_weight_and_computes_the_same(hf_dir, image_path):
     directory, torch_model = hf_dir
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": REPO}
+    env = subprocess_env(8)
     proc = subprocess.run(
         [sys.executable, "-c", ON_MESH, directory, image_path],
         cwd=REPO,

@@ -150,6 +150,7 @@ def test_decoding_on_a_mesh_gives_the_tokens_of_one_device(mesh_run):
         assert mesh_run[policy]["cache_shard_shape"] == [batch // 4, kv_heads // 2, slots, head_dim]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
     """SIGTERM to process 1 only: JAX's preemption sync manager agrees on a
     step, both processes save it and exit 0; resumed, the run's losses are

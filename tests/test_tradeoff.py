@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -31,6 +33,7 @@ def test_answer_token_accuracy_counts_places_and_the_end():
     assert answer_token_accuracy("- 7 -", "7 - -") == 2 / 4
 
 
+@pytest.mark.slow
 def test_study_trains_once_measures_every_cache_and_sweeps_the_policies(tmp_path):
     result = run_study(tmp_path, "--variants", "skip_nomerge,fastv", "--kv-variant", "skip_nomerge")
     runs = tmp_path / "runs"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -15,14 +17,25 @@ class ImageError(ValueError):
 
 def load_image(path: str) -> Image.Image:
     """Opens and fully decodes an image as RGB, or raises ImageError with a one-line reason."""
+    return _decoded(path, path)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """An image file's bytes (sent inline, e.g. a base64 data URL) as RGB, or ImageError."""
+    return _decoded(io.BytesIO(data), "data")
+
+
+def _decoded(source: str | io.BytesIO, name: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()  # decode now: a truncated file fails here, not later in a worker
             return image.convert("RGB")
     except FileNotFoundError:
-        raise ImageError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ImageError(f"cannot decode image {path}: {err}") from None
+        raise ImageError(f"image not found: {name}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot decode image {name}: not a known image format") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageError(f"cannot decode image {name}: {err}") from None
 
 
 def pad_to_square(image: Image.Image, fill: np.ndarray = CLIP_MEAN) -> Image.Image:

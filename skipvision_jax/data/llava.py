@@ -36,6 +36,15 @@ class ChatTemplate:
     assistant: str = " ASSISTANT: "
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation, in no model's format yet (the image
+    belongs to the first user turn)."""
+
+    role: str  # system | user | assistant
+    text: str
+
+
 def validate_record(record, index: int) -> dict:
     """Returns the record, or raises BadRecord naming it."""
     rid = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"

@@ -9,6 +9,7 @@ and the directory's own processor (tokenizer, chat template, image preprocessing
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 
 from skipvision_jax import sharding
 from skipvision_jax.config import LayoutConfig, ModelConfig, SkipConfig
+from skipvision_jax.data.llava import Turn
 from skipvision_jax.experiment import abstract_params
 from skipvision_jax.interop import hf_llava
 from skipvision_jax.interop.hf_llava import HFCheckpointError
@@ -60,13 +62,31 @@ def load(
     return HFLlava(directory, hf_config, model_cfg, params, unused, load_processor(directory))
 
 
-def chat_prompt(processor, question: str) -> str:
-    """The directory's chat template around one image and one question
-    (LLaVA-1.5's `USER: <image>\\n... ASSISTANT:` when it has none)."""
+def chat_prompt(processor, conversation: str | Sequence[Turn]) -> str:
+    """The directory's chat template around a conversation (a question: one
+    user turn) whose first user turn opens with the image; LLaVA-1.5's
+    `USER: <image>\\n... ASSISTANT:` (conv_vicuna_v1) when it has none."""
+    turns = [Turn("user", conversation)] if isinstance(conversation, str) else list(conversation)
+    first_user = next(i for i, turn in enumerate(turns) if turn.role == "user")
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        messages = [
+            {
+                "role": turn.role,
+                "content": ([{"type": "image"}] if i == first_user else []) + [{"type": "text", "text": turn.text}],
+            }
+            for i, turn in enumerate(turns)
+        ]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: {processor.image_token}\n{question} ASSISTANT:"
+    prompt = ""
+    for i, turn in enumerate(turns):
+        if turn.role == "system":
+            prompt += turn.text + " "
+        elif turn.role == "user":
+            image = processor.image_token + "\n" if i == first_user else ""
+            prompt += f"USER: {image}{turn.text} ASSISTANT:"
+        else:
+            prompt += f" {turn.text}{processor.tokenizer.eos_token or ''}"
+    return prompt
 
 
 def split_image_tokens(input_ids: np.ndarray, image_token_id: int, num_features: int) -> tuple[np.ndarray, int]:
@@ -97,11 +117,13 @@ def from_hf_inputs(
     return batch, dataclasses.replace(hf.model_cfg, layout=layout)
 
 
-def encode(hf: HFLlava, image: Image.Image, question: str) -> tuple[dict[str, np.ndarray], ModelConfig]:
-    """One prompt through the directory's processor (see `from_hf_inputs`)."""
+def encode(
+    hf: HFLlava, image: Image.Image, conversation: str | Sequence[Turn]
+) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """One prompt (a question, or a conversation) through the directory's processor (see `from_hf_inputs`)."""
     if hf.processor is None:
         raise HFCheckpointError(f"{hf.directory}: no tokenizer/processor files, cannot encode a prompt")
-    inputs = hf.processor(images=image, text=chat_prompt(hf.processor, question), return_tensors="np")
+    inputs = hf.processor(images=image, text=chat_prompt(hf.processor, conversation), return_tensors="np")
     limit = max_positions(hf)
     if len(inputs["input_ids"][0]) > limit:
         raise HFCheckpointError(
