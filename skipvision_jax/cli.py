@@ -97,20 +97,20 @@ def define_model_flags() -> None:
     flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
 
 
-def check_model_flags() -> None:
+def check_model_flags() -> dict[str, int]:
+    """ValueError unless the model flags name one model on a well-formed mesh; the mesh's sizes."""
     f = flags.FLAGS
     if (f.checkpoint is None) == (f.hf_checkpoint is None):
         raise ValueError("give exactly one of --checkpoint (a train.py workdir) and --hf-checkpoint")
-    parse_mesh(f.mesh)
+    return parse_mesh(f.mesh)
 
 
 def load_model_from_flags():
     """The model the model flags name, on their mesh (an `inference.LoadedModel`)."""
     from skipvision_jax.inference import load_hf, load_trained
 
-    check_model_flags()
+    mesh = check_model_flags()
     f = flags.FLAGS
-    mesh = parse_mesh(f.mesh)
     return load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
 
 

@@ -23,6 +23,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -242,7 +243,7 @@ def create_app(scheduler: Scheduler, settings: ApiSettings) -> FastAPI:
         model = {"id": settings.model_id, "object": "model", "created": created, "owned_by": "skipvision_jax"}
         return {"object": "list", "data": [model]}
 
-    def prepare(request: ChatRequest) -> Generation:
+    def prepare(request: ChatRequest, emit: Callable[[Event], None]) -> Generation:
         """Everything that can be wrong with a request, found before it waits for a slot."""
         image, turns = conversation(request.messages)
         try:
@@ -271,7 +272,7 @@ def create_app(scheduler: Scheduler, settings: ApiSettings) -> FastAPI:
             stop=stop,
             stream=bool(request.stream),
             ignore_eos=bool(request.ignore_eos),
-            emit=lambda event: None,  # set once the request has its queue
+            emit=emit,
         )
 
     @app.post("/v1/chat/completions")
@@ -279,10 +280,10 @@ def create_app(scheduler: Scheduler, settings: ApiSettings) -> FastAPI:
         request = parse_request(await read_body(http, settings.max_body_bytes))
         if request.model is not None and request.model != settings.model_id:
             raise ApiError(404, f"the model `{request.model}` does not exist", param="model", code="model_not_found")
-        generation = await asyncio.to_thread(prepare, request)
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        generation.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        generation = await asyncio.to_thread(prepare, request, emit)
         try:
             scheduler.submit(generation)
         except (QueueFull, ShuttingDown) as err:

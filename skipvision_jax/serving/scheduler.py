@@ -164,11 +164,10 @@ class Scheduler:
 
     def stats(self) -> dict:
         with self._cv:
-            busy = sum(o is not None for occupants in self._occupants.values() for o in occupants)
             return {
                 "status": "stopping" if self._stopping else "ok",
                 "slots": self.settings.max_batch,
-                "slots_busy": busy,
+                "slots_busy": self._busy_slots(),
                 "waiting": len(self._waiting),
                 "compilations": self.compilations.count,
                 "kv_settings": [describe(p) for p in self._batches],
@@ -201,15 +200,15 @@ class Scheduler:
 
     # ---- the scheduler thread -----------------------------------------------------------------
 
-    def _busy(self) -> bool:
-        return any(o is not None for occupants in self._occupants.values() for o in occupants)
+    def _busy_slots(self) -> int:
+        return sum(o is not None for occupants in self._occupants.values() for o in occupants)
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._busy() and not self._stopping:
+                while not self._waiting and not self._busy_slots() and not self._stopping:
                     self._cv.wait()
-                if self._stopping and not self._waiting and not self._busy():
+                if self._stopping and not self._waiting and not self._busy_slots():
                     return
                 admissions = self._admit()
                 batches = list(self._batches.items())
