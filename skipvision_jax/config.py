@@ -115,6 +115,8 @@ class VisionConfig:
 
 
 LAYOUT_SELECTIONS = ("first", "cls_attention")
+MERGE_METHODS = ("official", "tome")  # nn/token_merge.py
+SUMMARY_POOLS = ("shared", "separate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +134,16 @@ class LayoutConfig:
     select: str = "first"
     # Fine tokens after token merging; None keeps them all.
     merge_to: int | None = None
+    # How they merge (nn/token_merge.py): "official", the official code's
+    # one-round RandomBipartiteSoftMatching (output in its redundancy order),
+    # or "tome", ToMe's size-weighted bipartite rounds (image order). The
+    # default is what checkpoints written before the choice existed used.
+    merge_method: str = "tome"
     # Insert the learned summary tokens q1 (after kept) and q2 (after skipped).
     summary_tokens: bool = True
+    # Their softmax pools: "shared", one pool for q1 and q2 as the official
+    # model's `self.ada`, or "separate", one each (again the older default).
+    summary_pool: str = "separate"
     # The pruning baseline: the fine tokens never enter the sequence (a
     # fixed-budget pruner that keeps the coarse tokens); no skipped segment.
     drop_fine: bool = False
@@ -163,6 +173,16 @@ class LayoutConfig:
             self.select in LAYOUT_SELECTIONS,
             "layout.select",
             f"unknown {self.select!r}, expected one of {LAYOUT_SELECTIONS}",
+        )
+        _require(
+            self.merge_method in MERGE_METHODS,
+            "layout.merge_method",
+            f"unknown {self.merge_method!r}, expected one of {MERGE_METHODS}",
+        )
+        _require(
+            self.summary_pool in SUMMARY_POOLS,
+            "layout.summary_pool",
+            f"unknown {self.summary_pool!r}, expected one of {SUMMARY_POOLS}",
         )
         _require(
             not (self.drop_fine and self.merge_to is not None),

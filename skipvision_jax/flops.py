@@ -21,8 +21,13 @@ def forward_flops(cfg: ModelConfig, num_text: int, batch: int, vision_width: int
     vision_width = vision_width or cfg.vision.width
     projector = 2 * num_visual * (vision_width * d.width + d.width * d.width)
     merge = 0.0
-    if cfg.layout.merge_to is not None:
-        tokens = num_visual - cfg.layout.num_kept
+    tokens = num_visual - cfg.layout.num_kept
+    if cfg.layout.merge_to is not None and cfg.layout.merge_method == "official":
+        # all-pairs similarity, then the r removed tokens against the rest
+        removed = tokens - cfg.layout.merge_to
+        if removed:  # nothing removed: the tokens pass as they are
+            merge = 2 * tokens * tokens * d.width + 2 * removed * cfg.layout.merge_to * d.width
+    elif cfg.layout.merge_to is not None:
         for removed in merge_schedule(tokens, cfg.layout.merge_to):
             merge += 2 * ((tokens + 1) // 2) * (tokens // 2) * d.width
             tokens -= removed

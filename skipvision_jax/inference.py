@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -19,10 +17,9 @@ from skipvision_jax.config import LayoutConfig, ModelConfig
 from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.llava import Turn
 from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.experiment import build_model_config, build_state_plan, model_image_size
+from skipvision_jax.experiment import restore_run
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.kvcache import KVPolicy, cache_bytes, cache_slots
-from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
 
 # Decoding is bound by reading weights and cache: tensor parallelism splits
 # both; one prompt leaves nothing for data parallelism to split.
@@ -55,24 +52,10 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
     """The params of the newest good checkpoint in a train.py workdir, restored
     onto a mesh (`mesh_cfg`: data/fsdp/tensor sizes; default: every device on
     `tensor`), whatever mesh trained them."""
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise CheckpointError(f"no checkpoint at {workdir} (missing config.json)")
-    with open(config_path) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
-    data = DataSpec(cfg.data, model_image_size(cfg))
-    model_cfg = build_model_config(cfg, data)
     mesh = sharding.make_mesh(mesh_cfg or INFERENCE_MESH)
+    run = restore_run(workdir, mesh)
+    cfg, data, model_cfg, params = run.cfg, run.data, run.model_cfg, run.params
     rules = sharding.logical_rules(cfg.get("mesh"))
-    abstract = build_state_plan(cfg, model_cfg, mesh, rules)[2].abstract
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
-    try:
-        restored = checkpointer.restore_latest(abstract)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise CheckpointError(f"no checkpoint at {workdir}/checkpoints")
-    params = restored[0].params
 
     max_text_len = cfg.data.text_len - 1  # room for one answer token at least
 

@@ -101,11 +101,11 @@ VARIANTS["mha_untied"] = {
 }
 
 
-def build_tokenizer():
+def build_tokenizer(words: list[str] = WORDS):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    vocab = {token: i for i, token in enumerate(SPECIALS + sorted(set(words), key=words.index))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
@@ -167,3 +167,52 @@ def write_image(path: str, size: int = 24, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
     return path
+
+
+def make_parts(directory: str, words: list[str], seed: int = 0, clip_model: bool = False) -> dict[str, str]:
+    """The parts LLaVA trains from, random and tiny, as they ship: a
+    LlamaForCausalLM directory with its tokenizer (`words` plus the
+    specials), a CLIPVisionModel directory (a CLIPModel one with
+    `clip_model`) and a pretrain-stage `mm_projector.bin`. Returns their paths."""
+    import os
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    spec = VARIANTS["gqa"]
+    tokenizer = build_tokenizer(words)
+    torch.manual_seed(seed)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=1, eos_token_id=2, **spec["text"]
+    )
+    language_model = LlamaForCausalLM(text).eval()
+    vision = CLIPVisionConfig(projection_dim=16, **spec["vision"])
+    if clip_model:
+        text_half = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        tower = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config=text_half, projection_dim=16))
+    else:
+        tower = CLIPVisionModel(vision)
+    with torch.no_grad():  # norms start at 1 / 0: perturb them so that their mapping is tested
+        for model in (language_model, tower):
+            for name, param in model.named_parameters():
+                if "norm" in name or "class_embedding" in name:
+                    param.add_(0.1 * torch.randn_like(param))
+    paths = {
+        "language_model": os.path.join(directory, "language_model"),
+        "vision_tower": os.path.join(directory, "vision_tower"),
+        "projector": os.path.join(directory, "mm_projector.bin"),
+    }
+    language_model.save_pretrained(paths["language_model"])
+    tokenizer.save_pretrained(paths["language_model"])
+    tower.save_pretrained(paths["vision_tower"])
+    width, vision_width = text.hidden_size, vision.hidden_size
+    torch.save(
+        {
+            "model.mm_projector.0.weight": torch.randn(width, vision_width),
+            "model.mm_projector.0.bias": torch.randn(width),
+            "model.mm_projector.2.weight": torch.randn(width, width),
+            "model.mm_projector.2.bias": torch.randn(width),
+        },
+        paths["projector"],
+    )
+    return paths

@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from skipvision_jax.data.synthetic import CELL, COLOURS, GeneratedVQA, render_grid
+from skipvision_jax.data.synthetic import CELL, COLOURS, GeneratedVQA, choose_kind, render_grid
 from skipvision_jax.data.tokenizer import WordTokenizer
 
 GRID = 6  # cells of synthetic.CELL pixels
@@ -84,9 +84,11 @@ def sample_glyph_scene(rng: np.random.Generator) -> GlyphScene:
     )
 
 
-def sample_glyph_question(scene: GlyphScene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """(kind, question, answer), the kinds and rows equally likely; rows count from 1."""
-    kind = KINDS[int(rng.integers(len(KINDS)))]
+def sample_glyph_question(
+    scene: GlyphScene, rng: np.random.Generator, kind_weights: dict[str, float] | None = None
+) -> tuple[str, str, str]:
+    """(kind, question, answer), the kind by `choose_kind`, the rows equally likely; rows count from 1."""
+    kind = choose_kind(KINDS, rng, kind_weights)
     row = int(rng.integers(GRID))
     cells = [EMPTY] * GRID
     for colour, digit, r, col in scene.glyphs:

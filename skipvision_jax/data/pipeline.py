@@ -43,9 +43,15 @@ class DataSpec:
         self.cfg = data_cfg
         if data_cfg.kind in ("synthetic", "detail"):
             task = generated_task(data_cfg.kind)
-            self.train_source = task("train", data_cfg.train_size, data_cfg.seed, data_cfg.text_len)
+            self.train_source = task(
+                "train", data_cfg.train_size, data_cfg.seed, data_cfg.text_len, data_cfg.get("train_kind_weights", ())
+            )
             self.val_source = task("val", data_cfg.val_size, data_cfg.seed, data_cfg.text_len)
             self.transform = None
+            # A generated example is 0.3 ms of NumPy under the GIL: grain's
+            # default 16 reader threads only contend for it (65 ms a batch of
+            # 64 against 26 ms read inline, measured on 2 cores).
+            self._read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
             self.image_offset = task.image_offset
             self.vocab_size = len(task.tokenizer)
             self.question_kinds = task.kinds
@@ -69,6 +75,8 @@ class DataSpec:
                 LlavaTransform(tokenizer, data_cfg.image_dir, image_size, data_cfg.text_len),
                 strict=data_cfg.on_bad_record == "raise",
             )
+            # Decoding image files is I/O and C code: grain's default reader threads overlap it.
+            self._read_options = grain.ReadOptions()
             self.image_offset = self.transform.transform.image_offset
             self.vocab_size = tokenizer.get_vocab_size()
             self.question_kinds = ()
@@ -108,7 +116,10 @@ class DataSpec:
         own_rows = grain.MapDataset.range(len(ordered) // global_batch * local).map(
             lambda i: ordered[(i // local) * global_batch + start + i % local]
         )
-        return iter(self._mapped(own_rows).to_iter_dataset().batch(local, drop_remainder=True))
+        batches = self._mapped(own_rows).to_iter_dataset(self._read_options).batch(local, drop_remainder=True)
+        # One thread assembles the next batches while the device runs the step
+        # (XLA releases the GIL); grain checkpoints the position behind it.
+        return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=2))
 
     def val_batches(
         self, global_batch: int, max_batches: int | None = None, rows: tuple[int, int] | None = None

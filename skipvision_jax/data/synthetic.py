@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 import numpy as np
 
@@ -99,10 +100,21 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     )
 
 
-def sample_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """(kind, question, answer), the kind uniform over those the scene allows."""
-    kinds = list(KINDS) if len(scene.objects) >= 2 else list(KINDS[:3])
-    kind = kinds[int(rng.integers(len(kinds)))]
+def choose_kind(allowed: tuple[str, ...], rng: np.random.Generator, weights: dict[str, float] | None) -> str:
+    """One of the kinds a scene allows: uniform (one integer draw, as the
+    validation split always asks), or in proportion to `weights` (kind ->
+    weight > 0, `data.train_kind_weights`) among the allowed ones."""
+    if weights is None:
+        return allowed[int(rng.integers(len(allowed)))]
+    p = np.array([weights[kind] for kind in allowed], np.float64)
+    return allowed[int(rng.choice(len(allowed), p=p / p.sum()))]
+
+
+def sample_question(
+    scene: Scene, rng: np.random.Generator, kind_weights: dict[str, float] | None = None
+) -> tuple[str, str, str]:
+    """(kind, question, answer), the kind chosen among those the scene allows (`choose_kind`)."""
+    kind = choose_kind(KINDS if len(scene.objects) >= 2 else KINDS[:3], rng, kind_weights)
     target = scene.objects[int(rng.integers(len(scene.objects)))]
     if kind == "colour":
         return kind, f"what color is the {target[1]} ?", target[0]
@@ -132,10 +144,20 @@ class GeneratedVQA:
     image_size: int
     image_offset = 1
 
-    def __init__(self, split: str, size: int, seed: int = 0, text_len: int = 16):
+    def __init__(self, split: str, size: int, seed: int = 0, text_len: int = 16, kind_weights: tuple[float, ...] = ()):
+        """`kind_weights`: one weight > 0 per question kind (`kinds`), how often
+        each is asked; empty asks every kind the scene allows equally often."""
         if split not in SPLITS:
             raise ValueError(f"data.split: unknown {split!r}, expected one of {tuple(SPLITS)}")
+        if kind_weights and (
+            len(kind_weights) != len(self.kinds) or not all(math.isfinite(w) and w > 0 for w in kind_weights)
+        ):
+            raise ValueError(
+                f"data.train_kind_weights: expected {len(self.kinds)} weights > 0 (for {', '.join(self.kinds)}),"
+                f" got {tuple(kind_weights)!r}"
+            )
         self.split, self.size, self.seed, self.text_len = split, size, seed, text_len
+        self.kind_weights = dict(zip(self.kinds, map(float, kind_weights))) if kind_weights else None
 
     def __len__(self) -> int:
         return self.size
@@ -145,14 +167,14 @@ class GeneratedVQA:
         raise NotImplementedError
 
     @staticmethod
-    def sample_question(scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    def sample_question(scene, rng: np.random.Generator, kind_weights: dict[str, float] | None) -> tuple[str, str, str]:
         raise NotImplementedError
 
     def sample(self, index: int) -> tuple[object, str, str, str, np.random.Generator]:
         """(scene, kind, question, answer, rng); the rng then renders the scene."""
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
         scene = self.sample_scene(rng)
-        kind, question, answer = self.sample_question(scene, rng)
+        kind, question, answer = self.sample_question(scene, rng, self.kind_weights)
         return scene, kind, question, answer, rng
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:

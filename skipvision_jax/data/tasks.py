@@ -3,7 +3,7 @@
 The one place that knows every task: each task module builds on
 `synthetic.GeneratedVQA` and none imports another's task.
 
-    python -m skipvision_jax.data.tasks --export DIR [--task synthetic|detail] [--split val] [--size 1000]
+    python -m skipvision_jax.data.tasks --export DIR [--task synthetic|detail] [--split val] [--size 1000] [--format eval|train]
 """
 
 from __future__ import annotations
@@ -27,6 +27,22 @@ def generated_task(kind: str) -> type[GeneratedVQA]:
     return TASKS[kind]
 
 
+def _exported_examples(directory: str, split: str, size: int, seed: int, task: str):
+    """(index, image file name, kind, typed question, answer) of a split,
+    each image written as `images/<split>_<index>.png` (the exact pixels the
+    model trains and validates on)."""
+    from PIL import Image  # only the exports write images
+
+    source = generated_task(task)(split, size, seed)
+    image_dir = os.path.join(directory, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    for index in range(size):
+        scene, kind, question, answer, rng = source.sample(index)
+        image = f"{split}_{index:06d}.png"
+        Image.fromarray(np.round(scene.render(rng) * 255).astype(np.uint8)).save(os.path.join(image_dir, image))
+        yield index, image, kind, as_typed(question), answer
+
+
 def export_llava_eval(directory: str, split: str, size: int, seed: int = 0, task: str = "synthetic") -> dict[str, str]:
     """Writes a split of a generated task (`data.kind`: synthetic or detail)
     in LLaVA's `model_vqa_loader` format: `images/<i>.png`, `questions.jsonl`
@@ -34,26 +50,42 @@ def export_llava_eval(directory: str, split: str, size: int, seed: int = 0, task
     ({question_id, answer, category}). Question i is example i of the task's
     (split, size, seed) source, so a model's score on the export is its
     validation score. Returns the three paths."""
-    from PIL import Image  # only the export writes images
-
-    source = generated_task(task)(split, size, seed)
-    image_dir = os.path.join(directory, "images")
-    os.makedirs(image_dir, exist_ok=True)
     paths = {
-        "images": image_dir,
+        "images": os.path.join(directory, "images"),
         "questions": os.path.join(directory, "questions.jsonl"),
         "annotations": os.path.join(directory, "annotations.jsonl"),
     }
+    os.makedirs(directory, exist_ok=True)
+    examples = _exported_examples(directory, split, size, seed, task)
     with open(paths["questions"], "w") as questions, open(paths["annotations"], "w") as annotations:
-        for index in range(size):
-            scene, kind, question, answer, rng = source.sample(index)
-            image = f"{split}_{index:06d}.png"
-            Image.fromarray(np.round(scene.render(rng) * 255).astype(np.uint8)).save(os.path.join(image_dir, image))
+        for index, image, kind, question, answer in examples:
             questions.write(
-                json.dumps({"question_id": index, "image": image, "text": as_typed(question), "category": kind}) + "\n"
+                json.dumps({"question_id": index, "image": image, "text": question, "category": kind}) + "\n"
             )
             annotations.write(json.dumps({"question_id": index, "answer": answer, "category": kind}) + "\n")
     return paths
+
+
+def export_llava_train(directory: str, split: str, size: int, seed: int = 0, task: str = "synthetic") -> dict[str, str]:
+    """Writes a split of a generated task in LLaVA's training format
+    (`data.kind=llava`): `images/<i>.png` and `<split>.json`, a list of
+    {id, image, conversations: [human "<image>\\nquestion", gpt answer]}.
+    Returns the two paths."""
+    records = [
+        {
+            "id": f"{split}_{index}",
+            "image": image,
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"},
+                {"from": "gpt", "value": answer},
+            ],
+        }
+        for index, image, _, question, answer in _exported_examples(directory, split, size, seed, task)
+    ]
+    path = os.path.join(directory, f"{split}.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return {"images": os.path.join(directory, "images"), "json": path}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,10 +95,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=1000, help="Questions (the default config validates on 1000).")
     parser.add_argument("--seed", type=int, default=0, help="The data.seed of the run to evaluate.")
     parser.add_argument("--task", default="synthetic", choices=tuple(TASKS), help="The run's data.kind.")
+    parser.add_argument(
+        "--format",
+        default="eval",
+        choices=("eval", "train"),
+        help="eval: model_vqa_loader question/annotation files; train: a LLaVA training JSON (data.kind=llava).",
+    )
     args = parser.parse_args(argv)
     if args.size < 1:
         parser.error(f"--size: must be >= 1, got {args.size}")
-    paths = export_llava_eval(args.export, args.split, args.size, args.seed, args.task)
+    export = export_llava_eval if args.format == "eval" else export_llava_train
+    paths = export(args.export, args.split, args.size, args.seed, args.task)
     print(json.dumps({"count": args.size, **paths}))
 
 

@@ -71,28 +71,15 @@ def _expect(config: dict, key: str, allowed: tuple, where: str, default: Any = N
     return value
 
 
-def model_config_from_hf(
-    hf: dict, layout: LayoutConfig | None = None, skip: SkipConfig | None = None, dtype: str = "float32"
-) -> ModelConfig:
-    """Our ModelConfig for a LLaVA config.json. By default the layout keeps
-    every visual token and Skip-FFN is off: the same computation as transformers."""
-    _expect(hf, "model_type", ("llava",), "")
-    vision, text = hf.get("vision_config") or {}, hf.get("text_config") or {}
+def vision_config_from_hf(vision: dict, feature_layer: Any = -2, strategy: Any = "default") -> VisionConfig:
+    """Our tower config for a transformers CLIP vision config (`vision_config`
+    of a LLaVA or CLIPModel config.json, or a CLIPVisionModel's own)."""
     _expect(vision, "model_type", ("clip_vision_model",), "vision_config.", "clip_vision_model")
-    _expect(text, "model_type", ("llama",), "text_config.", "llama")
-    _expect(text, "hidden_act", ("silu",), "text_config.", "silu")
-    _expect(text, "attention_bias", (False,), "text_config.", False)
-    _expect(text, "mlp_bias", (False,), "text_config.", False)
-    _expect(hf, "projector_hidden_act", ("gelu",), "", "gelu")
-    _expect(hf, "multimodal_projector_bias", (True,), "", True)
     act = _expect(vision, "hidden_act", ("quick_gelu", "gelu"), "vision_config.", "quick_gelu")
-    feature_layer = hf.get("vision_feature_layer", -2)
     if not isinstance(feature_layer, int):
         raise HFCheckpointError(f"vision_feature_layer: {feature_layer!r} is not supported (one layer only)")
-    strategy = _expect(hf, "vision_feature_select_strategy", ("default", "full"), "", "default")
-    width = text["hidden_size"]
-    heads = text["num_attention_heads"]
-    vision_cfg = VisionConfig(
+    _expect({"vision_feature_select_strategy": strategy}, "vision_feature_select_strategy", ("default", "full"), "")
+    return VisionConfig(
         image_size=vision["image_size"],
         patch_size=vision["patch_size"],
         num_channels=vision.get("num_channels", 3),
@@ -105,8 +92,19 @@ def model_config_from_hf(
         select_layer=feature_layer,
         select_strategy="patch" if strategy == "default" else "full",
     )
+
+
+def decoder_config_from_hf(text: dict, tie_embeddings: bool | None = None) -> DecoderConfig:
+    """Our decoder config for a transformers Llama config (`text_config` of a
+    LLaVA config.json, or a LlamaForCausalLM's own)."""
+    _expect(text, "model_type", ("llama",), "text_config.", "llama")
+    _expect(text, "hidden_act", ("silu",), "text_config.", "silu")
+    _expect(text, "attention_bias", (False,), "text_config.", False)
+    _expect(text, "mlp_bias", (False,), "text_config.", False)
+    width = text["hidden_size"]
+    heads = text["num_attention_heads"]
     rope_theta, rope_scaling = _rope(text)
-    decoder_cfg = DecoderConfig(
+    return DecoderConfig(
         vocab_size=text["vocab_size"],
         width=width,
         num_layers=text["num_hidden_layers"],
@@ -117,8 +115,25 @@ def model_config_from_hf(
         rope_theta=rope_theta,
         rope_llama3_scaling=rope_scaling,
         norm_eps=text.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        tie_embeddings=bool(text.get("tie_word_embeddings", False) if tie_embeddings is None else tie_embeddings),
     )
+
+
+def model_config_from_hf(
+    hf: dict, layout: LayoutConfig | None = None, skip: SkipConfig | None = None, dtype: str = "float32"
+) -> ModelConfig:
+    """Our ModelConfig for a LLaVA config.json. By default the layout keeps
+    every visual token and Skip-FFN is off: the same computation as transformers."""
+    _expect(hf, "model_type", ("llava",), "")
+    _expect(hf, "projector_hidden_act", ("gelu",), "", "gelu")
+    _expect(hf, "multimodal_projector_bias", (True,), "", True)
+    text = hf.get("text_config") or {}
+    vision_cfg = vision_config_from_hf(
+        hf.get("vision_config") or {},
+        hf.get("vision_feature_layer", -2),
+        hf.get("vision_feature_select_strategy", "default"),
+    )
+    decoder_cfg = decoder_config_from_hf(text, hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     layout = layout or LayoutConfig.plain(vision_cfg.num_features)
     return ModelConfig(
         vision=vision_cfg, layout=layout, skip=skip or SkipConfig(enabled=False), decoder=decoder_cfg, dtype=dtype
@@ -219,8 +234,22 @@ _EXPORT_PREFIXES = {
 }
 
 
-def normalize_name(name: str) -> str:
-    for prefix, group in _PREFIXES:
+# The parts LLaVA trains from, as they ship: a transformers LlamaForCausalLM,
+# a CLIPVisionModel or CLIPModel (its text half unused), and LLaVA's
+# pretrain-stage `mm_projector.bin` (keys `model.mm_projector.{0,2}.*`, the two
+# Linear layers of `nn.Sequential(Linear, GELU, Linear)`).
+LANGUAGE_MODEL_PREFIXES = (("model.", "text."), ("lm_head.", "lm_head."))
+VISION_TOWER_PREFIXES = (("vision_model.", "vision."),)
+PROJECTOR_PREFIXES = (
+    ("model.mm_projector.0.", "projector.linear_1."),
+    ("model.mm_projector.2.", "projector.linear_2."),
+)
+# Every group a LlavaForConditionalGeneration directory holds.
+HF_GROUPS = ("vision.", "projector.", "text.", "lm_head.")
+
+
+def normalize_name(name: str, prefixes: tuple[tuple[str, str], ...] = _PREFIXES) -> str:
+    for prefix, group in prefixes:
         if name.startswith(prefix):
             return group + name[len(prefix) :]
     return name
@@ -331,56 +360,101 @@ def _expand_rules(params_paths: set[str]) -> Iterator[tuple[str, str, str]]:
 
 
 class TensorFiles:
-    """Names -> lazily read tensors of one checkpoint directory (single file or sharded)."""
+    """Names -> lazily read tensors of one checkpoint: a directory (single
+    file or sharded safetensors) or one `.safetensors` / PyTorch `.bin` file.
+    Names are normalized to our groups by `prefixes`."""
 
-    def __init__(self, directory: str):
-        index_path = os.path.join(directory, "model.safetensors.index.json")
-        single = os.path.join(directory, "model.safetensors")
+    def __init__(self, path: str, prefixes: tuple[tuple[str, str], ...] = _PREFIXES):
+        self.path = path
+        self._files: dict[str, Any] = {}
+        self.names: dict[str, tuple[str, str]] = {}  # normalized -> (file, original name)
+        if os.path.isfile(path) and path.endswith(".bin"):
+            self._files[path] = _torch_state_dict(path)
+            for name in self._files[path]:
+                self.names[normalize_name(name, prefixes)] = (path, name)
+            return
+        for file in self._safetensors_files(path):
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(file, framework="flax")
+            except Exception as err:  # safetensors raises its own error type for a damaged header
+                raise HFCheckpointError(f"{file}: unreadable safetensors file ({err})") from None
+            self._files[file] = handle
+            for name in handle.keys():
+                self.names[normalize_name(name, prefixes)] = (file, name)
+
+    @staticmethod
+    def _safetensors_files(path: str) -> list[str]:
+        if os.path.isfile(path):
+            if not path.endswith(".safetensors"):
+                raise HFCheckpointError(f"{path}: expected a .safetensors or .bin file")
+            return [path]
+        index_path = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index_path):
             try:
                 weight_map = json.load(open(index_path))["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
                 raise HFCheckpointError(f"{index_path}: not a safetensors index ({err})") from None
-        elif os.path.exists(single):
-            weight_map = None
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            files = ["model.safetensors"]
         else:
-            raise HFCheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+            raise HFCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
         if missing:
-            raise HFCheckpointError(f"{directory}: missing shard(s) {missing} listed in model.safetensors.index.json")
-        from safetensors import safe_open
-
-        self._files = {}
-        self.names: dict[str, tuple[str, str]] = {}  # normalized -> (file, original name)
-        for file in files:
-            path = os.path.join(directory, file)
-            try:
-                handle = safe_open(path, framework="flax")
-            except Exception as err:  # safetensors raises its own error type for a damaged header
-                raise HFCheckpointError(f"{path}: unreadable safetensors file ({err})") from None
-            self._files[file] = handle
-            for name in handle.keys():
-                self.names[normalize_name(name)] = (file, name)
+            raise HFCheckpointError(f"{path}: missing shard(s) {missing} listed in model.safetensors.index.json")
+        return [os.path.join(path, f) for f in files]
 
     def read(self, normalized: str) -> np.ndarray:
         file, name = self.names[normalized]
+        handle = self._files[file]
+        if isinstance(handle, dict):
+            return handle[name]
         # Read on the host CPU (safetensors' numpy reader has no bfloat16).
         with jax.default_device(jax.devices("cpu")[0]):
-            return np.asarray(self._files[file].get_tensor(name))
+            return np.asarray(handle.get_tensor(name))
 
 
-def load_params(directory: str, abstract_params: dict, strict: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A PyTorch state dict file (LLaVA's `mm_projector.bin`) as NumPy arrays."""
+    try:
+        import torch
+    except ImportError:
+        raise HFCheckpointError(f"{path}: reading a .bin file needs PyTorch (pip install torch)") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged or foreign file
+        raise HFCheckpointError(f"{path}: not a PyTorch state dict ({err})") from None
+    if not isinstance(state, dict):
+        raise HFCheckpointError(f"{path}: not a PyTorch state dict (a {type(state).__name__})")
+    return {
+        name: value.float().numpy() if value.is_floating_point() else value.numpy() for name, value in state.items()
+    }
+
+
+def load_params(
+    directory: str,
+    abstract_params: dict,
+    strict: bool = True,
+    groups: tuple[str, ...] = HF_GROUPS,
+    prefixes: tuple[tuple[str, str], ...] = _PREFIXES,
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Our params (shaped and sharded as `abstract_params`, ShapeDtypeStructs
-    with shardings) from a HF directory, and the HF tensors our model does not
-    use (vision layers after the selected one, the vision post-norm), kept for export.
+    with shardings) from a checkpoint (`TensorFiles`: its names normalized by
+    `prefixes`), and its tensors our model does not use (vision layers after
+    the selected one, the vision post-norm), kept for export.
 
-    Parameters of ours that transformers has no counterpart for (summary
-    pools, routers) are an error when `strict`, else left out (see `merge_into`)."""
-    files = TensorFiles(directory)
+    Only the `groups` the checkpoint holds are read (a language model has no
+    tower): each of their tensors must be there and fit, or the error names it
+    and its file. Parameters of ours outside them (summary pools, routers, the
+    other parts) are an error when `strict`, else left out (see `merge_into`)."""
+    files = TensorFiles(directory, prefixes)
     flat_abstract = traverse_util.flatten_dict(abstract_params, sep="/")
     loaded, used = {}, set()
     for hf_name, path, kind in _expand_rules(set(flat_abstract)):
+        if not hf_name.startswith(groups):
+            continue
         if hf_name not in files.names:
             raise HFCheckpointError(f"{directory}: tensor {hf_name!r} (for {path}) is missing")
         target = flat_abstract[path]
@@ -389,7 +463,7 @@ def load_params(directory: str, abstract_params: dict, strict: bool = True) -> t
             value = _to_ours(value, kind, target.shape).astype(target.dtype)
         except ValueError as err:
             raise HFCheckpointError(
-                f"{directory}: tensor {files.names[hf_name][1]} of shape {list(value.shape)} does not fit {path} {list(target.shape)}: {err}"
+                f"{files.names[hf_name][0]}: tensor {files.names[hf_name][1]} of shape {list(value.shape)} does not fit {path} {list(target.shape)}: {err}"
             ) from None
         sharding = getattr(target, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         loaded[path] = jax.make_array_from_callback(target.shape, sharding, lambda index, v=value: v[index])

@@ -55,9 +55,13 @@ class VisualTokens(nn.Module):
         tokens = Projector(cfg.decoder.width, self.dtype, name="projector")(features)
         kept, fine = tokens[:, : cfg.layout.num_kept], tokens[:, cfg.layout.num_kept :]
         if cfg.layout.merge_to is not None:
-            fine, _ = merge_tokens(fine, cfg.layout.merge_to)
+            fine = merge_tokens(fine, cfg.layout.merge_to, cfg.layout.merge_method)
         if not cfg.layout.summary_tokens:
             return jnp.concatenate([kept, fine], axis=1)
-        q1 = SummaryPool(self.dtype, name="summary_kept")(kept)
-        q2 = SummaryPool(self.dtype, name="summary_skipped")(fine)
+        if cfg.layout.summary_pool == "shared":  # the official model's one `ada` pool
+            pool = SummaryPool(self.dtype, name="summary")
+            q1, q2 = pool(kept), pool(fine)
+        else:
+            q1 = SummaryPool(self.dtype, name="summary_kept")(kept)
+            q2 = SummaryPool(self.dtype, name="summary_skipped")(fine)
         return jnp.concatenate([kept, q1, fine, q2], axis=1)

@@ -18,7 +18,7 @@ from tensorboardX import SummaryWriter
 from skipvision_jax import sharding
 from skipvision_jax.config import validate_experiment
 from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.experiment import build_model_config, build_state_plan, import_hf_weights, model_image_size
+from skipvision_jax.experiment import build_model_config, build_state_plan, initial_params, model_image_size
 from skipvision_jax.train.checkpoint import Checkpointer
 from skipvision_jax.train.step import (
     make_eval_step,
@@ -160,8 +160,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
         log.info("resumed from step %d", int(state.step))
     else:
         state = plan.create()
-        if cfg.get("init_from_hf"):
-            state = state.replace(params=import_hf_weights(cfg.init_from_hf, state.params, plan.abstract.params))
+        state = state.replace(params=initial_params(cfg, state.params, plan.abstract.params, mesh, rules))
     start = int(state.step)
     param_info = describe_params(state.params, mesh)
     # ---- update
@@ -231,6 +230,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                 break
     finally:
         sigterm.restore()
+        train_iter.close()  # stops its prefetch thread now, not at interpreter exit
         progress.close()
         metrics_log.close()
         checkpointer.close()
