@@ -17,9 +17,8 @@ The fine tokens merge by the official Skip-Vision merge (`merge_method=
 "official"`); two summary pools (`summary_pool="separate"`), as this task was
 tuned. Training: 4000 steps of 32 at lr 5e-4, position questions asked six
 times as often as each other kind (`data.train_kind_weights`; validation asks
-every kind equally often). 11 min 10 s on the 2-core machine on a slow day
-(~6 steps/s; ~9 steps/s on a quiet one), every kind 98-100% (README,
-"Results"). Relative position is the slow kind and its timing is fragile:
+every kind equally often). 11 min 10 s, 8 min 8 s and 9 min 53 s on the 2-core machine in three clean
+runs, every kind 98-100% (README, "Results"). Relative position is the slow kind and its timing is fragile:
 the same config with position 4x reached 99.4% on one thread and stood at
 77% at step 3000 on two (stopped there), whose reductions round differently. Its errors sit on objects one
 cell apart and on 4-object scenes, which ToMe's alternating rounds blur (an
