@@ -373,9 +373,9 @@ class TensorFiles:
             for name in self._files[path]:
                 self.names[normalize_name(name, prefixes)] = (path, name)
             return
-        for file in self._safetensors_files(path):
-            from safetensors import safe_open
+        from safetensors import safe_open
 
+        for file in self._safetensors_files(path):
             try:
                 handle = safe_open(file, framework="flax")
             except Exception as err:  # safetensors raises its own error type for a damaged header

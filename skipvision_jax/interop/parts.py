@@ -31,7 +31,8 @@ PARTS = {
 
 def given_parts(init_cfg) -> dict[str, str]:
     """The parts an `init` config section names (empty strings left out)."""
-    return {name: init_cfg.get(name, "") for name in PARTS if (init_cfg or {}).get(name, "")}
+    init_cfg = init_cfg or {}
+    return {name: init_cfg[name] for name in PARTS if init_cfg.get(name, "")}
 
 
 def tower_config(directory: str) -> dict:
