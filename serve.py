@@ -37,6 +37,9 @@ flags.DEFINE_string("kv_policy", "full", f"The default KV policy: {' | '.join(PO
 cli.define_kv_flags()
 flags.DEFINE_string("model_id", None, "The model's name in the API (default: the checkpoint's directory name).")
 flags.DEFINE_integer("max_body_mb", 20, "Request bodies over this many MiB are refused (413).")
+flags.DEFINE_integer(
+    "max_image_pixels", 25_000_000, "Images of more pixels (width x height, read from the header) are refused (400)."
+)
 flags.DEFINE_bool("warmup", True, "Compile every program of the default KV setting before listening.")
 flags.DEFINE_integer("seed", 0, "Seeds the draws of requests that give no seed.")
 flags.DEFINE_integer("graceful_s", 25, "On SIGTERM, seconds the requests in flight get to finish.")
@@ -53,6 +56,8 @@ def main() -> None:
         raise ValueError(f"--kv-policy: unknown {f.kv_policy!r}, expected one of {POLICIES}")
     if f.max_body_mb < 1:
         raise ValueError(f"--max-body-mb: must be >= 1, got {f.max_body_mb}")
+    if f.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels: must be >= 1, got {f.max_image_pixels}")
     policy = cli.kv_policies_from_flags((f.kv_policy,))[0]
     settings = ServeSettings(
         policy, f.max_batch, f.max_queue, f.max_new_tokens, f.max_prefill, f.max_kv_settings, f.warmup
@@ -60,7 +65,7 @@ def main() -> None:
     loaded = cli.load_model_from_flags()
     scheduler = Scheduler(loaded, settings)  # a default KV setting the model cannot serve fails here
     model_id = f.model_id or cli.directory_name(f.checkpoint or f.hf_checkpoint)
-    app = create_app(scheduler, ApiSettings(model_id, f.max_body_mb * 2**20, f.seed))
+    app = create_app(scheduler, ApiSettings(model_id, f.max_body_mb * 2**20, f.seed, f.max_image_pixels))
     server = uvicorn.Server(
         uvicorn.Config(app, host=f.host, port=f.port, timeout_graceful_shutdown=f.graceful_s, access_log=False)
     )

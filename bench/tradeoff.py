@@ -28,6 +28,9 @@ bench/results/<device>/tradeoff.json (figures: python bench/report.py).
     fastv_layer1  the same, pruned after layer 1
     skip_cls      the paper's layout, its 9 kept tokens the fine patches the tower's
                   CLS attends most (layout.select=cls_attention; a one-layer tower)
+    skip_official, skip_cls_official
+                  skip and skip_cls with the official merge and one shared summary
+                  pool (the others use ToMe's merge and two pools)
     skip_masked   the paper's layout, text hidden from the skipped rows
                   (skip.text_sees_skipped=False): the skip_vision cache is exact
     skip_nomerge_masked  skip_nomerge, text hidden from the skipped rows
@@ -90,6 +93,24 @@ VARIANTS = {
     "skip_cls": (
         {"model.vision.pooled_grids": (), "model.vision.select_layer": 1, "model.layout.select": "cls_attention"},
         "skip_cls",
+        ("full", "skip_vision"),
+    ),
+    # The same two with the official code's merge and its one shared summary
+    # pool (configs/detail.py keeps ToMe and two pools, which its task was tuned with).
+    "skip_official": (
+        {"model.layout.merge_method": "official", "model.layout.summary_pool": "shared"},
+        "skip_official",
+        ("full", "skip_vision"),
+    ),
+    "skip_cls_official": (
+        {
+            "model.vision.pooled_grids": (),
+            "model.vision.select_layer": 1,
+            "model.layout.select": "cls_attention",
+            "model.layout.merge_method": "official",
+            "model.layout.summary_pool": "shared",
+        },
+        "skip_cls_official",
         ("full", "skip_vision"),
     ),
     # Text hidden from the skipped rows (the older official variants): the skip cache is exact.

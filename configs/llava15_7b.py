@@ -35,6 +35,7 @@ Vicuna-v1 (data/llava.py); LLaMA-3's template is not built.
 from ml_collections import ConfigDict
 
 from configs import default
+from skipvision_jax.config import OFFICIAL_LLAVA_LAYOUT
 
 CLIP_VIT_L_336 = {
     "image_size": 336,
@@ -74,17 +75,7 @@ def get_config(stage: str = "") -> ConfigDict:
     cfg.model.vision.update(CLIP_VIT_L_336)
     # The official LLaVA setting: the 100 kept tokens by CLS attention (clip_encoder.py's use_zip),
     # the rest merged by RandomBipartiteSoftMatching (llava_arch_index_q_tome.py:535), one `ada` pool.
-    cfg.model.layout.update(
-        {
-            "image_offset": 35,
-            "num_kept": 100,
-            "select": "cls_attention",
-            "merge_to": 156,
-            "merge_method": "official",
-            "summary_tokens": True,
-            "summary_pool": "shared",
-        }
-    )
+    cfg.model.layout.update({"image_offset": 35, **OFFICIAL_LLAVA_LAYOUT})
     cfg.model.decoder.update(
         {"vocab_size": 32000, "width": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32, "mlp_dim": 11008}
     )

@@ -170,9 +170,19 @@ def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ..
             fail(one_line(err))
 
     try:
-        app.run(wrapped, argv=dashes_to_underscores(sys.argv))
+        app.run(wrapped, argv=dashes_to_underscores(sys.argv), flags_parser=parse_flags)
     except SyntaxError as err:  # a --config file that is not Python, raised while absl parses the flags
         fail(f"--config: {err.filename} line {err.lineno}: {err.msg}", code=2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an error raised inside a --config file
+    (ml_collections quotes its whole traceback) cut to its last line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        fail(f"{lines[0]} {lines[-1]}" if "Traceback" in str(err) else one_line(err), code=2)
 
 
 def dashes_to_underscores(argv: list[str]) -> list[str]:

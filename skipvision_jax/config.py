@@ -117,6 +117,17 @@ class VisionConfig:
 LAYOUT_SELECTIONS = ("first", "cls_attention")
 MERGE_METHODS = ("official", "tome")  # nn/token_merge.py
 SUMMARY_POOLS = ("shared", "separate")
+# The official code's LLaVA setting (zwl666666/Skip-Vision): 100 of 576 tokens
+# kept by the CLS token's attention (clip_encoder.py lines 88-106, use_zip), the
+# other 476 merged to 156 (llava_arch_index_q_tome.py line 535), one `ada` pool.
+OFFICIAL_LLAVA_LAYOUT = {
+    "num_kept": 100,
+    "select": "cls_attention",
+    "merge_to": 156,
+    "merge_method": "official",
+    "summary_tokens": True,
+    "summary_pool": "shared",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +163,10 @@ class LayoutConfig:
     def plain(cls, num_visual: int, image_offset: int = 0) -> LayoutConfig:
         """Plain LLaVA: every visual token kept, no merge, no summary tokens."""
         return cls(image_offset=image_offset, num_kept=num_visual, merge_to=None, summary_tokens=False)
+
+    def is_plain(self, num_visual: int) -> bool:
+        """Whether this computes plain LLaVA (the merge and pool choices then do nothing)."""
+        return self.num_kept == num_visual and self.merge_to is None and not self.summary_tokens and not self.drop_fine
 
     def __post_init__(self):
         _require(

@@ -73,18 +73,17 @@ def test_textvqa_llava_needs_ten_answers_lmms_eval_does_not(tmp_path):
     assert score("textvqa", answers("a"), gt, "lmms-eval")["accuracy"] == pytest.approx(2 / 3)
 
 
-def test_vqav2_processes_the_humans_only_when_they_disagree(tmp_path):
+def test_vqav2_processes_humans_and_prediction_alike(tmp_path):
     rows = [
-        # All ten agree: the human answers are only trimmed, so "t-shirt" stays and
-        # the processed prediction "t shirt" does not match it.
+        # lmms-eval 0.7.3 processes the human answers whether or not they agree
+        # (the official VQA evaluation only when they disagree): "t-shirt" -> "t shirt".
         {"question_id": 0, "answers": ["t-shirt"] * 10},
-        # They disagree: humans and prediction go through punctuation and digits.
         {"question_id": 1, "answers": [{"answer": "t-shirt"}] * 4 + ["shirt"] * 6},
     ]
     gt = annotations_for(tmp_path, "vqav2", rows)
     result = score("vqav2", answers("t-shirt", "T-shirt"), gt)
     assert result["convention"] == "lmms-eval"
-    assert result["accuracy"] == pytest.approx((0.0 + 1.0) / 2)
+    assert result["accuracy"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +94,7 @@ def test_vqav2_processes_the_humans_only_when_they_disagree(tmp_path):
         ("llava", " table", False),
         ("lmms-eval", "table!", True),  # punctuation deleted, case ignored
         ("lmms-eval", "Table.", True),
-        ("lmms-eval", " table", False),  # no whitespace trimmed
+        ("lmms-eval", " table", True),  # lmms-eval trims every answer before scoring
     ],
 )
 def test_gqa(tmp_path, convention, text, right):
@@ -172,10 +171,12 @@ def test_mme_pairs_per_image(tmp_path):
         ("B.", False, True),  # LLaVA needs "B. " (a space after the period)
         ("B. Paris", True, True),
         ("The answer is B.", True, False),
-        ("The answer is B", True, False),
+        ("The answer is B", False, False),  # LLaVA's pattern needs a character after the letter
+        ("The answer is B. The answer is B.", False, False),  # and exactly one match
         ("A", False, False),
         ("E", False, False),  # beyond the choices
-        ("b", False, False),
+        ("b", False, True),  # lmms-eval ignores case
+        (" B ", False, True),  # and trims
     ],
 )
 def test_scienceqa_img(tmp_path, text, llava, lmms_eval):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 
 from skipvision_jax.config import model_config_from_dict, validate_experiment
 from skipvision_jax.experiment import abstract_params
+from tests.helpers import REPO, subprocess_env
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if "__" not in p)
@@ -76,3 +79,16 @@ def test_paper_configs_have_llava_stages(name):
     assert not stage1.model.scan_layers and not stage2.model.scan_layers  # the parts load into unrolled layers
     with pytest.raises(ValueError, match="stage3"):
         load(f"{name}:stage3")
+
+
+def test_an_unknown_stage_on_the_command_line_is_a_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--workdir", str(tmp_path / "run"), "--config", "configs/llava15_7b.py:stage3"],
+        cwd=REPO,
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "unknown 'stage3'" in proc.stderr, proc.stderr

@@ -201,7 +201,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path, image_path):
         ("rope_scaling", r"text_config.rope_scaling: rope type 'yarn' is not supported"),
         ("feature_layers", r"vision_feature_layer: \[-2, -1\] is not supported"),
         ("mistral", r"text_config.model_type: 'mistral' is not supported"),
-        ("no_weights", r"no model.safetensors or model.safetensors.index.json"),
+        ("no_weights", r"no model.safetensors, pytorch_model.bin or their .index.json"),
     ],
 )
 def test_malformed_directories_fail_with_a_clear_error(gqa_dir, tmp_path, damage, message):

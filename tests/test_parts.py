@@ -4,18 +4,33 @@ LLaVA's two stages on the embedded task exported in LLaVA's training format."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+import transformers
+from flax import traverse_util
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
+from skipvision_jax.config import model_config_from_dict
 from skipvision_jax.data.llava import LlavaTransform
 from skipvision_jax.data.synthetic import WORDS
 from skipvision_jax.data.tasks import export_llava_train
+from skipvision_jax.generate import Generator
+from skipvision_jax.inference import load_hf, load_trained
+from skipvision_jax.interop import hf_model, llava_layout
+from skipvision_jax.interop.export import export
 from skipvision_jax.interop.hf_llava import HFCheckpointError
+from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.train.loop import train_and_evaluate
-from tests.helpers import restore_params, tiny_train_config
+from tests.helpers import REPO, restore_params, subprocess_env, tiny_train_config
 from tests.hf_tiny import make_parts
 
 
@@ -27,7 +42,7 @@ def parts(tmp_path_factory):
     return {**paths, **data}
 
 
-def stage_config(parts, trainable: str, lr: float, **init):
+def stage_config(parts, trainable: str, lr: float, overrides: dict | None = None, **init):
     tokenizer = f"{parts['language_model']}/tokenizer.json"
     offset = LlavaTransform(Tokenizer.from_file(tokenizer), parts["images"], 16, 64).image_offset
     return tiny_train_config(
@@ -53,6 +68,7 @@ def stage_config(parts, trainable: str, lr: float, **init):
             "train.batch_size": 2,
             "train.eval_every": 2,
             "train.checkpoint_every": 2,
+            **(overrides or {}),
         }
     )
 
@@ -88,12 +104,22 @@ def assert_tower_and_decoder_equal_the_sources(params, parts):
     assert "layer_2" not in params["vision"]
 
 
-def test_two_stages_from_the_parts(parts, tmp_path):
-    stage1 = str(tmp_path / "stage1")
-    cfg1 = stage_config(
-        parts, "projector", 1e-3, **{k: parts[k] for k in ("language_model", "vision_tower", "projector")}
-    )
-    train_and_evaluate(cfg1, stage1)
+ALL_PARTS = ("language_model", "vision_tower", "projector")
+
+
+@pytest.fixture(scope="module")
+def stages(parts, tmp_path_factory):
+    """LLaVA's two stages on the embedded task: stage 1 from the parts, stage 2 from stage 1."""
+    root = tmp_path_factory.mktemp("stages")
+    cfg1 = stage_config(parts, "projector", 1e-3, **{k: parts[k] for k in ALL_PARTS})
+    train_and_evaluate(cfg1, str(root / "stage1"))
+    cfg2 = stage_config(parts, "projector+decoder", 1e-3, checkpoint=str(root / "stage1"))
+    train_and_evaluate(cfg2, str(root / "stage2"))
+    return {"stage1": (str(root / "stage1"), cfg1), "stage2": (str(root / "stage2"), cfg2)}
+
+
+def test_two_stages_from_the_parts(parts, stages):
+    stage1, cfg1 = stages["stage1"]
     state1, _ = restore_params(stage1, cfg1)
     # Stage 1 trains the projector and the summary pool only.
     assert_tower_and_decoder_equal_the_sources(state1.params, parts)
@@ -104,10 +130,8 @@ def test_two_stages_from_the_parts(parts, tmp_path):
     np.testing.assert_allclose(trained, source, atol=1e-2)  # ... from the file's weights (2 steps at 1e-3)
     assert "summary" in state1.params["visual_tokens"]
 
-    # Stage 2 starts from stage 1's params (a fresh optimizer) and trains the decoder too.
-    stage2 = str(tmp_path / "stage2")
-    cfg2 = stage_config(parts, "projector+decoder", 1e-3, checkpoint=stage1)
-    train_and_evaluate(cfg2, stage2)
+    # Stage 2 started from stage 1's params (a fresh optimizer) and trained the decoder too.
+    stage2, cfg2 = stages["stage2"]
     state2, _ = restore_params(stage2, cfg2)
     np.testing.assert_array_equal(state2.params["vision"]["pos_embed"], state1.params["vision"]["pos_embed"])
     before = state1.params["decoder"]["layer_0"]["mlp"]["down"]["kernel"]
@@ -160,3 +184,114 @@ def test_a_part_that_does_not_fit_is_a_one_line_error(parts, tmp_path):
     cfg = stage_config(parts, "projector", 1e-3, language_model=str(partial), vision_tower=parts["vision_tower"])
     with pytest.raises(HFCheckpointError, match=r"partial_lm: tensor 'text\.layers\.0\..*' .* is missing"):
         train_and_evaluate(cfg, str(tmp_path / "run2"))
+
+
+# ---------------------------------------------------------------- checkpoints out
+
+QUESTION = "what color is the ring?"
+
+
+def first_image(parts) -> str:
+    return os.path.join(parts["images"], sorted(os.listdir(parts["images"]))[0])
+
+
+def greedy_tokens(loaded, image: str) -> list[int]:
+    """Eight greedy tokens, not stopping at `</s>`."""
+    batch, model_cfg = loaded.make_batch(image, QUESTION)
+    return np.asarray(Generator(model_cfg, KVPolicy("full"), 8)(loaded.params, batch).tokens[0]).tolist()
+
+
+def test_llava_export_reads_back_with_the_same_params_and_greedy_tokens(parts, stages, tmp_path):
+    stage2, _ = stages["stage2"]
+    out = str(tmp_path / "llava")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "skipvision_jax.interop.export",
+            "--checkpoint",
+            stage2,
+            "--out",
+            out,
+            "--format",
+            "llava",
+        ],
+        cwd=REPO,
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # LLaVA's names and config fields (llava_arch.py: mm_projector, vision_tower; the official model's ada).
+    names = set(load_file(f"{out}/model.safetensors"))
+    for name in (
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "lm_head.weight",
+        "model.mm_projector.0.weight",
+        "model.mm_projector.2.bias",
+        "model.vision_tower.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
+        "model.ada.0.weight",
+        "model.ada.1.weight",
+    ):
+        assert name in names, name
+    config = json.load(open(f"{out}/config.json"))
+    assert config["model_type"] == "llava_llama" and config["mm_projector_type"] == "mlp2x_gelu"
+    assert (config["mm_vision_select_layer"], config["mm_vision_select_feature"], config["use_zip"]) == (
+        -2,
+        "patch",
+        False,
+    )
+
+    trained, read_back = load_trained(stage2), load_hf(out)
+    flat_trained = traverse_util.flatten_dict(trained.params, sep="/")
+    flat_read = traverse_util.flatten_dict(read_back.params, sep="/")
+    assert flat_read.keys() == flat_trained.keys()
+    for path, value in flat_trained.items():
+        np.testing.assert_array_equal(np.asarray(flat_read[path]), np.asarray(value), err_msg=path)
+    image = first_image(parts)
+    assert read_back.make_batch(image, QUESTION)[0]["input_ids"].tolist() == (
+        trained.make_batch(image, QUESTION)[0]["input_ids"].tolist()
+    )
+    for part in ("vision", "layout", "skip", "decoder"):  # the layout and Skip-FFN travel in config.json
+        assert getattr(read_back.model_cfg, part) == getattr(trained.model_cfg, part), part
+    assert greedy_tokens(read_back, image) == greedy_tokens(trained, image)
+
+
+def test_hf_export_loads_in_transformers_with_our_logits(parts, tmp_path):
+    """A plain-layout run (transformers has no merge, summary tokens or Skip-FFN)."""
+    plain = {
+        "model.layout.num_kept": 16,
+        "model.layout.merge_to": None,
+        "model.layout.summary_tokens": False,
+        "model.skip.enabled": False,
+    }
+    run = str(tmp_path / "plain")
+    train_and_evaluate(stage_config(parts, "projector+decoder", 1e-3, plain, **{k: parts[k] for k in ALL_PARTS}), run)
+    out = str(tmp_path / "hf")
+    export(run, out, "hf")
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    image = first_image(parts)
+    inputs = processor(images=Image.open(image), text=hf_model.chat_prompt(processor, QUESTION), return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits[0].numpy()
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    ids = inputs["input_ids"][0].numpy()
+    trained = load_trained(run)
+    batch, model_cfg = trained.make_batch(image, QUESTION)
+    assert batch["input_ids"][0].tolist() == ids[ids != image_token].tolist()  # the run's own prompt
+    ours = SkipVisionVLM(model_cfg).apply(
+        {"params": trained.params}, batch["input_ids"], batch["text_mask"], batch["pixels"]
+    )[0]
+    assert np.abs(np.asarray(ours) - expected[ids != image_token]).max() <= 1e-4
+
+
+def test_two_separate_pools_do_not_export_to_the_llava_layout(stages):
+    _, cfg = stages["stage2"]
+    separate = model_config_from_dict(
+        {**cfg.model.to_dict(), "layout": {**cfg.model.layout.to_dict(), "summary_pool": "separate"}}
+    )
+    with pytest.raises(HFCheckpointError, match=r"^layout\.summary_pool: 'separate' has two summary pools"):
+        llava_layout.llava_config_from_model(separate)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import glob
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.serving.api import ApiError, ChatRequest, conversation, request_policy
 from skipvision_jax.serving.scheduler import visible_answer
 from skipvision_jax.vqa import files
+from skipvision_jax.vqa.benchmarks import read_annotations, score
 from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
 from tests.helpers import REPO, VAL_SIZE, free_port
 from tests.hf_tiny import make_hf_llava, write_image
@@ -145,8 +147,9 @@ class Server:
 
 
 def data_url(image_path: str) -> str:
+    kind = "jpeg" if image_path.endswith(".jpg") else "png"
     with open(image_path, "rb") as f:
-        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+        return f"data:image/{kind};base64," + base64.b64encode(f.read()).decode()
 
 
 def user_message(image_path: str, question: str) -> list[dict]:
@@ -257,12 +260,96 @@ def _bad_requests(image_path: str, question: str, model: str) -> list[tuple[str,
         ("n > 1", {**good, "n": 2}, 400, "n:"),
         ("tools", {**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
         ("logprobs", {**good, "logprobs": True}, 400, "logprobs"),
-        ("max_tokens over the limit", {**good, "max_tokens": 10_000}, 400, "max_tokens"),
+        # What would change the answer and is not built: refused, never ignored.
+        ("response_format json", {**good, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ("logit_bias", {**good, "logit_bias": {"5": 100}}, 400, "logit_bias"),
+        ("presence_penalty", {**good, "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ("frequency_penalty", {**good, "frequency_penalty": -1}, 400, "frequency_penalty"),
+        # A known field of the wrong type or range (OpenAI's API refuses these too).
+        ("presence_penalty a string", {**good, "presence_penalty": "xxx"}, 400, "presence_penalty"),
+        ("presence_penalty an object", {**good, "presence_penalty": {}}, 400, "presence_penalty"),
+        ("presence_penalty NaN", json.dumps({**good, "presence_penalty": float("nan")}).encode(), 400, ""),
+        ("presence_penalty out of range", {**good, "presence_penalty": 3}, 400, "presence_penalty"),
+        ("response_format a number", {**good, "response_format": 0.5}, 400, "response_format"),
+        ("user a list", {**good, "user": [1, 2]}, 400, "user"),
+        ("max_tokens a boolean", {**good, "max_tokens": True}, 400, "max_tokens"),
+        ("temperature a string", {**good, "temperature": "0"}, 400, "temperature"),
+        (
+            "an image over the pixel limit",
+            with_message([huge_image_part(), {"type": "text", "text": question}]),
+            400,
+            "pixels",
+        ),
         ("an unknown KV policy", {**good, "kv_policy": "nope"}, 400, "unknown"),
         ("an impossible budget", {**good, "kv_policy": "full", "kv_budget": 3}, 400, "kv.budget"),
         ("an unknown model", {**good, "model": "gpt-5"}, 404, "does not exist"),
         ("a body over the limit", {**good, "pad": "x" * (2 * 2**20)}, 413, "limit"),
     ]
+
+
+def huge_image_part() -> dict:
+    """A PNG whose header says 12,000 x 12,000 (the pixels behind it are one):
+    a server that decoded it before checking its size would allocate 432 MB."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    png = bytearray(buffer.getvalue())
+    ihdr = 8 + 8  # the signature, then the IHDR chunk's length and type
+    png[ihdr : ihdr + 8] = struct.pack(">II", 12_000, 12_000)
+    png[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(png[ihdr - 4 : ihdr + 13])))
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+
+
+def test_lmms_evals_default_request_is_answered(embedded, exported, tmp_path):
+    """lmms-eval's openai_compatible model asks for 1,024 tokens when a task sets none, at temperature 0."""
+    from PIL import Image
+
+    q = files.read_questions(exported["questions"])[0]
+    image = os.path.join(exported["images"], q.image)
+    reply = embedded.ask(image, q.text, max_tokens=1024, temperature=0)
+    assert reply.choices[0].message.content == embedded.ask(image, q.text).choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    jpeg = str(tmp_path / "image.jpg")
+    Image.open(image).convert("RGB").save(jpeg, quality=95)
+    assert embedded.ask(jpeg, q.text, max_tokens=1024).choices[0].finish_reason == "stop"
+
+
+def test_lmms_eval_scores_the_served_model_as_eval_py(embedded, trained_workdir, exported, tmp_path):
+    """lmms-eval's own command line (openai_compatible, 32 requests at once,
+    1,024 tokens asked) on integrations/lmms_eval's task, against serve.py:
+    the score it reports is eval.py's on the same checkpoint and questions."""
+    expected_answers = str(tmp_path / "eval.jsonl")
+    eval_answers(
+        load_trained(trained_workdir), files.read_questions(exported["questions"]), exported["images"], expected_answers
+    )
+    expected = score("exact", files.read_answers(expected_answers), read_annotations(exported["annotations"], "exact"))
+    assert 0 < expected["accuracy"] < 1  # some right, some wrong: a score that can disagree
+    env = {**os.environ, "OPENAI_API_KEY": "unused", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [
+            "lmms-eval",
+            "--model=openai_compatible",
+            f"--model_args=model_version={embedded.model_id()},base_url={embedded.url}/v1",
+            "--tasks=skipvision_embedded",
+            f"--include_path={os.path.join(REPO, 'integrations', 'lmms_eval')}",
+            "--batch_size=1",
+            f"--output_path={tmp_path / 'out'}",
+        ],
+        cwd=os.path.dirname(exported["lmms_eval"]),  # the task reads lmms_eval.jsonl where it runs
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = glob.glob(str(tmp_path / "out" / "**" / "*results.json"), recursive=True)
+    reported = json.load(open(results_file))["results"]["skipvision_embedded"]["exact_match,none"]
+    assert reported == pytest.approx(expected["accuracy"])
 
 
 def test_bad_requests_are_4xx_with_an_error_json_and_serving_goes_on(embedded, exported):
@@ -322,7 +409,8 @@ def test_hf_answers_equal_eval(hf_server, hf_dir, tmp_path):
 
 
 def test_a_full_queue_is_503_with_retry_after(hf_server, hf_dir):
-    body = {"messages": user_message(str(hf_dir / "0.png"), "red ?"), "max_tokens": LONG, "temperature": 0}
+    # Over the server's limit: clamped to it, and cut there ("length").
+    body = {"messages": user_message(str(hf_dir / "0.png"), "red ?"), "max_tokens": 2 * LONG, "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda _: hf_server.post(body), range(8)))
     refused = [r for r in replies if r.status_code == 503]

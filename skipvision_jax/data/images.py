@@ -20,14 +20,21 @@ def load_image(path: str) -> Image.Image:
     return _decoded(path, path)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """An image file's bytes (sent inline, e.g. a base64 data URL) as RGB, or ImageError."""
-    return _decoded(io.BytesIO(data), "data")
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """An image file's bytes (sent inline, e.g. a base64 data URL) as RGB, or
+    ImageError; one of over `max_pixels` is refused from its header, before
+    its pixels are decoded (a small PNG can hold a huge image)."""
+    return _decoded(io.BytesIO(data), "data", max_pixels)
 
 
-def _decoded(source: str | io.BytesIO, name: str) -> Image.Image:
+def _decoded(source: str | io.BytesIO, name: str, max_pixels: int | None = None) -> Image.Image:
     try:
-        with Image.open(source) as image:
+        with Image.open(source) as image:  # reads the header only
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(
+                    f"image {name}: {width} x {height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+                )
             image.load()  # decode now: a truncated file fails here, not later in a worker
             return image.convert("RGB")
     except FileNotFoundError:

@@ -35,6 +35,17 @@ class ChatTemplate:
     user: str = " USER: "
     assistant: str = " ASSISTANT: "
 
+    def jinja(self, bos: str, eos: str) -> str:
+        """This template as a transformers chat template (messages with
+        `[{"type": "image"}, {"type": "text", ...}]` content), rendering the text
+        `LlavaTransform` tokenizes: `bos` is "" for a tokenizer that adds its own."""
+        text = "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+        return (
+            f"{bos}{self.system}{{% for message in messages %}}"
+            f"{{% if message['role'] == 'user' %}}{self.user}{text}{self.assistant}"
+            f"{{% elif message['role'] == 'assistant' %}}{text}{eos}{{% endif %}}{{% endfor %}}"
+        )
+
 
 @dataclass(frozen=True)
 class Turn:

@@ -47,22 +47,33 @@ def export_llava_eval(directory: str, split: str, size: int, seed: int = 0, task
     """Writes a split of a generated task (`data.kind`: synthetic or detail)
     in LLaVA's `model_vqa_loader` format: `images/<i>.png`, `questions.jsonl`
     ({question_id, image, text, category}) and `annotations.jsonl`
-    ({question_id, answer, category}). Question i is example i of the task's
+    ({question_id, answer, category}); and the same questions as one table
+    for lmms-eval's task in integrations/lmms_eval (`lmms_eval.jsonl`:
+    {question_id, image (its absolute path), question, answer, category},
+    which `datasets` reads offline). Question i is example i of the task's
     (split, size, seed) source, so a model's score on the export is its
-    validation score. Returns the three paths."""
+    validation score. Returns the four paths."""
     paths = {
         "images": os.path.join(directory, "images"),
         "questions": os.path.join(directory, "questions.jsonl"),
         "annotations": os.path.join(directory, "annotations.jsonl"),
+        "lmms_eval": os.path.join(directory, "lmms_eval.jsonl"),
     }
     os.makedirs(directory, exist_ok=True)
     examples = _exported_examples(directory, split, size, seed, task)
-    with open(paths["questions"], "w") as questions, open(paths["annotations"], "w") as annotations:
+    with (
+        open(paths["questions"], "w") as questions,
+        open(paths["annotations"], "w") as annotations,
+        open(paths["lmms_eval"], "w") as table,
+    ):
         for index, image, kind, question, answer in examples:
             questions.write(
                 json.dumps({"question_id": index, "image": image, "text": question, "category": kind}) + "\n"
             )
             annotations.write(json.dumps({"question_id": index, "answer": answer, "category": kind}) + "\n")
+            image_path = os.path.abspath(os.path.join(paths["images"], image))
+            row = {"question_id": index, "image": image_path, "question": question, "answer": answer, "category": kind}
+            table.write(json.dumps(row) + "\n")
     return paths
 
 

@@ -140,45 +140,42 @@ def model_config_from_hf(
     )
 
 
-def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | None = None) -> dict:
-    """A LLaVA config.json for our config (`base`, the imported one, keeps fields we do not model)."""
-    if cfg.vision.pooled_grids or cfg.layout != LayoutConfig.plain(cfg.vision.num_features, cfg.layout.image_offset):
-        raise HFCheckpointError(
-            "layout: only the plain LLaVA layout (every visual token kept, no merge, no summary tokens, no pooled grids) exists in transformers"
-        )
-    if cfg.skip.enabled and cfg.skip.partition == "topk":
-        raise HFCheckpointError("skip.partition: the topk router has no transformers counterpart")
-    v, d = cfg.vision, cfg.decoder
-    hf = json.loads(json.dumps(base or {}))
-    vision = hf.setdefault("vision_config", {})
-    text = hf.setdefault("text_config", {})
-    vision.update(
-        model_type="clip_vision_model",
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        num_channels=v.num_channels,
-        hidden_size=v.width,
-        num_hidden_layers=v.depth,
-        num_attention_heads=v.num_heads,
-        intermediate_size=v.mlp_dim,
-        hidden_act="quick_gelu" if v.quick_gelu else "gelu",
-        layer_norm_eps=v.layer_norm_eps,
-    )
-    text.update(
-        model_type="llama",
-        vocab_size=d.vocab_size,
-        hidden_size=d.width,
-        num_hidden_layers=d.num_layers,
-        num_attention_heads=d.num_heads,
-        num_key_value_heads=d.num_kv_heads,
-        head_dim=d.resolved_head_dim,
-        intermediate_size=d.mlp_dim,
-        rms_norm_eps=d.norm_eps,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=d.tie_embeddings,
-    )
+def vision_config_to_hf(v: VisionConfig, base: dict | None = None) -> dict:
+    """A transformers CLIP vision config for our tower (`base` keeps fields we do not model)."""
+    return {
+        **(base or {}),
+        "model_type": "clip_vision_model",
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": v.num_channels,
+        "hidden_size": v.width,
+        "num_hidden_layers": v.depth,
+        "num_attention_heads": v.num_heads,
+        "intermediate_size": v.mlp_dim,
+        "hidden_act": "quick_gelu" if v.quick_gelu else "gelu",
+        "layer_norm_eps": v.layer_norm_eps,
+    }
+
+
+def decoder_config_to_hf(d: DecoderConfig, base: dict | None = None) -> dict:
+    """A transformers Llama config for our decoder (`base` keeps fields we do
+    not model, and its RoPE style: v4 `rope_theta` or v5 `rope_parameters`)."""
+    text = {
+        **(base or {}),
+        "model_type": "llama",
+        "vocab_size": d.vocab_size,
+        "hidden_size": d.width,
+        "num_hidden_layers": d.num_layers,
+        "num_attention_heads": d.num_heads,
+        "num_key_value_heads": d.num_kv_heads,
+        "head_dim": d.resolved_head_dim,
+        "intermediate_size": d.mlp_dim,
+        "rms_norm_eps": d.norm_eps,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": d.tie_embeddings,
+    }
     text.pop("rope_scaling", None)
     rope = {"rope_type": "default", "rope_theta": d.rope_theta}
     if d.rope_llama3_scaling is not None:
@@ -195,6 +192,21 @@ def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | Non
         text["rope_parameters"] = rope
     else:
         text["rope_theta"] = d.rope_theta
+    return text
+
+
+def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | None = None) -> dict:
+    """A LLaVA config.json for our config (`base`, the imported one, keeps fields we do not model)."""
+    if cfg.vision.pooled_grids or not cfg.layout.is_plain(cfg.vision.num_features):
+        raise HFCheckpointError(
+            "layout: only the plain LLaVA layout (every visual token kept, no merge, no summary tokens, no pooled grids) exists in transformers"
+        )
+    if cfg.skip.enabled and cfg.skip.partition == "topk":
+        raise HFCheckpointError("skip.partition: the topk router has no transformers counterpart")
+    hf = json.loads(json.dumps(base or {}))
+    hf["vision_config"] = vision_config_to_hf(cfg.vision, hf.get("vision_config"))
+    hf["text_config"] = decoder_config_to_hf(cfg.decoder, hf.get("text_config"))
+    v, d = cfg.vision, cfg.decoder
     hf.update(
         model_type="llava",
         architectures=["LlavaForConditionalGeneration"],
@@ -255,9 +267,9 @@ def normalize_name(name: str, prefixes: tuple[tuple[str, str], ...] = _PREFIXES)
     return name
 
 
-def export_name(normalized: str) -> str:
-    """The inverse of `normalize_name`, into transformers' own save layout."""
-    for group, prefix in _EXPORT_PREFIXES.items():
+def export_name(normalized: str, names: dict[str, str] = _EXPORT_PREFIXES) -> str:
+    """The inverse of `normalize_name`: our group -> a layout's prefix (default transformers' own save layout)."""
+    for group, prefix in names.items():
         if normalized.startswith(group):
             return prefix + normalized[len(group) :]
     return normalized
@@ -304,6 +316,12 @@ _RULES = (
     _Rule("projector.linear_1.bias", "visual_tokens/projector/linear_1/bias", "vector"),
     _Rule("projector.linear_2.weight", "visual_tokens/projector/linear_2/kernel", "linear"),
     _Rule("projector.linear_2.bias", "visual_tokens/projector/linear_2/bias", "vector"),
+    # The official Skip-Vision model's one summary pool, `ada = Sequential(LayerNorm, Linear(d, 1))`
+    # (interop/llava_layout.py; transformers' LLaVA has none).
+    _Rule("summary.norm.weight", "visual_tokens/summary/norm/norm/scale", "vector"),
+    _Rule("summary.norm.bias", "visual_tokens/summary/norm/norm/bias", "vector"),
+    _Rule("summary.score.weight", "visual_tokens/summary/score/kernel", "linear"),
+    _Rule("summary.score.bias", "visual_tokens/summary/score/bias", "vector"),
     _Rule("text.embed_tokens.weight", "embed/embedding", "vector"),
     *(
         _Rule(f"text.layers.{{i}}.{hf}", f"decoder/layer_{{i}}/{ours}", kind)
@@ -368,73 +386,75 @@ class TensorFiles:
         self.path = path
         self._files: dict[str, Any] = {}
         self.names: dict[str, tuple[str, str]] = {}  # normalized -> (file, original name)
-        if os.path.isfile(path) and path.endswith(".bin"):
-            self._files[path] = _torch_state_dict(path)
-            for name in self._files[path]:
-                self.names[normalize_name(name, prefixes)] = (path, name)
-            return
-        from safetensors import safe_open
-
-        for file in self._safetensors_files(path):
-            try:
-                handle = safe_open(file, framework="flax")
-            except Exception as err:  # safetensors raises its own error type for a damaged header
-                raise HFCheckpointError(f"{file}: unreadable safetensors file ({err})") from None
-            self._files[file] = handle
-            for name in handle.keys():
+        for file in self._checkpoint_files(path):
+            self._files[file] = _torch_state_dict(file) if file.endswith(".bin") else _open_safetensors(file)
+            for name in self._files[file].keys():
                 self.names[normalize_name(name, prefixes)] = (file, name)
 
     @staticmethod
-    def _safetensors_files(path: str) -> list[str]:
+    def _checkpoint_files(path: str) -> list[str]:
+        """The files of a checkpoint: safetensors first, else PyTorch's .bin
+        (LLaVA's own releases ship `pytorch_model-*.bin` shards)."""
         if os.path.isfile(path):
-            if not path.endswith(".safetensors"):
+            if not path.endswith((".safetensors", ".bin")):
                 raise HFCheckpointError(f"{path}: expected a .safetensors or .bin file")
             return [path]
-        index_path = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index_path):
-            try:
-                weight_map = json.load(open(index_path))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise HFCheckpointError(f"{index_path}: not a safetensors index ({err})") from None
-            files = sorted(set(weight_map.values()))
-        elif os.path.exists(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-        else:
-            raise HFCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
-        if missing:
-            raise HFCheckpointError(f"{path}: missing shard(s) {missing} listed in model.safetensors.index.json")
-        return [os.path.join(path, f) for f in files]
+        for single, index in (
+            ("model.safetensors", "model.safetensors.index.json"),
+            ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+        ):
+            index_path = os.path.join(path, index)
+            if os.path.exists(index_path):
+                try:
+                    files = sorted(set(json.load(open(index_path))["weight_map"].values()))
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise HFCheckpointError(f"{index_path}: not a checkpoint index ({err})") from None
+                missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+                if missing:
+                    raise HFCheckpointError(f"{path}: missing shard(s) {missing} listed in {index}")
+                return [os.path.join(path, f) for f in files]
+            if os.path.exists(os.path.join(path, single)):
+                return [os.path.join(path, single)]
+        raise HFCheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
 
     def read(self, normalized: str) -> np.ndarray:
         file, name = self.names[normalized]
         handle = self._files[file]
-        if isinstance(handle, dict):
-            return handle[name]
+        if isinstance(handle, dict):  # a PyTorch state dict, memory-mapped: convert this tensor only
+            value = handle[name]
+            return value.float().numpy() if value.is_floating_point() else value.numpy()
         # Read on the host CPU (safetensors' numpy reader has no bfloat16).
         with jax.default_device(jax.devices("cpu")[0]):
             return np.asarray(handle.get_tensor(name))
 
 
-def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A PyTorch state dict file (LLaVA's `mm_projector.bin`) as NumPy arrays."""
+def _open_safetensors(path: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="flax")
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        raise HFCheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+
+
+def _torch_state_dict(path: str) -> dict:
+    """A PyTorch state dict file (LLaVA's `mm_projector.bin`, its model
+    shards), memory-mapped: tensors are read when `TensorFiles.read` asks."""
     try:
         import torch
     except ImportError:
         raise HFCheckpointError(f"{path}: reading a .bin file needs PyTorch (pip install torch)") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for a damaged or foreign file
         raise HFCheckpointError(f"{path}: not a PyTorch state dict ({err})") from None
     if not isinstance(state, dict):
         raise HFCheckpointError(f"{path}: not a PyTorch state dict (a {type(state).__name__})")
-    return {
-        name: value.float().numpy() if value.is_floating_point() else value.numpy() for name, value in state.items()
-    }
+    return state
 
 
 def load_params(
-    directory: str,
+    directory: str | TensorFiles,
     abstract_params: dict,
     strict: bool = True,
     groups: tuple[str, ...] = HF_GROUPS,
@@ -449,7 +469,8 @@ def load_params(
     tower): each of their tensors must be there and fit, or the error names it
     and its file. Parameters of ours outside them (summary pools, routers, the
     other parts) are an error when `strict`, else left out (see `merge_into`)."""
-    files = TensorFiles(directory, prefixes)
+    files = directory if isinstance(directory, TensorFiles) else TensorFiles(directory, prefixes)
+    directory = files.path
     flat_abstract = traverse_util.flatten_dict(abstract_params, sep="/")
     loaded, used = {}, set()
     for hf_name, path, kind in _expand_rules(set(flat_abstract)):
@@ -485,16 +506,23 @@ def _is_tied_head(normalized: str, params: dict) -> bool:
     return normalized == "lm_head.weight" and "lm_head" not in params
 
 
-def export_tensors(params: dict, unused: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """HF tensors (transformers' own save layout) for our params, plus `unused` passed through."""
+def export_tensors(
+    params: dict,
+    unused: dict[str, np.ndarray] | None = None,
+    names: dict[str, str] = _EXPORT_PREFIXES,
+    prefixes: tuple[tuple[str, str], ...] = _PREFIXES,
+) -> dict[str, np.ndarray]:
+    """Checkpoint tensors for our params, named by `names` (our group -> the
+    layout's prefix; default transformers' own save layout), plus `unused`
+    (named as `prefixes` reads them) passed through."""
     flat = {
         path: np.asarray(jax.device_get(value)) for path, value in traverse_util.flatten_dict(params, sep="/").items()
     }
     tensors = {}
     for hf_name, path, kind in _expand_rules(set(flat)):
-        tensors[export_name(hf_name)] = np.ascontiguousarray(_to_hf(flat[path], kind))
+        tensors[export_name(hf_name, names)] = np.ascontiguousarray(_to_hf(flat[path], kind))
     for name, value in (unused or {}).items():
-        tensors.setdefault(export_name(normalize_name(name)), value)
+        tensors.setdefault(export_name(normalize_name(name, prefixes), names), value)
     return tensors
 
 

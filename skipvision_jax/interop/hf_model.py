@@ -9,6 +9,7 @@ and the directory's own processor (tokenizer, chat template, image preprocessing
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from skipvision_jax import sharding
 from skipvision_jax.config import LayoutConfig, ModelConfig, SkipConfig
 from skipvision_jax.data.llava import Turn
 from skipvision_jax.experiment import abstract_params
-from skipvision_jax.interop import hf_llava
+from skipvision_jax.interop import hf_llava, llava_layout
 from skipvision_jax.interop.hf_llava import HFCheckpointError
 
 
@@ -47,6 +48,33 @@ def load_processor(directory: str):
         return None  # weights-only directory: no tokenizer or image processor
 
 
+def load_llava_layout_processor(directory: str, hf_config: dict, model_cfg: ModelConfig):
+    """LLaVA's own layout keeps a tokenizer in the model directory and the
+    image processor beside it (an export) or in the tower's directory
+    (`mm_vision_tower`): both as one transformers LlavaProcessor, with the
+    tokenizer's chat template; None where either is missing."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tower = hf_config.get("mm_vision_tower") or ""
+        image_source = directory if os.path.exists(os.path.join(directory, "preprocessor_config.json")) else tower
+        image_processor = AutoImageProcessor.from_pretrained(image_source)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if "<image>" not in tokenizer.get_vocab():  # LLaVA's code splices the image in by position instead
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    v = model_cfg.vision
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=v.patch_size,
+        vision_feature_select_strategy="default" if v.select_strategy == "patch" else "full",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def load(
     directory: str,
     mesh: Mesh | None = None,
@@ -55,11 +83,23 @@ def load(
     layout: LayoutConfig | None = None,
     skip: SkipConfig | None = None,
 ) -> HFLlava:
-    """Reads a LLaVA directory; params go straight to their shardings on `mesh`."""
+    """Reads a LLaVA directory, transformers' layout or LLaVA's own
+    (interop/llava_layout.py); params go straight to their shardings on `mesh`."""
     hf_config = hf_llava.read_config(directory)
-    model_cfg = hf_llava.model_config_from_hf(hf_config, layout=layout, skip=skip, dtype=dtype)
-    params, unused = hf_llava.load_params(directory, abstract_params(model_cfg, mesh, rules))
-    return HFLlava(directory, hf_config, model_cfg, params, unused, load_processor(directory))
+    if not llava_layout.is_llava_layout(hf_config):
+        model_cfg = hf_llava.model_config_from_hf(hf_config, layout=layout, skip=skip, dtype=dtype)
+        params, unused = hf_llava.load_params(directory, abstract_params(model_cfg, mesh, rules))
+        return HFLlava(directory, hf_config, model_cfg, params, unused, load_processor(directory))
+    files = hf_llava.TensorFiles(directory, llava_layout.LLAVA_PREFIXES)
+    model_cfg = llava_layout.model_config_from_llava(hf_config, directory, "summary.norm.weight" in files.names, dtype)
+    model_cfg = dataclasses.replace(model_cfg, layout=layout or model_cfg.layout, skip=skip or model_cfg.skip)
+    params, unused = hf_llava.load_params(
+        files, abstract_params(model_cfg, mesh, rules), groups=llava_layout.LLAVA_GROUPS
+    )
+    processor = load_llava_layout_processor(directory, hf_config, model_cfg)
+    if processor is not None:
+        hf_config = {**hf_config, "image_token_index": processor.tokenizer.convert_tokens_to_ids("<image>")}
+    return HFLlava(directory, hf_config, model_cfg, params, unused, processor)
 
 
 def chat_prompt(processor, conversation: str | Sequence[Turn]) -> str:
@@ -132,13 +172,18 @@ def encode(
     return from_hf_inputs(hf, inputs["input_ids"][0], inputs["pixel_values"])
 
 
+def _text_config(hf: HFLlava) -> dict:
+    """The language model's config: transformers nests it, LLaVA's own layout is one at the top level."""
+    return hf.hf_config.get("text_config") or hf.hf_config
+
+
 def max_positions(hf: HFLlava) -> int:
     """Tokens a sequence may hold, the image's included (transformers' default when unset)."""
-    return int(hf.hf_config.get("text_config", {}).get("max_position_embeddings") or 2048)
+    return int(_text_config(hf).get("max_position_embeddings") or 2048)
 
 
 def stop_ids(hf: HFLlava) -> tuple[int, ...]:
-    eos = hf.hf_config.get("text_config", {}).get("eos_token_id")
+    eos = _text_config(hf).get("eos_token_id")
     if hf.processor is not None and hf.processor.tokenizer.eos_token_id is not None:
         eos = hf.processor.tokenizer.eos_token_id
     return tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())

@@ -8,8 +8,16 @@
     GET  /v1/models             the one model served
     GET  /health                scheduler counters, compilations included
 
-Bad requests get OpenAI's error JSON with a 4xx status and change nothing;
-`n` > 1, tools and logprobs are refused (400) rather than ignored.
+Bad requests get OpenAI's error JSON with a 4xx status and change nothing.
+Every field is checked for its type and range as OpenAI's API does (strict
+JSON types: `true` is no integer, "0.5" no number, NaN no penalty). Fields
+that would change the answer and are not built are refused (400, naming the
+field) rather than ignored: `n` > 1, tools and function calls, logprobs,
+`response_format` other than text, `logit_bias`, and non-zero
+`presence_penalty` / `frequency_penalty`. A `max_tokens` over the server's
+limit is clamped to it (the answer then ends with finish_reason "length"),
+as lmms-eval asks for 1,024 tokens by default; images over the pixel limit
+are refused before they are decoded.
 """
 
 from __future__ import annotations
@@ -60,46 +68,76 @@ class ApiError(Exception):
 # ---- the request body ----------------------------------------------------------------------
 
 
+# Strict JSON types throughout (`true` is no integer, "1" no number), as OpenAI's API.
+STRICT = ConfigDict(strict=True)
+
+
 class ImageURL(BaseModel):
+    model_config = STRICT
+
     url: str
     detail: str | None = None
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ImagePart(BaseModel):
+    model_config = STRICT
+
     type: Literal["image_url"]
     image_url: ImageURL
 
 
 class Message(BaseModel):
+    model_config = STRICT
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # json_schema carries its schema
+
+    type: Literal["text", "json_object", "json_schema"]
+
+
+def finite(low: float, high: float, **kwargs) -> Any:
+    return Field(None, ge=low, le=high, allow_inf_nan=False, **kwargs)
+
+
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Fields no one asked us to read (metadata, store, ...) change no answer and are ignored.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = finite(0, 2)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, max_length=4)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = None
+    user: str | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    presence_penalty: float | None = finite(-2, 2)
+    frequency_penalty: float | None = finite(-2, 2)
+    logit_bias: dict[str, int] | None = None
+    response_format: ResponseFormat | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -107,8 +145,23 @@ class ChatRequest(BaseModel):
     # Ours: the request's KV setting (fields not given come from the server's).
     kv_policy: str | None = None
     kv_budget: int | None = None
-    kv_compression: float | None = None
+    kv_compression: float | None = finite(0, 1)
     ignore_eos: bool | None = False  # vLLM's: answers run to max_tokens (load tests)
+
+
+# Fields that would change the answer, and the values that do not: refused otherwise.
+NOT_BUILT = {
+    "n": ((None, 1), "only one choice per request is supported"),
+    "presence_penalty": ((None, 0.0), "penalties are not supported (only 0)"),
+    "frequency_penalty": ((None, 0.0), "penalties are not supported (only 0)"),
+    "logit_bias": ((None, {}), "logit biases are not supported"),
+    "logprobs": ((None, False), "not supported"),
+    "top_logprobs": ((None, 0), "not supported"),
+    "tools": ((None, []), "tool and function calls are not supported"),
+    "tool_choice": ((None, "none"), "tool and function calls are not supported"),
+    "functions": ((None, []), "tool and function calls are not supported"),
+    "function_call": ((None, "none"), "tool and function calls are not supported"),
+}
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -120,13 +173,15 @@ def parse_request(body: bytes) -> ChatRequest:
             raise ApiError(400, f"the body is not valid JSON: {first['msg']}") from None
         where = ".".join(str(part) for part in first["loc"])
         raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
-    if (request.n or 1) != 1:
-        raise ApiError(400, "n: only one choice per request is supported", param="n")
-    for field in ("tools", "tool_choice", "functions", "function_call"):
-        if getattr(request, field):
-            raise ApiError(400, f"{field}: tool and function calls are not supported", param=field)
-    if request.logprobs or request.top_logprobs:
-        raise ApiError(400, "logprobs: not supported", param="logprobs")
+    for field, (harmless, why) in NOT_BUILT.items():
+        if getattr(request, field) not in harmless:
+            raise ApiError(400, f"{field}: {why}", param=field)
+    if request.response_format is not None and request.response_format.type != "text":
+        raise ApiError(
+            400,
+            f"response_format: {request.response_format.type!r} is not supported (only text)",
+            param="response_format",
+        )
     return request
 
 
@@ -212,6 +267,7 @@ class ApiSettings:
     model_id: str
     max_body_bytes: int = 20 * 2**20
     seed: int = 0  # draws the seeds of requests that give none
+    max_image_pixels: int = 25_000_000  # checked from the image header, before decoding
 
 
 def create_app(scheduler: Scheduler, settings: ApiSettings) -> FastAPI:
@@ -247,13 +303,13 @@ def create_app(scheduler: Scheduler, settings: ApiSettings) -> FastAPI:
         """Everything that can be wrong with a request, found before it waits for a slot."""
         image, turns = conversation(request.messages)
         try:
-            batch, model_cfg = scheduler.loaded.encode(decode_image(image), turns)
+            batch, model_cfg = scheduler.loaded.encode(decode_image(image, settings.max_image_pixels), turns)
         except ValueError as err:  # ImageError and the prompt's errors are ValueErrors
             raise ApiError(400, str(err), param="messages") from None
+        # Clamped, not refused: the answer is cut at the limit with finish_reason "length" (vLLM refuses
+        # only what exceeds the context; our caches are sized by the limit, which plays that part).
         limit = scheduler.settings.max_new_tokens
-        max_tokens = request.max_completion_tokens or request.max_tokens or limit
-        if max_tokens > limit:
-            raise ApiError(400, f"max_tokens: {max_tokens} is over the server's limit of {limit}", param="max_tokens")
+        max_tokens = min(request.max_completion_tokens or request.max_tokens or limit, limit)
         policy = request_policy(scheduler.settings.policy, request)
         try:
             scheduler.slot_batch(policy)

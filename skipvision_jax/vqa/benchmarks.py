@@ -149,19 +149,15 @@ def textvqa_score(convention: str, text: str, truth: dict) -> float:
 
 
 def vqav2_score(convention: str, text: str, truth: dict) -> float:
-    """lmms-eval's vqav2_process_results (the official VQA evaluation after
-    EvalAI's processor): the human answers are only whitespace-trimmed unless
-    they disagree, in which case they and the prediction also go through the
-    punctuation and digit/article steps. A human left out is every answer
-    object equal to it (answer objects carry distinct answer_ids in VQAv2)."""
-    prediction = evalai_answer(text)
-    answers = [dict(a) for a in truth["answers"]]
-    for answer in answers:
-        answer["answer"] = answer["answer"].replace("\n", " ").replace("\t", " ").strip()
-    if len({a["answer"] for a in answers}) > 1:
-        for answer in answers:
-            answer["answer"] = process_digit_article(process_punctuation(answer["answer"]))
-        prediction = process_digit_article(process_punctuation(prediction))
+    """lmms-eval's vqav2_process_results (tasks/vqav2/utils.py lines 15-43):
+    the prediction and every human answer have newlines and tabs made spaces
+    and are trimmed, then go through EvalAI's punctuation and digit/article
+    steps (not its lower-casing word step: process_digit_article lower-cases).
+    A human left out is every answer object equal to it (VQAv2's carry
+    distinct answer_ids)."""
+    clean = lambda a: process_digit_article(process_punctuation(a.replace("\n", " ").replace("\t", " ").strip()))
+    prediction = clean(text)
+    answers = [{**a, "answer": clean(a["answer"])} for a in truth["answers"]]
     scores = []
     for left_out in answers:
         matching = sum(a["answer"] == prediction for a in answers if a != left_out)
@@ -173,21 +169,30 @@ _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
 
 
 def gqa_score(convention: str, text: str, truth: dict) -> float:
-    """llava: scripts/convert_gqa_for_eval.py (text.rstrip('.').lower()), then
-    GQA's eval.py (prediction == answer); lmms-eval: gqa.yaml's exact_match
-    with ignore_case and ignore_punctuation (lower-cased, string.punctuation
-    deleted, no whitespace trimmed)."""
+    """llava: scripts/convert_gqa_for_eval.py line 14 (text.rstrip('.').lower()),
+    then GQA's eval.py (prediction == answer); lmms-eval: gqa.yaml's
+    exact_match with ignore_case and ignore_punctuation (api/metrics.py
+    exact_match_hf_evaluate: lower-cased, string.punctuation deleted) of the
+    answer `score` has trimmed."""
     if convention == "llava":
         return float(text.rstrip(".").lower() == truth["answer"])
     clean = lambda s: s.lower().translate(_PUNCTUATION_TABLE)
     return float(clean(text) == clean(truth["answer"]))
 
 
+def pope_truth(convention: str, answer: str) -> str:
+    """llava: eval_pope.py lines 22-26 (the label "no" is no, anything else,
+    "No" included, yes); lmms-eval: pope_process_results (lower-cased, trimmed)."""
+    if convention == "llava":
+        return "no" if answer == "no" else "yes"
+    return answer.lower().strip()
+
+
 def pope_prediction(convention: str, text: str) -> str:
-    """llava: eval_pope.py (the first sentence, commas deleted, 'No', 'no' or
-    'not' among its space-separated words means no, anything else yes);
-    lmms-eval: pope_process_results (lower-cased and stripped, kept as it is:
-    only "yes" and "no" can be right)."""
+    """llava: eval_pope.py lines 11-20 (the first sentence, commas deleted,
+    'No', 'no' or 'not' among its space-separated words means no, anything
+    else yes); lmms-eval: pope_process_results (lower-cased and stripped, kept
+    as it is: only "yes" and "no" can be right)."""
     if convention == "llava":
         words = text.split(".")[0].replace(",", "").split(" ")
         return "no" if {"No", "no", "not"} & set(words) else "yes"
@@ -210,26 +215,29 @@ OPTIONS = ("A", "B", "C", "D", "E")  # LLaVA's --options
 
 
 def scienceqa_score(convention: str, text: str, truth: dict) -> float:
-    """llava: eval_science_qa.py (a bare letter, "B. ..." with a space after
-    the period, or "The answer is B"; newlines become '. '; else FAILED, so a
-    bare "B." is wrong); lmms-eval: sqa_process_results (the letter itself, or
-    any text whose second character is a period, so "B." is right and "The
-    answer is B." wrong)."""
+    """llava: eval_science_qa.py lines 65-77 and 28-35: the answer exactly a
+    letter of --options, or "B. ..." (a letter, then ". "), or exactly one
+    match of `The answer is ([A-Z]).` (a character must follow the letter), else
+    FAILED; the letter counts only among the first len(choices) options.
+    lmms-eval: sqa_process_results (tasks/scienceqa/utils.py lines 35-44): the
+    trimmed answer equal to the letter case aside, or an upper-case letter and
+    a period ("B." right, "The answer is B." wrong)."""
     target = OPTIONS[truth["answer"]]
     if convention == "lmms-eval":
-        if text == target:
+        prediction = text.strip()
+        if prediction.lower() == target.lower():
             return 1.0
-        return float(len(text) >= 2 and text[0].isupper() and text[1] == "." and text[0] == target)
-    text = text.replace("\n", ". ")
-    letters = OPTIONS[: len(truth["choices"])]
-    if text.strip() in OPTIONS:
-        letter = text.strip()
+        if len(prediction) >= 2 and prediction[0].isupper() and prediction[1] == ".":
+            return float(prediction[0].lower() == target.lower())
+        return 0.0
+    if text in OPTIONS:
+        letter = text
     elif len(text) >= 3 and text[0] in OPTIONS and text[1:3] == ". ":
         letter = text[0]
     else:
-        match = re.search(r"The answer is ([A-E])", text)
-        letter = match.group(1) if match else None
-    return float(letter is not None and letter in letters and letter == target)
+        found = re.findall(r"The answer is ([A-Z]).", text)
+        letter = found[0] if len(found) == 1 else "FAILED"
+    return float(letter in OPTIONS[: len(truth["choices"])] and letter == target)
 
 
 def exact_match(text: str, answer: str) -> bool:
@@ -389,6 +397,10 @@ def score(
     -> category, from the question file) adds per-category accuracy where the
     benchmark has no categories of its own."""
     _, convention = resolve(benchmark, convention)
+    if (
+        convention == "lmms-eval"
+    ):  # lmms-eval trims every answer before its task scores it (api/task.py lines 1585-1589)
+        answers = [{**a, "text": a["text"].strip()} for a in answers]
     key = (lambda a: (a["question_id"], a.get("prompt"))) if benchmark == "mme" else (lambda a: a["question_id"])
     missing = [key(a) for a in answers if key(a) not in annotations]
     if missing:
@@ -396,7 +408,7 @@ def score(
     rows = [(a, annotations[key(a)]) for a in answers]
     result = {"benchmark": benchmark, "convention": convention, "count": len(rows)}
     if benchmark == "pope":
-        predicted = [(pope_prediction(convention, a["text"]), t["answer"].lower().strip()) for a, t in rows]
+        predicted = [(pope_prediction(convention, a["text"]), pope_truth(convention, t["answer"])) for a, t in rows]
         result.update(_pope_metrics(convention, predicted))
         groups = collections.defaultdict(list)
         for pair, (_, truth) in zip(predicted, rows):
