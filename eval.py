@@ -110,7 +110,9 @@ def main() -> None:
     annotations = benchmarks.read_annotations(f.annotation_file, benchmark, f.convention) if f.annotation_file else None
     if annotations is not None:
         missing = [
-            q.question_id for q in questions if (q.key if benchmark == "mme" else q.question_id) not in annotations
+            q.question_id
+            for q in questions
+            if benchmarks.BENCHMARKS[benchmark].key(q.question_id, q.text) not in annotations
         ]
         if missing:
             raise ValueError(

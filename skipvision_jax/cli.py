@@ -13,11 +13,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from skipvision_jax import sharding
+from skipvision_jax.errors import one_line
 from skipvision_jax.kvcache import KVPolicy
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).replace("\\n", " ").split())
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -1,6 +1,6 @@
 """Experiment setup shared by the trainer, inference, interop, tests and
-benches: the model config of an experiment, the dummy inputs `init` traces,
-and the train state planned (shapes and shardings) before it exists."""
+benches: the model config of an experiment, where its weights start, and
+the train state planned (shapes and shardings) before it exists."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from flax import traverse_util
 from jax.sharding import Mesh
@@ -23,31 +22,12 @@ from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.interop import hf_llava
 from skipvision_jax.interop.parts import given_parts, load_parts, model_config_from_parts
 from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.nn.shapes import init_inputs
 from skipvision_jax.train.checkpoint import Checkpointer, CheckpointError
 from skipvision_jax.train.optim import make_optimizer, trainable_names
 from skipvision_jax.train.step import TrainState, init_train_state
 
 log = logging.getLogger(__name__)
-
-
-def init_inputs(model_cfg: ModelConfig, num_text: int, batch: int = 1) -> dict[str, np.ndarray]:
-    """Inputs of the shapes `SkipVisionVLM.init` traces (the values do not
-    reach the weights): `num_text` real text tokens and a blank image."""
-    v = model_cfg.vision
-    return {
-        "input_ids": np.zeros((batch, num_text), np.int32),
-        "text_mask": np.ones((batch, num_text), bool),
-        "pixels": np.zeros((batch, v.image_size, v.image_size, v.num_channels), np.float32),
-    }
-
-
-def abstract_params(model_cfg: ModelConfig, mesh: Mesh | None, rules=sharding.DEFAULT_RULES) -> dict:
-    """Shapes (and shardings) of a config's params, without creating them."""
-    model = SkipVisionVLM(model_cfg)
-    inputs = init_inputs(model_cfg, max(model_cfg.layout.image_offset, 1))
-    init = lambda: model.init(jax.random.key(0), **inputs)["params"]
-    mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    return sharding.plan_init(init, mesh, rules).abstract
 
 
 def base_model_config(cfg) -> ModelConfig:

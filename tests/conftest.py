@@ -27,8 +27,8 @@ from skipvision_jax.config import (
     SkipConfig,
     VisionConfig,
 )
-from skipvision_jax.experiment import init_inputs
 from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.nn.shapes import init_inputs
 
 TINY_VISION = VisionConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64)  # 16 patches
 TINY_DECODER = DecoderConfig(vocab_size=97, width=48, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=96)

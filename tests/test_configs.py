@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from skipvision_jax.config import model_config_from_dict, validate_experiment
-from skipvision_jax.experiment import abstract_params
+from skipvision_jax.nn.shapes import abstract_params
 from tests.helpers import REPO, subprocess_env
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from skipvision_jax.config import FastVConfig, LayoutConfig, SkipConfig
-from skipvision_jax.experiment import init_inputs
 from skipvision_jax.generate import Generator, Sampling, sample
 from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.nn.shapes import init_inputs
 from tests.conftest import TINY_VISION, init_params, stack_layers, tiny_batch, tiny_config
 from tests.kv_reference import ReferenceDecoder
 

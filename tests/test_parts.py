@@ -258,6 +258,20 @@ def test_llava_export_reads_back_with_the_same_params_and_greedy_tokens(parts, s
         assert getattr(read_back.model_cfg, part) == getattr(trained.model_cfg, part), part
     assert greedy_tokens(read_back, image) == greedy_tokens(trained, image)
 
+    # LLaVA's own releases ship PyTorch shards with an index: the same params from them.
+    tensors = {name: torch.from_numpy(value) for name, value in load_file(f"{out}/model.safetensors").items()}
+    os.remove(f"{out}/model.safetensors")
+    names = sorted(tensors)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, shard_names in shards.items():
+        torch.save({name: tensors[name] for name in shard_names}, f"{out}/{shard}")
+    weight_map = {name: shard for shard, shard_names in shards.items() for name in shard_names}
+    with open(f"{out}/pytorch_model.bin.index.json", "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+    from_bins = traverse_util.flatten_dict(hf_model.load(out).params, sep="/")
+    for path, value in flat_trained.items():
+        np.testing.assert_array_equal(np.asarray(from_bins[path]), np.asarray(value), err_msg=path)
+
 
 def test_hf_export_loads_in_transformers_with_our_logits(parts, tmp_path):
     """A plain-layout run (transformers has no merge, summary tokens or Skip-FFN)."""

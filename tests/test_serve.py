@@ -332,7 +332,9 @@ def test_lmms_eval_scores_the_served_model_as_eval_py(embedded, trained_workdir,
     env = {**os.environ, "OPENAI_API_KEY": "unused", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
         [
-            "lmms-eval",
+            sys.executable,  # lmms-eval's command line, from this environment
+            "-m",
+            "lmms_eval",
             "--model=openai_compatible",
             f"--model_args=model_version={embedded.model_id()},base_url={embedded.url}/v1",
             "--tasks=skipvision_embedded",

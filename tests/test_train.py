@@ -223,7 +223,7 @@ def test_frozen_parts_get_no_optimizer_state_and_do_not_move():
 def test_trainer_and_interop_plan_the_same_params():
     """One setup module: the train state's params and the params interop loads
     into are planned from the same init inputs, so their trees agree."""
-    from skipvision_jax.experiment import abstract_params
+    from skipvision_jax.nn.shapes import abstract_params
 
     cfg = tiny_train_config()
     _, _, plan = state_plan(cfg)

@@ -97,6 +97,7 @@ def export(workdir: str, out: str, fmt: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from skipvision_jax.errors import one_line
     from skipvision_jax.train.checkpoint import CheckpointError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(args.checkpoint, args.out, args.format)
     except (ValueError, CheckpointError) as err:  # HFCheckpointError is a ValueError
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     print(os.path.abspath(args.out))
     return 0

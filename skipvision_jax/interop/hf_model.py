@@ -20,9 +20,9 @@ from PIL import Image
 from skipvision_jax import sharding
 from skipvision_jax.config import LayoutConfig, ModelConfig, SkipConfig
 from skipvision_jax.data.llava import Turn
-from skipvision_jax.experiment import abstract_params
 from skipvision_jax.interop import hf_llava, llava_layout
 from skipvision_jax.interop.hf_llava import HFCheckpointError
+from skipvision_jax.nn.shapes import abstract_params
 
 
 @dataclasses.dataclass

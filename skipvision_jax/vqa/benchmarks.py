@@ -253,21 +253,130 @@ def exact_score(convention: str, text: str, truth: dict) -> float:
 # ---------------------------------------------------------------- benchmarks
 
 
+def pope_verdict(convention: str, text: str, truth: dict) -> tuple[str, str]:
+    return pope_prediction(convention, text), pope_truth(convention, truth["answer"])
+
+
+def mme_score(convention: str, text: str, truth: dict) -> float:
+    """lmms-eval's mme_process_results: the parsed answer against the truth (lower-cased, periods deleted)."""
+    return float(mme_prediction(text) == truth["answer"].lower().strip().replace(".", ""))
+
+
+# ---------------------------------------------------------------- annotation lines
+# Each returns one line as its scorer reads it, or raises ValueError naming what is
+# wrong with it (`where`: its file and number).
+
+
+def read_as_is(convention: str, record: dict, where: str) -> dict:
+    return record
+
+
+def _answer_list(record: dict, where: str) -> list:
+    answers = record.get("answers")
+    if not isinstance(answers, list) or not answers:
+        raise ValueError(f"{where}: 'answers' must be a non-empty list")
+    return answers
+
+
+def read_textvqa(convention: str, record: dict, where: str) -> dict:
+    answers = _answer_list(record, where)
+    if not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: 'answers' must be strings")
+    if convention == "llava" and len(answers) != 10:
+        raise ValueError(f"{where}: LLaVA's TextVQA scorer needs 10 human answers, found {len(answers)}")
+    return record
+
+
+def read_vqav2(convention: str, record: dict, where: str) -> dict:
+    answers = _answer_list(record, where)
+    if not all(isinstance(a, str) or isinstance(a, dict) and "answer" in a for a in answers):
+        raise ValueError(f"{where}: 'answers' must be strings or objects with an 'answer'")
+    # Plain strings become answer objects with distinct answer_ids, as VQAv2's carry.
+    answers = [a if isinstance(a, dict) else {"answer": a} for a in answers]
+    return {**record, "answers": [{"answer_id": i, **a} for i, a in enumerate(answers)]}
+
+
+def read_yes_no(convention: str, record: dict, where: str) -> dict:
+    answer = record.get("answer")
+    if not isinstance(answer, str) or answer.lower().strip().rstrip(".") not in ("yes", "no"):
+        raise ValueError(f"{where}: 'answer' must be yes or no, got {answer!r}")
+    return record
+
+
+def read_choice(convention: str, record: dict, where: str) -> dict:
+    answer, choices = record.get("answer"), record.get("choices")
+    if not isinstance(choices, list) or not 0 < len(choices) <= len(OPTIONS):
+        raise ValueError(f"{where}: 'choices' must be a list of 1 to {len(OPTIONS)} options")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: 'answer' must be the index of a choice, got {answer!r}")
+    return record
+
+
+# ---------------------------------------------------------------- aggregates
+
+
+def mean_scores(convention: str, rows: list[tuple[dict, dict, float]], categories: dict | None) -> dict:
+    """The mean score (and per category where `categories`, question_id ->
+    category, names one) of the benchmarks scored answer by answer."""
+    scores = [verdict for _, _, verdict in rows]
+    result = {"accuracy": sum(scores) / max(len(scores), 1)}
+    if categories:
+        groups = collections.defaultdict(list)
+        for answer, _, verdict in rows:
+            if categories.get(answer["question_id"]):
+                groups[categories[answer["question_id"]]].append(verdict)
+        result["by_category"] = {c: {"count": len(v), "accuracy": sum(v) / len(v)} for c, v in sorted(groups.items())}
+    return result
+
+
+def pope_scores(convention: str, rows: list[tuple[dict, dict, tuple[str, str]]], categories: dict | None) -> dict:
+    """POPE's metrics over all answers and per POPE category."""
+    groups = collections.defaultdict(list)
+    for _, truth, pair in rows:
+        groups[truth["category"]].append(pair)
+    result = _pope_metrics(convention, [pair for _, _, pair in rows])
+    result["by_category"] = {c: _pope_metrics(convention, p) for c, p in sorted(groups.items())}
+    return result
+
+
+def mme_scores(convention: str, rows: list[tuple[dict, dict, float]], categories: dict | None) -> dict:
+    """MME's subtask scores and the perception and cognition sums."""
+    by_category = _mme_scores([(truth, verdict) for _, truth, verdict in rows])
+    result = {"by_category": by_category}
+    for total, subtasks in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
+        result[total] = sum(v["score"] for c, v in by_category.items() if c in subtasks)
+    return result
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
+    """How one benchmark scores: each answer judged alone, then aggregated."""
+
     conventions: tuple[str, ...]  # the default first
     fields: tuple[str, ...]  # what each annotation line carries besides question_id
-    score: Callable | None = None  # (convention, text, truth) -> [0, 1], for the benchmarks that average it
+    read: Callable  # (convention, annotation line, where) -> the line as `judge` reads it, or ValueError
+    judge: Callable  # (convention, text, annotation line) -> this answer's verdict
+    aggregate: Callable  # (convention, [(answer, annotation, verdict)], categories) -> scores
+    # MME's question files give an image's questions the image's id: a question is then (id, its text).
+    keyed_by_text: bool = False
+
+    def key(self, question_id, text: str | None):
+        """A question's key in the annotations (text: the question's, as asked)."""
+        return (question_id, text) if self.keyed_by_text else question_id
 
 
 BENCHMARKS = {
-    "textvqa": Benchmark(("llava", "lmms-eval"), ("answers",), textvqa_score),
-    "vqav2": Benchmark(("lmms-eval",), ("answers",), vqav2_score),
-    "gqa": Benchmark(("llava", "lmms-eval"), ("answer",), gqa_score),
-    "pope": Benchmark(("llava", "lmms-eval"), ("answer", "category")),
-    "mme": Benchmark(("lmms-eval",), ("question", "answer", "category")),
-    "scienceqa_img": Benchmark(("llava", "lmms-eval"), ("answer", "choices"), scienceqa_score),
-    "exact": Benchmark(("exact",), ("answer",), exact_score),
+    "textvqa": Benchmark(("llava", "lmms-eval"), ("answers",), read_textvqa, textvqa_score, mean_scores),
+    "vqav2": Benchmark(("lmms-eval",), ("answers",), read_vqav2, vqav2_score, mean_scores),
+    "gqa": Benchmark(("llava", "lmms-eval"), ("answer",), read_as_is, gqa_score, mean_scores),
+    "pope": Benchmark(("llava", "lmms-eval"), ("answer", "category"), read_yes_no, pope_verdict, pope_scores),
+    "mme": Benchmark(
+        ("lmms-eval",), ("question", "answer", "category"), read_yes_no, mme_score, mme_scores, keyed_by_text=True
+    ),
+    "scienceqa_img": Benchmark(
+        ("llava", "lmms-eval"), ("answer", "choices"), read_choice, scienceqa_score, mean_scores
+    ),
+    "exact": Benchmark(("exact",), ("answer",), read_as_is, exact_score, mean_scores),
 }
 MME_PERCEPTION = (
     "existence",
@@ -294,30 +403,6 @@ def resolve(benchmark: str, convention: str | None) -> tuple[Benchmark, str]:
     return spec, convention
 
 
-def _check_line(benchmark: str, convention: str, record: dict, where: str) -> None:
-    answers, answer = record.get("answers"), record.get("answer")
-    if benchmark in ("textvqa", "vqav2"):
-        if not isinstance(answers, list) or not answers:
-            raise ValueError(f"{where}: 'answers' must be a non-empty list")
-        if benchmark == "textvqa" and not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"{where}: 'answers' must be strings")
-        if benchmark == "vqav2" and not all(
-            isinstance(a, str) or isinstance(a, dict) and "answer" in a for a in answers
-        ):
-            raise ValueError(f"{where}: 'answers' must be strings or objects with an 'answer'")
-        if benchmark == "textvqa" and convention == "llava" and len(answers) != 10:
-            raise ValueError(f"{where}: LLaVA's TextVQA scorer needs 10 human answers, found {len(answers)}")
-    elif benchmark in ("pope", "mme"):
-        if not isinstance(answer, str) or answer.lower().strip().rstrip(".") not in ("yes", "no"):
-            raise ValueError(f"{where}: 'answer' must be yes or no, got {answer!r}")
-    elif benchmark == "scienceqa_img":
-        choices = record.get("choices")
-        if not isinstance(choices, list) or not 0 < len(choices) <= len(OPTIONS):
-            raise ValueError(f"{where}: 'choices' must be a list of 1 to {len(OPTIONS)} options")
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise ValueError(f"{where}: 'answer' must be the index of a choice, got {answer!r}")
-
-
 def read_annotations(path: str, benchmark: str, convention: str | None = None) -> dict:
     """key -> annotation line, the key the question_id (for MME the pair
     (question_id, question): its two questions share the image's id). Every
@@ -329,17 +414,13 @@ def read_annotations(path: str, benchmark: str, convention: str | None = None) -
         missing = [field for field in ("question_id",) + spec.fields if field not in record]
         if missing:
             raise ValueError(f"{where} lacks {missing} (a {benchmark} line needs question_id and {list(spec.fields)})")
-        _check_line(benchmark, convention, record, where)
-        if benchmark == "vqav2":
-            record = {**record, "answers": [a if isinstance(a, dict) else {"answer": a} for a in record["answers"]]}
-            # Plain strings get distinct answer_ids, as VQAv2's answer objects have.
-            record["answers"] = [{"answer_id": i, **a} for i, a in enumerate(record["answers"])]
-        key = (record["question_id"], record["question"]) if benchmark == "mme" else record["question_id"]
+        record = spec.read(convention, record, where)
+        key = spec.key(record["question_id"], record.get("question"))
         if key in seen:
             raise ValueError(f"{where} repeats {key!r} (first on line {seen[key]})")
         seen[key] = number
         annotations[key] = record
-    if benchmark == "mme":
+    if spec.keyed_by_text:  # MME scores an image's two questions as a pair
         per_image = collections.Counter(qid for qid, _ in annotations)
         odd = next((qid for qid, n in per_image.items() if n != 2), None)
         if odd is not None:
@@ -396,42 +477,15 @@ def score(
     score a missing answer, and counted in `errors`. `categories` (question_id
     -> category, from the question file) adds per-category accuracy where the
     benchmark has no categories of its own."""
-    _, convention = resolve(benchmark, convention)
-    if (
-        convention == "lmms-eval"
-    ):  # lmms-eval trims every answer before its task scores it (api/task.py lines 1585-1589)
+    spec, convention = resolve(benchmark, convention)
+    if convention == "lmms-eval":  # its harness trims every answer before a task scores it (api/task.py 1585-1589)
         answers = [{**a, "text": a["text"].strip()} for a in answers]
-    key = (lambda a: (a["question_id"], a.get("prompt"))) if benchmark == "mme" else (lambda a: a["question_id"])
+    key = lambda a: spec.key(a["question_id"], a.get("prompt"))
     missing = [key(a) for a in answers if key(a) not in annotations]
     if missing:
         raise ValueError(f"annotation file: lacks {len(missing)} answered questions (first: {missing[0]!r})")
-    rows = [(a, annotations[key(a)]) for a in answers]
+    rows = [(a, annotations[key(a)], spec.judge(convention, a["text"], annotations[key(a)])) for a in answers]
     result = {"benchmark": benchmark, "convention": convention, "count": len(rows)}
-    if benchmark == "pope":
-        predicted = [(pope_prediction(convention, a["text"]), pope_truth(convention, t["answer"])) for a, t in rows]
-        result.update(_pope_metrics(convention, predicted))
-        groups = collections.defaultdict(list)
-        for pair, (_, truth) in zip(predicted, rows):
-            groups[truth["category"]].append(pair)
-        result["by_category"] = {c: _pope_metrics(convention, p) for c, p in sorted(groups.items())}
-    elif benchmark == "mme":
-        scored = [
-            (t, float(mme_prediction(a["text"]) == t["answer"].lower().strip().replace(".", ""))) for a, t in rows
-        ]
-        result["by_category"] = _mme_scores(scored)
-        for total, subtasks in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
-            result[total] = sum(v["score"] for c, v in result["by_category"].items() if c in subtasks)
-    else:
-        spec = BENCHMARKS[benchmark]
-        scores = [spec.score(convention, a["text"], t) for a, t in rows]
-        result["accuracy"] = sum(scores) / max(len(scores), 1)
-        if categories:
-            groups = collections.defaultdict(list)
-            for (a, _), s in zip(rows, scores):
-                if categories.get(a["question_id"]):
-                    groups[categories[a["question_id"]]].append(s)
-            result["by_category"] = {
-                c: {"count": len(s), "accuracy": sum(s) / len(s)} for c, s in sorted(groups.items())
-            }
+    result.update(spec.aggregate(convention, rows, categories))
     result["errors"] = sum("error" in a for a in answers)
     return result

@@ -21,9 +21,9 @@ import jax
 import numpy as np
 import tqdm
 
-from skipvision_jax.cli import one_line
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.images import ImageError
+from skipvision_jax.errors import one_line
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.inference import LoadedModel, answer_text, with_default_budget
 from skipvision_jax.kvcache import KVPolicy, cache_slots

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 
+from skipvision_jax.errors import one_line
 from skipvision_jax.vqa import benchmarks, files
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = score_file(args.benchmark, args.convention, args.answers_file, args.annotation_file)
     except ValueError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0
