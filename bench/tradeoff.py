@@ -54,6 +54,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import detail  # noqa: E402
+from skipvision_jax.batching import collate  # noqa: E402
 from skipvision_jax.config import FastVConfig  # noqa: E402
 from skipvision_jax.data.detail import DetailVQA  # noqa: E402
 from skipvision_jax.data.synthetic import chance_accuracy  # noqa: E402
@@ -65,7 +66,7 @@ from skipvision_jax.nn import SkipVisionVLM  # noqa: E402
 from skipvision_jax.train.loop import train_and_evaluate  # noqa: E402
 from skipvision_jax.vqa import files  # noqa: E402
 from skipvision_jax.vqa.benchmarks import exact_match  # noqa: E402
-from skipvision_jax.vqa.harness import Encoded, EvalSettings, collate, evaluate_questions  # noqa: E402
+from skipvision_jax.vqa.harness import Encoded, EvalSettings, evaluate_questions  # noqa: E402
 
 MAX_NEW = 7  # the answer (6 tokens) and <eos>
 # variant -> its FastV pruning, applied to the full run at inference (training-free)

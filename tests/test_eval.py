@@ -13,13 +13,14 @@ import time
 import numpy as np
 import pytest
 
+from skipvision_jax.batching import length_buckets
 from skipvision_jax.data.synthetic import SyntheticVQA, as_typed
 from skipvision_jax.data.tasks import export_llava_eval
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.inference import answer_text, load_trained
 from skipvision_jax.kvcache import POLICIES, KVPolicy
 from skipvision_jax.vqa import files
-from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions, length_buckets
+from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
 from tests.helpers import REPO, VAL_SIZE, read_metrics
 
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from skipvision_jax import sharding
+from skipvision_jax.batching import prefill_sizes
 from skipvision_jax.generate import Generator
 from skipvision_jax.inference import INFERENCE_MESH
 from skipvision_jax.kvcache import KVPolicy
-from skipvision_jax.serving.slots import Prompts, SlotBatch, prefill_sizes
+from skipvision_jax.serving.slots import Prompts, SlotBatch
 from tests.conftest import init_params, stack_layers, tiny_config
 
 MAX_NEW = 6

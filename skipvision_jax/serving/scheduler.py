@@ -21,14 +21,14 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from skipvision_jax.batching import bucket_for, collate, length_buckets, prefill_sizes
 from skipvision_jax.compilation import CompileCounter
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.llava import Turn
 from skipvision_jax.generate import Generator
 from skipvision_jax.inference import LoadedModel
 from skipvision_jax.kvcache import KVPolicy
-from skipvision_jax.serving.slots import Prompts, SlotBatch, prefill_sizes
-from skipvision_jax.vqa.harness import bucket_for, collate, length_buckets
+from skipvision_jax.serving.slots import Prompts, SlotBatch
 
 log = logging.getLogger(__name__)
 

@@ -52,16 +52,6 @@ class Prompts:
     seeds: np.ndarray  # [P] uint32: each request's PRNG seed
 
 
-def prefill_sizes(max_prefill: int) -> tuple[int, ...]:
-    """Prompts prefilled together: powers of two up to `max_prefill` (a few
-    programs per bucket, at most half of a prefill wasted on padding rows)."""
-    sizes, size = [], 1
-    while size < max_prefill:
-        sizes.append(size)
-        size *= 2
-    return tuple(sizes) + (max_prefill,)
-
-
 def _write_rows(old: Array, new: Array, slots: Int[Array, " P"], group: LayerGroup) -> Array:
     if group.scanned:  # [layers, S, ...]
         return old.at[:, slots].set(new, mode="drop")

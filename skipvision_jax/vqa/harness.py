@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
+from skipvision_jax.batching import bucket_for, collate, length_buckets
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.errors import one_line
@@ -28,21 +29,6 @@ from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.inference import LoadedModel, answer_text, with_default_budget
 from skipvision_jax.kvcache import KVPolicy, cache_slots
 from skipvision_jax.vqa.files import AnswerWriter, Question, answer_id, answered_keys
-
-SMALLEST_BUCKET = 8
-
-
-def length_buckets(max_text_len: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
-    """Powers of two from `smallest`, closed by the model's limit itself."""
-    buckets, size = [], smallest
-    while size < max_text_len:
-        buckets.append(size)
-        size *= 2
-    return tuple(buckets) + (max_text_len,)
-
-
-def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
-    return next(b for b in buckets if b >= length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +55,6 @@ class QuestionEncoder:
         except (ImageError, ValueError) as err:  # HFCheckpointError is a ValueError
             return Encoded(question, error=one_line(err))
         return Encoded(question, np.asarray(batch["input_ids"][0]), np.asarray(batch["pixels"][0]), model_cfg)
-
-
-def collate(rows: list[Encoded], bucket: int, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
-    """[batch_size, bucket] right-padded ids and mask, stacked pixels; rows
-    past len(rows) repeat the first one."""
-    filled = rows + [rows[0]] * (batch_size - len(rows))
-    input_ids = np.full((batch_size, bucket), pad_id, np.int32)
-    text_mask = np.zeros((batch_size, bucket), bool)
-    for i, row in enumerate(filled):
-        input_ids[i, : len(row.ids)] = row.ids
-        text_mask[i, : len(row.ids)] = True
-    return {"input_ids": input_ids, "text_mask": text_mask, "pixels": np.stack([row.pixels for row in filled])}
 
 
 @dataclasses.dataclass
