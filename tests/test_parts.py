@@ -296,6 +296,8 @@ def test_hf_export_loads_in_transformers_with_our_logits(parts, tmp_path):
     trained = load_trained(run)
     batch, model_cfg = trained.make_batch(image, QUESTION)
     assert batch["input_ids"][0].tolist() == ids[ids != image_token].tolist()  # the run's own prompt
+    # ... and its own pixels (the exported CLIP processor against data/images.py's preprocess).
+    np.testing.assert_allclose(inputs["pixel_values"][0].numpy().transpose(1, 2, 0), batch["pixels"][0], atol=1e-5)
     ours = SkipVisionVLM(model_cfg).apply(
         {"params": trained.params}, batch["input_ids"], batch["text_mask"], batch["pixels"]
     )[0]
