@@ -97,11 +97,11 @@ def main():
 
     from skipvision_jax import sharding
     from skipvision_jax.config import LayoutConfig, SkipConfig, model_config_from_dict
-    from skipvision_jax.experiment import build_state_plan
     from skipvision_jax.flops import train_step_flops, vision_forward_flops
     from skipvision_jax.generate import Generator
     from skipvision_jax.kvcache import KVPolicy
     from skipvision_jax.nn.shapes import abstract_params
+    from skipvision_jax.train.state import build_state_plan
     from skipvision_jax.train.step import make_train_step
 
     cfg = load_config(args.config)

@@ -17,9 +17,9 @@ from skipvision_jax.config import LayoutConfig, ModelConfig
 from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.llava import Turn
 from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.experiment import restore_run
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.kvcache import KVPolicy, cache_bytes, cache_slots
+from skipvision_jax.train.restore import restore_run
 
 # Decoding is bound by reading weights and cache: tensor parallelism splits
 # both; one prompt leaves nothing for data parallelism to split.

@@ -11,8 +11,9 @@ import jax
 from configs.default import get_config
 from skipvision_jax import sharding
 from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.experiment import build_model_config, build_state_plan, model_image_size
+from skipvision_jax.experiment import build_model_config, model_image_size
 from skipvision_jax.train.checkpoint import Checkpointer
+from skipvision_jax.train.state import build_state_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_SIZE = 32  # validation questions of the trained tiny model (conftest.trained_workdir)

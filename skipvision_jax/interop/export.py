@@ -64,8 +64,8 @@ def export(workdir: str, out: str, fmt: str) -> None:
     import jax
 
     from skipvision_jax import sharding
-    from skipvision_jax.experiment import restore_run
     from skipvision_jax.interop import hf_llava, llava_layout
+    from skipvision_jax.train.restore import restore_run
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: unknown {fmt!r}, expected one of {FORMATS}")

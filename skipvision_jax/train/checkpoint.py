@@ -14,11 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from skipvision_jax.errors import CheckpointError
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was expected."""
 
 
 @jax.jit

@@ -18,8 +18,10 @@ from tensorboardX import SummaryWriter
 from skipvision_jax import sharding
 from skipvision_jax.config import validate_experiment
 from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.experiment import build_model_config, build_state_plan, initial_params, model_image_size
+from skipvision_jax.experiment import build_model_config, model_image_size
 from skipvision_jax.train.checkpoint import Checkpointer
+from skipvision_jax.train.restore import initial_params
+from skipvision_jax.train.state import build_state_plan
 from skipvision_jax.train.step import (
     make_eval_step,
     make_train_step,
