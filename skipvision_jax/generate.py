@@ -27,7 +27,7 @@ from skipvision_jax.config import ModelConfig
 from skipvision_jax.kvcache import KVPolicy, LayerCache
 from skipvision_jax.nn.decoder import LayerGroup, layer_groups, prefill_captures
 from skipvision_jax.nn.vlm import SkipVisionVLM
-from skipvision_jax.partition import SequenceLayout
+from skipvision_jax.partition import SequenceLayout, in_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +193,7 @@ class Generator:
         if not self.cfg.skip.text_sees_skipped:
             # No row after q2 reads the skipped rows, the new tokens included:
             # their keys are dead after prefill, under every policy.
-            cached = key_valid & ~((positions >= layout.skipped_start) & (positions < layout.skipped_end))
+            cached = key_valid & ~in_range(positions, layout.skipped_range)
         caches = []
         for index, group in enumerate(self.groups()):
             if "fastv_index" in captured and group.start >= self.cfg.fastv.layer:
@@ -255,7 +255,7 @@ class Generator:
             key_valid,
             prompt_lens,
             sown.get("key_scores"),
-            (layout.skipped_start, layout.skipped_end),
+            layout.skipped_range,
         )
         priority, score = kvcache.prompt_scores(self.policy, keys)
         return kvcache.compact(keys, sown["v"], priority, score, keep, num_slots, budget)

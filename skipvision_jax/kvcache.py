@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from skipvision_jax.partition import in_range
 from skipvision_jax.sharding import CACHE_KV, CACHE_SLOTS, constrain
 
 _PROTECTED = 1e30  # priority of tokens a policy never drops
@@ -107,9 +108,7 @@ def _no_score(policy, keys: PromptKeys):
 
 
 def _skip_vision_score(policy, keys: PromptKeys):
-    start, end = keys.skipped
-    in_skipped = (keys.positions >= start) & (keys.positions < end)
-    return keys.per_kv_head(jnp.where(in_skipped, -jnp.inf, 0.0))
+    return keys.per_kv_head(jnp.where(in_range(keys.positions, keys.skipped), -jnp.inf, 0.0))
 
 
 def _newest_score(policy, keys: PromptKeys):

@@ -23,6 +23,12 @@ from jaxtyping import Array, Bool, Float, Int
 from skipvision_jax.config import ModelConfig
 
 
+def in_range(positions: Int[Array, ...], bounds: tuple[int, int]) -> Bool[Array, ...]:
+    """Whether each sequence position lies in [start, end) (e.g. `SequenceLayout.skipped_range`)."""
+    start, end = bounds
+    return (positions >= start) & (positions < end)
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceLayout:
     """Static positions of every segment of the decoder sequence."""
@@ -62,6 +68,11 @@ class SequenceLayout:
     @property
     def skipped_end(self) -> int:
         return self.skipped_start + self.skipped
+
+    @property
+    def skipped_range(self) -> tuple[int, int]:
+        """[start, end) of the skipped segment."""
+        return self.skipped_start, self.skipped_end
 
     @property
     def q2_index(self) -> int:
