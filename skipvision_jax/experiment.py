@@ -13,7 +13,7 @@ import ml_collections
 from skipvision_jax.config import ModelConfig, model_config_from_dict
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.errors import CheckpointError
-from skipvision_jax.interop import hf_llava
+from skipvision_jax.interop import hf_llava, llava_layout
 from skipvision_jax.interop.parts import given_parts, model_config_from_parts
 
 
@@ -42,11 +42,15 @@ def base_model_config(cfg) -> ModelConfig:
         return ours
     if ours.scan_layers:
         raise ValueError("model.scan_layers: init_from_hf loads unrolled layers; set it to False")
-    imported = hf_llava.model_config_from_hf(
-        hf_llava.read_config(cfg.init_from_hf), layout=ours.layout, skip=ours.skip, dtype=ours.dtype
-    )
+    hf_config = hf_llava.read_config(cfg.init_from_hf)
+    if llava_layout.is_llava_layout(hf_config):  # LLaVA's own layout: its tower and decoder, our layout and skip
+        imported = llava_layout.model_config_from_llava(hf_config, cfg.init_from_hf, False, ours.dtype)
+    else:
+        imported = hf_llava.model_config_from_hf(hf_config, dtype=ours.dtype)
     vision = dataclasses.replace(imported.vision, pooled_grids=ours.vision.pooled_grids)
-    return dataclasses.replace(imported, vision=vision, remat=ours.remat, remat_policy=ours.remat_policy)
+    return dataclasses.replace(
+        imported, layout=ours.layout, skip=ours.skip, vision=vision, remat=ours.remat, remat_policy=ours.remat_policy
+    )
 
 
 def model_image_size(cfg) -> int:

@@ -272,6 +272,14 @@ def test_llava_export_reads_back_with_the_same_params_and_greedy_tokens(parts, s
     for path, value in flat_trained.items():
         np.testing.assert_array_equal(np.asarray(from_bins[path]), np.asarray(value), err_msg=path)
 
+    # `init_from_hf` starts a run from the LLaVA layout too (at lr 0 its params stay the export's).
+    restarted = str(tmp_path / "restarted")
+    cfg = stage_config(parts, "projector+decoder", 0.0, {"init_from_hf": out})
+    train_and_evaluate(cfg, restarted)
+    flat_restarted = traverse_util.flatten_dict(restore_params(restarted, cfg)[0].params, sep="/")
+    for path, value in flat_trained.items():
+        np.testing.assert_array_equal(np.asarray(flat_restarted[path]), np.asarray(value), err_msg=path)
+
 
 def test_hf_export_loads_in_transformers_with_our_logits(parts, tmp_path):
     """A plain-layout run (transformers has no merge, summary tokens or Skip-FFN)."""

@@ -224,7 +224,7 @@ def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | Non
 # ---------------------------------------------------------------- tensors
 
 # Prefixes of every known transformers layout -> our four groups (longest first).
-_PREFIXES = (
+HF_PREFIXES = (
     ("model.vision_tower.vision_model.", "vision."),
     ("vision_tower.vision_model.", "vision."),
     ("model.vision_tower.", "vision."),
@@ -260,7 +260,7 @@ PROJECTOR_PREFIXES = (
 HF_GROUPS = ("vision.", "projector.", "text.", "lm_head.")
 
 
-def normalize_name(name: str, prefixes: tuple[tuple[str, str], ...] = _PREFIXES) -> str:
+def normalize_name(name: str, prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES) -> str:
     for prefix, group in prefixes:
         if name.startswith(prefix):
             return group + name[len(prefix) :]
@@ -382,7 +382,7 @@ class TensorFiles:
     file or sharded safetensors) or one `.safetensors` / PyTorch `.bin` file.
     Names are normalized to our groups by `prefixes`."""
 
-    def __init__(self, path: str, prefixes: tuple[tuple[str, str], ...] = _PREFIXES):
+    def __init__(self, path: str, prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES):
         self.path = path
         self._files: dict[str, Any] = {}
         self.names: dict[str, tuple[str, str]] = {}  # normalized -> (file, original name)
@@ -458,7 +458,7 @@ def load_params(
     abstract_params: dict,
     strict: bool = True,
     groups: tuple[str, ...] = HF_GROUPS,
-    prefixes: tuple[tuple[str, str], ...] = _PREFIXES,
+    prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Our params (shaped and sharded as `abstract_params`, ShapeDtypeStructs
     with shardings) from a checkpoint (`TensorFiles`: its names normalized by
@@ -510,7 +510,7 @@ def export_tensors(
     params: dict,
     unused: dict[str, np.ndarray] | None = None,
     names: dict[str, str] = _EXPORT_PREFIXES,
-    prefixes: tuple[tuple[str, str], ...] = _PREFIXES,
+    prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES,
 ) -> dict[str, np.ndarray]:
     """Checkpoint tensors for our params, named by `names` (our group -> the
     layout's prefix; default transformers' own save layout), plus `unused`

@@ -18,7 +18,7 @@ from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.errors import CheckpointError
 from skipvision_jax.experiment import build_model_config, model_image_size, run_config
-from skipvision_jax.interop import hf_llava
+from skipvision_jax.interop import hf_llava, llava_layout
 from skipvision_jax.interop.parts import given_parts, load_parts
 from skipvision_jax.train.checkpoint import Checkpointer
 from skipvision_jax.train.state import build_state_plan
@@ -75,7 +75,11 @@ def import_hf_weights(directory: str, params: dict, abstract_params: dict) -> di
     """`params` with every weight the HF directory has replaced by it (in place
     in its sharding); the parts transformers lacks (summary tokens, routers)
     keep their fresh initialization."""
-    imported, _ = hf_llava.load_params(directory, abstract_params, strict=False)
+    if llava_layout.is_llava_layout(hf_llava.read_config(directory)):
+        prefixes, groups = llava_layout.LLAVA_PREFIXES, llava_layout.LLAVA_GROUPS
+    else:
+        prefixes, groups = hf_llava.HF_PREFIXES, hf_llava.HF_GROUPS
+    imported, _ = hf_llava.load_params(directory, abstract_params, strict=False, groups=groups, prefixes=prefixes)
     log.info("initialized from %s", directory)
     return hf_llava.merge_into(params, imported)
 
