@@ -18,7 +18,7 @@ from absl import flags
 from skipvision_jax import cli
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.generate import Sampling
-from skipvision_jax.kvcache import POLICIES
+from skipvision_jax.presses import POLICIES
 from skipvision_jax.train.checkpoint import CheckpointError
 
 cli.define_model_flags()

@@ -22,7 +22,7 @@ import signal
 from absl import flags
 
 from skipvision_jax import cli
-from skipvision_jax.kvcache import POLICIES
+from skipvision_jax.presses import POLICIES
 from skipvision_jax.train.checkpoint import CheckpointError
 
 cli.define_model_flags()

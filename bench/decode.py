@@ -46,7 +46,7 @@ from common import (
 
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.generate import Generator
-from skipvision_jax.kvcache import KVPolicy, cache_bytes, cache_slots
+from skipvision_jax.kvcache import CachePlan, KVPolicy, cache_bytes, cache_slots
 
 PROMPT_TEXT = 32
 
@@ -134,10 +134,10 @@ def measure(
 
 
 def pruning_policies(full_slots: int, new_tokens: int) -> list[KVPolicy]:
-    out = [KVPolicy("full"), KVPolicy("skip_vision")]
+    out = [KVPolicy.of("full"), KVPolicy.of("skip_vision")]
     for fraction in (0.25, 0.5):
         budget = max(int(fraction * full_slots), 4 + 16 + 1)
-        out += [KVPolicy("h2o", budget), KVPolicy("snapkv", budget), KVPolicy("streaming", budget)]
+        out += [KVPolicy.of("h2o", budget), KVPolicy.of("snapkv", budget), KVPolicy.of("streaming", budget)]
     return out
 
 
@@ -166,8 +166,8 @@ def main():
     full_cfg, skip_cfg = full_config(VISION_576), skip_config(VISION_576, 100, 156)
     inputs = make_inputs(full_cfg, 1)
     full_params, skip_params = (inference_params(init_params(cfg, inputs)) for cfg in (full_cfg, skip_cfg))
-    full_path = measure(full_cfg, full_params, inputs, KVPolicy("full"), args.new_tokens, args.repeats, roof)
-    full_slots = Generator(skip_cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT)
+    full_path = measure(full_cfg, full_params, inputs, KVPolicy.of("full"), args.new_tokens, args.repeats, roof)
+    full_slots = CachePlan.make(skip_cfg, KVPolicy.of("full"), PROMPT_TEXT, args.new_tokens).buffer_size
     policies = [
         measure(skip_cfg, skip_params, inputs, p, args.new_tokens, args.repeats, roof)
         for p in pruning_policies(full_slots, args.new_tokens)
@@ -192,7 +192,7 @@ def main():
     prefill_flops = {}
     for name, cfg in configs_1296.items():
         params = jax.eval_shape(lambda c=cfg: init_params(c, inputs))
-        generator = Generator(cfg, KVPolicy("skip_vision" if name != "full" else "full"), args.new_tokens)
+        generator = Generator(cfg, KVPolicy.of("skip_vision" if name != "full" else "full"), args.new_tokens)
         prefill_flops[name] = compiled_flops(generator._prefill_jit.lower(params, inputs, jax.random.key(0)).compile())
     result["layout1296_prefill_flops"] = {
         **prefill_flops,
@@ -203,16 +203,16 @@ def main():
     cfg = configs_1296["skip"]
     inputs = make_inputs(cfg, args.batch_large)
     params = inference_params(init_params(cfg, inputs))
-    full_slots = Generator(cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT)
+    full_slots = CachePlan.make(cfg, KVPolicy.of("full"), PROMPT_TEXT, args.new_tokens).buffer_size
     budget = full_slots // 2
     rows = [
         measure(cfg, params, inputs, p, args.new_tokens, args.repeats, roof, time_prefill=False)
         for p in (
-            KVPolicy("full"),
-            KVPolicy("skip_vision"),
-            KVPolicy("h2o", budget),
-            KVPolicy("snapkv", budget),
-            KVPolicy("streaming", budget),
+            KVPolicy.of("full"),
+            KVPolicy.of("skip_vision"),
+            KVPolicy.of("h2o", budget),
+            KVPolicy.of("snapkv", budget),
+            KVPolicy.of("streaming", budget),
         )
     ]
     by_name = {row["policy"]: row for row in rows}

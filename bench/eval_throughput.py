@@ -45,7 +45,9 @@ def main():
         for repeat in range(args.repeats):
             for batch_size in batch_sizes:
                 answers_path = os.path.join(tmp, f"answers_{batch_size}_{repeat}.jsonl")
-                settings = EvalSettings(KVPolicy(args.policy), max_new_tokens=4, batch_size=batch_size, progress=False)
+                settings = EvalSettings(
+                    KVPolicy.of(args.policy), max_new_tokens=4, batch_size=batch_size, progress=False
+                )
                 summary = evaluate_questions(loaded, questions, exported["images"], answers_path, settings)
                 scores = benchmarks.score("exact", files.read_answers(answers_path), annotations)
                 runs.append(

@@ -9,7 +9,6 @@ agreement with `full` (identical answer tokens) and exact-match accuracy.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +16,7 @@ from common import write_result
 
 from skipvision_jax.generate import Generator
 from skipvision_jax.inference import load_trained
-from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.kvcache import CachePlan, KVPolicy
 
 MAX_NEW = 2  # one answer word and <eos>
 
@@ -59,8 +58,9 @@ def main():
     loaded = load_trained(args.checkpoint)
     prompt_len = loaded.cfg.data.text_len - MAX_NEW
     prompts, answers = val_prompts(loaded, min(args.questions, len(loaded.data.val_source)), prompt_len)
-    base = KVPolicy("full", None, args.sink_tokens, args.recent_window, args.obs_window)
-    full_slots = Generator(loaded.model_cfg, base, MAX_NEW).budget(prompt_len)
+    knobs = dict(sink_tokens=args.sink_tokens, recent_window=args.recent_window, obs_window=args.obs_window)
+    base = KVPolicy.of("full")
+    full_slots = CachePlan.make(loaded.model_cfg, base, prompt_len, MAX_NEW).buffer_size
     reference = run_policy(loaded, base, prompts, args.batch)
 
     def score(tokens):
@@ -71,15 +71,15 @@ def main():
         }
 
     results = {"full": {"kv_slots": full_slots, **score(reference)}}
-    skip = dataclasses.replace(base, name="skip_vision")
+    skip = KVPolicy.of("skip_vision")
     results["skip_vision"] = {
-        "kv_slots": Generator(loaded.model_cfg, skip, MAX_NEW).budget(prompt_len),
+        "kv_slots": CachePlan.make(loaded.model_cfg, skip, prompt_len, MAX_NEW).buffer_size,
         **score(run_policy(loaded, skip, prompts, args.batch)),
     }
     for fraction in map(float, args.fractions.split(",")):
         budget = max(int(round(fraction * full_slots)), 1)
         for name in ("h2o", "snapkv", "streaming"):
-            policy = dataclasses.replace(base, name=name, budget=budget)
+            policy = KVPolicy.taking(name, budget, **knobs)
             results[f"{name}@{fraction:g}"] = {
                 "kv_slots": budget,
                 **score(run_policy(loaded, policy, prompts, args.batch)),

@@ -32,8 +32,7 @@ from common import (
 from decode import PROMPT_TEXT, Roofs, make_inputs, measure
 
 import skipvision_jax
-from skipvision_jax.generate import Generator
-from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.kvcache import CachePlan, KVPolicy
 
 POLICIES = ("h2o", "snapkv")
 
@@ -52,10 +51,10 @@ def main():
     ):
         inputs = make_inputs(cfg, batch)
         params = inference_params(init_params(cfg, inputs))
-        budget = Generator(cfg, KVPolicy("full"), args.new_tokens).budget(PROMPT_TEXT) // 2
+        budget = CachePlan.make(cfg, KVPolicy.of("full"), PROMPT_TEXT, args.new_tokens).buffer_size // 2
         rows = [
             measure(
-                cfg, params, inputs, KVPolicy(name, budget), args.new_tokens, args.repeats, roof, time_prefill=False
+                cfg, params, inputs, KVPolicy.of(name, budget), args.new_tokens, args.repeats, roof, time_prefill=False
             )
             for name in POLICIES
         ]

@@ -204,7 +204,7 @@ def main():
             abstract_params(inference_cfg, mesh, rules),
         )
         prompt = {k: train_batch[k] for k in ("input_ids", "text_mask", "pixels")}
-        generator = Generator(inference_cfg, KVPolicy("skip_vision"), 16, mesh=mesh, rules=rules)
+        generator = Generator(inference_cfg, KVPolicy.of("skip_vision"), 16, mesh=mesh, rules=rules)
         rng = jax.random.key(0)
         with sharding.activate(mesh, rules):
             prefill, prefill_s = compile_timed(lambda: generator._prefill_jit.lower(params, prompt, rng))

@@ -61,8 +61,9 @@ from skipvision_jax.data.synthetic import chance_accuracy  # noqa: E402
 from skipvision_jax.data.tasks import export_llava_eval  # noqa: E402
 from skipvision_jax.generate import Generator, Sampling  # noqa: E402
 from skipvision_jax.inference import LoadedModel, load_trained, with_model_config  # noqa: E402
-from skipvision_jax.kvcache import POLICIES, KVPolicy  # noqa: E402
+from skipvision_jax.kvcache import CachePlan, KVPolicy  # noqa: E402
 from skipvision_jax.nn import SkipVisionVLM  # noqa: E402
+from skipvision_jax.presses import PRESSES  # noqa: E402
 from skipvision_jax.train.loop import train_and_evaluate  # noqa: E402
 from skipvision_jax.vqa import files  # noqa: E402
 from skipvision_jax.vqa.benchmarks import exact_match  # noqa: E402
@@ -244,7 +245,7 @@ def measure(name: str, runs: str, exported: dict, reference: dict, train_record:
             "forward_gflops": gflops,
             "latency_ms_batch1": answer_latency_ms(loaded, {k: v[:1] for k, v in batch16.items()}, policy),
             "latency_ms_batch16": answer_latency_ms(loaded, batch16, policy),
-            "kv_slots": Generator(loaded.model_cfg, policy, MAX_NEW).budget(batch16["input_ids"].shape[1]),
+            "kv_slots": CachePlan.make(loaded.model_cfg, policy, batch16["input_ids"].shape[1], MAX_NEW).buffer_size,
             "policy": policy.name,
             **train_record,
         }
@@ -258,10 +259,18 @@ def agreement(answers: dict, reference_answers: dict) -> float:
 
 def mean_slots(loaded: LoadedModel, policy: KVPolicy, text_len: int) -> float:
     """Cache slots per layer, the mean over layers (PyramidKV sizes its layers apart)."""
-    return float(np.mean(Generator(loaded.model_cfg, policy, MAX_NEW).plan(text_len).slots))
+    return float(np.mean(CachePlan.make(loaded.model_cfg, policy, text_len, MAX_NEW).slots))
 
 
-SWEPT_POLICIES = [name for name in POLICIES if name not in ("full", "skip_vision")]
+SWEPT_POLICIES = [name for name, press in PRESSES.items() if not press.fixed]
+
+
+KV_KNOBS = dict(sink_tokens=2, recent_window=8, obs_window=4)
+
+
+def least_budget(name: str) -> int:
+    """The study's floor: what the press needs under its knobs."""
+    return KVPolicy.taking(name, **KV_KNOBS).least_budget(MAX_NEW)
 
 
 def kv_policies(runs: str, variant: str, exported: dict, reference: dict, text_len: int) -> dict:
@@ -270,26 +279,24 @@ def kv_policies(runs: str, variant: str, exported: dict, reference: dict, text_l
     evicting policies evict while decoding) and kvpress's compression ratio
     1 - fraction of each prompt (`name@fraction/ratio`, decoding appends)."""
     loaded = load_trained(os.path.join(runs, VARIANTS[variant][1]))
-    full_slots = Generator(loaded.model_cfg, KVPolicy("full"), MAX_NEW).budget(text_len)
-    base = KVPolicy("full", None, sink_tokens=2, recent_window=8, obs_window=4)
+    full_slots = CachePlan.make(loaded.model_cfg, KVPolicy.of("full"), text_len, MAX_NEW).buffer_size
+    base = KVPolicy.of("full")
     full = evaluate(loaded, exported, base, os.path.join(runs, f"answers_kv_{variant}_full.jsonl"))
     rows = {"full": {"kv_slots": full_slots, **quality(full, reference), "token_agreement_with_full": 1.0}}
-    skip_policy = dataclasses.replace(base, name="skip_vision")
+    skip_policy = KVPolicy.of("skip_vision")
     answers = evaluate(loaded, exported, skip_policy, os.path.join(runs, f"answers_kv_{variant}_skip_vision.jsonl"))
     rows["skip_vision"] = {
-        "kv_slots": Generator(loaded.model_cfg, skip_policy, MAX_NEW).budget(text_len),
+        "kv_slots": CachePlan.make(loaded.model_cfg, skip_policy, text_len, MAX_NEW).buffer_size,
         **quality(answers, reference),
         "token_agreement_with_full": agreement(answers, full),
     }
     for fraction in (0.25, 0.5, 0.75):
-        budget = max(
-            int(round(fraction * full_slots)), base.sink_tokens + base.recent_window + 1, base.obs_window + MAX_NEW
-        )
+        budget = max(int(round(fraction * full_slots)), *(least_budget(name) for name in SWEPT_POLICIES))
         ratio = round(1 - fraction, 2)
         for name in SWEPT_POLICIES:
             for row, policy in (
-                (f"{name}@{fraction:g}", dataclasses.replace(base, name=name, budget=budget)),
-                (f"{name}@{fraction:g}/ratio", dataclasses.replace(base, name=name, compression=ratio)),
+                (f"{name}@{fraction:g}", KVPolicy.taking(name, budget, **KV_KNOBS)),
+                (f"{name}@{fraction:g}/ratio", KVPolicy.taking(name, compression=ratio, **KV_KNOBS)),
             ):
                 path = os.path.join(runs, f"answers_kv_{variant}_{row.replace('@', '_').replace('/', '_')}.jsonl")
                 answers = evaluate(loaded, exported, policy, path)

@@ -13,16 +13,14 @@ first (it trains the skip_nomerge model and exports the questions).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 
 import numpy as np
 
 import skipvision_jax
-from skipvision_jax.generate import Generator
 from skipvision_jax.inference import load_trained
-from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.kvcache import CachePlan, KVPolicy
 from skipvision_jax.vqa import files
 from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
 
@@ -57,18 +55,21 @@ def main():
     def exact(predicted: dict) -> float:
         return float(np.mean([predicted[i].lower().split() == truth[i].lower().split() for i in truth]))
 
-    base = KVPolicy("full", None, sink_tokens=2, recent_window=8, obs_window=4)  # tradeoff.py's settings
-    full_slots = Generator(loaded.model_cfg, base, MAX_NEW).budget(TEXT_LEN)
+    base = KVPolicy.of("full")
+    knobs = dict(sink_tokens=2, recent_window=8, obs_window=4)  # tradeoff.py's settings
+    full_slots = CachePlan.make(loaded.model_cfg, base, TEXT_LEN, MAX_NEW).buffer_size
     full = answer(base, "full")
     rows = {
         "full": {"kv_slots": full_slots, "exact_match": exact(full), "token_accuracy": token_agreement(full, truth)}
     }
     for fraction in (0.25, 0.5, 0.75):
         budget = max(
-            int(round(fraction * full_slots)), base.sink_tokens + base.recent_window + 1, base.obs_window + MAX_NEW
+            int(round(fraction * full_slots)),
+            knobs["sink_tokens"] + knobs["recent_window"] + 1,
+            knobs["obs_window"] + MAX_NEW,
         )
         for name in ("h2o", "snapkv", "streaming"):
-            predicted = answer(dataclasses.replace(base, name=name, budget=budget), f"{name}_{fraction}")
+            predicted = answer(KVPolicy.taking(name, budget, **knobs), f"{name}_{fraction}")
             rows[f"{name}@{fraction:g}"] = {
                 "policy": name,
                 "mode": "budget",

@@ -3,6 +3,7 @@ files (ml_collections), and bad input as a one-line error with a non-zero exit."
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from ml_collections import config_flags
 from skipvision_jax import sharding
 from skipvision_jax.errors import one_line
 from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.presses import press_class, press_named
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -121,33 +123,59 @@ def define_kv_flags() -> None:
         None,
         "kvpress's compression ratio R: each prompt keeps int(L * (1 - R)) keys per KV head, decoding appends.",
     )
-    flags.DEFINE_integer("sink_tokens", 4, "Attention sinks kept by streaming and h2o.")
-    flags.DEFINE_integer("recent_window", 16, "Recent tokens kept by h2o.")
-    flags.DEFINE_integer("obs_window", 8, "SnapKV's and PyramidKV's observation window.")
-    flags.DEFINE_integer("pool_kernel", 5, "SnapKV's and PyramidKV's average pooling of the window's scores (odd).")
-    flags.DEFINE_integer("pyramid_beta", 20, "PyramidKV's steepness.")
+    for name, help_text in KNOB_FLAGS.items():
+        flags.DEFINE_string(name, None, help_text)
+
+
+# The presses' knobs as flags; each press takes those it has (`presses.py`,
+# defaults there), and naming one its press lacks is an error.
+KNOB_FLAGS = {
+    "sink_tokens": "Attention sinks kept by streaming, h2o and expected_attention.",
+    "recent_window": "Recent tokens kept by h2o.",
+    "obs_window": "SnapKV's and PyramidKV's observation window.",
+    "pool_kernel": "SnapKV's and PyramidKV's average pooling of the window's scores (odd).",
+    "pyramid_beta": "PyramidKV's steepness.",
+    "future_positions": "ExpectedAttention's future queries averaged over.",
+    "use_covariance": "ExpectedAttention: whether the queries' covariance counts (true | false).",
+    "use_vnorm": "ExpectedAttention: whether scores are scaled by the values' norms (true | false).",
+    "epsilon": "ExpectedAttention: added to the scores before the value-norm scaling.",
+}
+
+
+def _knob_value(name: str, text: str, kind: type):
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"--{name}: expected true or false, got {text!r}")
+        return text.lower() == "true"
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{name}: expected {kind.__name__}, got {text!r}") from None
 
 
 def kv_policies_from_flags(names: Sequence[str]) -> list[KVPolicy]:
     """One policy per name, from the KV flags. Run together (eval.py's `all`,
     infer.py's --compare_policies), `full` and `skip_vision` take neither the
-    budget nor the ratio: those size the pruning policies. Alone, a budget or
-    ratio they cannot take is an error."""
+    budget nor the ratio (those size the pruning policies), and each press
+    takes the knob flags it has. Alone, a budget, ratio or knob its press
+    cannot take is an error."""
     f = flags.FLAGS
-    sized = lambda name: len(names) == 1 or name not in ("full", "skip_vision")
-    return [
-        KVPolicy(
-            name,
-            f.kv_budget if sized(name) else None,
-            sink_tokens=f.sink_tokens,
-            recent_window=f.recent_window,
-            obs_window=f.obs_window,
-            pool_kernel=f.pool_kernel,
-            compression=f.kv_compression if sized(name) else None,
-            pyramid_beta=f.pyramid_beta,
-        )
-        for name in names
-    ]
+    alone = len(names) == 1
+    given = {name: getattr(f, name) for name in KNOB_FLAGS if getattr(f, name) is not None}
+    policies = []
+    for name in names:
+        types = {field.name: field.type for field in dataclasses.fields(press_class(name))}
+        knobs = {  # alone, a knob its press lacks goes on to press_named, which says so
+            knob: _knob_value(knob, text, {"int": int, "float": float, "bool": bool}[types[knob]])
+            if knob in types
+            else text
+            for knob, text in given.items()
+            if alone or knob in types
+        }
+        press = press_named(name, **knobs)
+        sized = alone or not press.fixed
+        policies.append(KVPolicy(press, f.kv_budget if sized else None, f.kv_compression if sized else None))
+    return policies
 
 
 def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ...]) -> None:

@@ -24,10 +24,12 @@ from jaxtyping import Array, Bool, Float, Int
 
 from skipvision_jax import kvcache, sharding
 from skipvision_jax.config import ModelConfig
-from skipvision_jax.kvcache import KVPolicy, LayerCache
-from skipvision_jax.nn.decoder import LayerGroup, layer_groups, prefill_captures
+from skipvision_jax.kvcache import CachePlan, KVPolicy, LayerCache
+from skipvision_jax.nn.decoder import QUERY_STATES, LayerGroup, layer_groups, prefill_captures
+from skipvision_jax.nn.layers import rope_tables
 from skipvision_jax.nn.vlm import SkipVisionVLM
 from skipvision_jax.partition import SequenceLayout, in_range
+from skipvision_jax.presses import PromptKeys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,41 +57,69 @@ def top_p_cut(logits: Float[Array, "B V"], top_p: float | Float[Array, "B 1"]) -
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
-def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> Int[Array, " B"]:
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_k > 0:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        logits = top_p_cut(logits, sampling.top_p)
-    return jax.random.categorical(rng, logits).astype(jnp.int32)
-
-
 def sample_rows(
     logits: Float[Array, "B V"],
-    keys: jax.Array,
+    rngs: jax.Array,
     temperature: Float[Array, " B"],
     top_p: Float[Array, " B"],
+    top_k: int = 0,
+    greedy: bool = False,
 ) -> Int[Array, " B"]:
-    """Each row under its own settings and key (a server's slots hold
-    different requests): temperature 0 is greedy, as in OpenAI's API."""
+    """The one sampler: each row under its own settings and PRNG key (a
+    server's rows hold different requests); temperature 0 is greedy, as in
+    OpenAI's API; `top_k` 0 cuts nothing, nor does a top_p of 1. `greedy`
+    (static): every row is, so no draw is traced (a decode step then costs
+    an argmax, not a sort of the vocabulary)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampled = temperature > 0
-    scaled = top_p_cut(logits / jnp.where(sampled, temperature, 1.0)[:, None], top_p[:, None])
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+    scaled = logits / jnp.where(sampled, temperature, 1.0)[:, None]
+    if top_k > 0:
+        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    scaled = jnp.where((top_p < 1.0)[:, None], top_p_cut(scaled, top_p[:, None]), scaled)
+    drawn = jax.vmap(jax.random.categorical)(rngs, scaled)
     return jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> Int[Array, " B"]:
+    """`sample_rows` with one setting for every row, each row's key split from `rng`."""
+    rows = logits.shape[0]
+    temperature = jnp.full(rows, 0.0 if sampling.greedy else sampling.temperature, jnp.float32)
+    top_p = jnp.full(rows, sampling.top_p, jnp.float32)
+    return sample_rows(logits, jax.random.split(rng, rows), temperature, top_p, sampling.top_k, sampling.greedy)
+
+
+@flax.struct.dataclass
+class Rows:
+    """The decode state of a batch of rows, one request each: what the
+    Generator's loop and the server's engine both step."""
+
+    caches: tuple[LayerCache, ...]  # one per decoder layer group; rows lead (scanned groups: after the layers axis)
+    last_token: Int[Array, " B"]  # the token each row feeds next
+    next_pos: Int[Array, " B"]  # its position
+    rngs: jax.Array  # [B] PRNG keys: a row's draws depend on its own key only
+    temperature: Float[Array, " B"]  # 0: greedy
+    top_p: Float[Array, " B"]
 
 
 @flax.struct.dataclass
 class DecodeState:
+    """The Generator's loop: its rows, and the answers so far."""
+
+    rows: Rows
     step: Int[Array, ""]  # tokens generated so far
     tokens: Int[Array, "B N"]  # N = max_new_tokens; pad_id after a stop token
     done: Bool[Array, " B"]
-    next_pos: Int[Array, " B"]  # position of the token in tokens[:, step - 1]
-    caches: tuple[LayerCache, ...]  # one per decoder layer group; scanned groups stack their layers
-    rng: jax.Array
     logits: Float[Array, "B N V"] | None = None  # kept only with record_logits (tests)
+
+    @property
+    def caches(self) -> tuple[LayerCache, ...]:
+        return self.rows.caches
+
+    @property
+    def next_pos(self) -> Int[Array, " B"]:
+        return self.rows.next_pos
 
 
 class Generator:
@@ -110,12 +140,15 @@ class Generator:
         record_logits: bool = False,
         mesh: Mesh | None = None,
         rules=sharding.DEFAULT_RULES,
+        per_row_sampling: bool = False,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
         self.cfg = dataclasses.replace(cfg, remat=False)
         self.model = SkipVisionVLM(self.cfg)
         self.policy, self.max_new_tokens, self.sampling = policy, max_new_tokens, sampling
+        # Every row greedy (the Generator's own loop); rows a server fills decide each for itself.
+        self.greedy = sampling.greedy and not per_row_sampling
         self.stop_ids, self.pad_id, self.record_logits = tuple(stop_ids), pad_id, record_logits
         # On a mesh: batch rows over the data axes, KV heads over `tensor`
         # (params are expected already placed, see sharding.tree_shardings).
@@ -142,18 +175,13 @@ class Generator:
         with self.mesh_context():
             return self._decode_jit(params, state)
 
-    def plan(self, num_text: int) -> kvcache.CachePlan:
+    def plan(self, num_text: int) -> CachePlan:
         """The caches' static sizes for prompts of `num_text` padded text tokens."""
-        layout = self.model.layout(num_text)
-        return self.policy.plan(layout.length, layout.skipped, self.max_new_tokens, self.cfg.decoder.num_layers)
+        return CachePlan.make(self.cfg, self.policy, num_text, self.max_new_tokens)
 
     def groups(self) -> list[LayerGroup]:
         """The decoder's layer groups, one cache each (scanned groups stack their layers)."""
         return layer_groups(self.cfg.decoder.num_layers, self.cfg.skip_layers, self.cfg.scan_layers)
-
-    def budget(self, num_text: int) -> int:
-        """Slots per layer (the largest layer's, where a policy sizes layers apart)."""
-        return max(self.plan(num_text).slots)
 
     def _is_stop(self, tokens):
         return (
@@ -161,16 +189,16 @@ class Generator:
         )
 
     def prefill_caches(
-        self, params, batch: dict, buffer_slots: tuple[int, ...] | None = None
+        self, params, batch: dict, buffer_sizes: tuple[int, ...] | None = None
     ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...], Int[Array, " B"]]:
         """The prompt's forward (traced inside the caller's jit): the logits
         after each row's last prompt token, the caches the policy keeps (one
-        per layer group, in buffers of `buffer_slots` slots where given: a
+        per layer group, in buffers of `buffer_sizes` slots where given: a
         server's slots hold prompts of every length), and each row's prompt
         length."""
         input_ids, text_mask = batch["input_ids"], batch["text_mask"]
-        layout = self.model.layout(input_ids.shape[1])
         plan = self.plan(input_ids.shape[1])
+        layout = plan.layout
         length = layout.length
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (input_ids.shape[0], length))
         image = {"pixels": batch["pixels"]} if "pixels" in batch else {"vision_features": batch["vision_features"]}
@@ -186,7 +214,7 @@ class Generator:
             **image,
             query_weights=query_weights,
             method=SkipVisionVLM.prefill,
-            mutable=["prefill"],
+            mutable=["prefill", QUERY_STATES] if self.policy.press.reads_query_states else ["prefill"],
         )
         captured = captured["prefill"]["decoder"]
         cached = key_valid
@@ -202,36 +230,64 @@ class Generator:
                 rows = tuple(jnp.take_along_axis(x, kept_rows, axis=1) for x in (positions, cached))
             else:
                 rows = (positions, cached)
-            keep, num_slots, budget = plan.group(group.start, group.end)
-            if buffer_slots is not None:
+            keep, num_slots, buffer_size = plan.group(group.start, group.end)
+            if buffer_sizes is not None:
                 # Only free slots are added: a buffer the policy fills and evicts from keeps its size.
-                if buffer_slots[index] < budget:
-                    raise ValueError(f"buffer_slots: group {index} needs {budget} slots, got {buffer_slots[index]}")
-                budget = buffer_slots[index]
+                if buffer_sizes[index] < buffer_size:
+                    raise ValueError(
+                        f"buffer_sizes: group {index} needs {buffer_size} slots, got {buffer_sizes[index]}"
+                    )
+                buffer_size = buffer_sizes[index]
             layer_keep = jnp.asarray(keep)[:, prompt_lens]  # [layers, B]: each row's count, by its prompt length
-            layer_cache = functools.partial(self._layer_cache, *rows, prompt_lens, layout, num_slots, budget)
+            layer_cache = functools.partial(self._layer_cache, *rows, prompt_lens, layout, num_slots, buffer_size)
             sown = prefill_captures(captured, group)
             caches.append(
                 jax.vmap(layer_cache)(sown, layer_keep) if group.scanned else layer_cache(sown, layer_keep[0])
             )
         return logits, tuple(caches), prompt_lens
 
+    def prefill_rows(
+        self,
+        params,
+        batch: dict,
+        rngs: jax.Array,
+        temperature: Float[Array, " B"],
+        top_p: Float[Array, " B"],
+        buffer_sizes: tuple[int, ...] | None = None,
+    ) -> tuple[Rows, Float[Array, "B V"]]:
+        """The prompts as decode rows, each with its first token drawn under
+        its own settings and key (traced inside the caller's jit), and the
+        logits that token was drawn from."""
+        logits, caches, prompt_lens = self.prefill_caches(params, batch, buffer_sizes)
+        split = jax.vmap(jax.random.split)(rngs)  # [B, 2]: this draw, and the row's key from here on
+        first = sample_rows(logits, split[:, 0], temperature, top_p, self.sampling.top_k, self.greedy)
+        return Rows(caches, first, prompt_lens, split[:, 1], temperature, top_p), logits
+
+    def step(self, params, rows: Rows) -> tuple[Rows, Int[Array, " B"], Float[Array, "B V"]]:
+        """One token for every row: the model's decode step, then each row's
+        draw; and the logits it was drawn from."""
+        logits, caches = self.next_logits(params, rows.last_token[:, None], rows.next_pos[:, None], rows.caches)
+        split = jax.vmap(jax.random.split)(rows.rngs)
+        token = sample_rows(logits, split[:, 0], rows.temperature, rows.top_p, self.sampling.top_k, self.greedy)
+        rows = rows.replace(caches=caches, last_token=token, next_pos=rows.next_pos + 1, rngs=split[:, 1])
+        return rows, token, logits
+
     def _prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
-        logits, caches, prompt_lens = self.prefill_caches(params, batch)
-        rng, first_rng = jax.random.split(rng)
-        first = sample(logits, first_rng, self.sampling)
-        batch_size = logits.shape[0]
-        tokens = jnp.full((batch_size, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(first)
+        batch_size = batch["input_ids"].shape[0]
+        settings = lambda value: jnp.full(batch_size, value, jnp.float32)
+        temperature = settings(0.0 if self.sampling.greedy else self.sampling.temperature)
+        rows, logits = self.prefill_rows(
+            params, batch, jax.random.split(rng, batch_size), temperature, settings(self.sampling.top_p)
+        )
+        tokens = jnp.full((batch_size, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(rows.last_token)
         recorded = None
         if self.record_logits:
             recorded = jnp.zeros((batch_size, self.max_new_tokens, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
         return DecodeState(
+            rows=rows,
             step=jnp.ones((), jnp.int32),
             tokens=tokens,
-            done=self._is_stop(first),
-            next_pos=prompt_lens,
-            caches=caches,
-            rng=rng,
+            done=self._is_stop(rows.last_token),
             logits=recorded,
         )
 
@@ -242,23 +298,27 @@ class Generator:
         prompt_lens: Int[Array, " B"],
         layout: SequenceLayout,
         num_slots: int,
-        budget: int,
+        buffer_size: int,
         sown: dict[str, Array],
         keep: Int[Array, " B"],
     ) -> LayerCache:
         """One layer's cache from what it sowed at prefill, under the policy:
         `keep[row]` prompt keys per KV head, ranked among `num_slots`, in a
-        buffer of `budget` slots."""
-        keys = kvcache.PromptKeys(
-            sown["k"],
-            positions,
-            key_valid,
-            prompt_lens,
-            sown.get("key_scores"),
-            layout.skipped_range,
+        buffer of `buffer_size` slots."""
+        decoder = self.cfg.decoder
+        keys = PromptKeys(
+            k=sown["k"],
+            v=sown["v"],
+            positions=positions,
+            key_valid=key_valid,
+            prompt_lens=prompt_lens,
+            attention=sown.get("key_scores"),
+            query_states=sown.get("query_states"),
+            rope=lambda at: rope_tables(at, decoder.resolved_head_dim, decoder.rope_theta, decoder.rope_llama3_scaling),
+            skipped=layout.skipped_range,
         )
         priority, score = kvcache.prompt_scores(self.policy, keys)
-        return kvcache.compact(keys, sown["v"], priority, score, keep, num_slots, budget)
+        return kvcache.compact(keys, priority, score, keep, num_slots, buffer_size)
 
     def next_logits(
         self, params, tokens: Int[Array, "B 1"], positions: Int[Array, "B 1"], caches: tuple[LayerCache, ...]
@@ -270,20 +330,14 @@ class Generator:
         return logits, tuple(caches)
 
     def _decode_step(self, params, state: DecodeState) -> DecodeState:
-        last = jnp.take_along_axis(
-            state.tokens, (state.step - 1)[None, None].repeat(state.tokens.shape[0], 0), axis=1
-        )  # [B, 1]
-        logits, caches = self.next_logits(params, last, state.next_pos[:, None], state.caches)
-        rng, step_rng = jax.random.split(state.rng)
-        token = jnp.where(state.done, self.pad_id, sample(logits, step_rng, self.sampling))
+        rows, token, logits = self.step(params, state.rows)
         recorded = state.logits.at[:, state.step].set(logits) if self.record_logits else None
+        token = jnp.where(state.done, self.pad_id, token)
         return DecodeState(
+            rows=rows.replace(last_token=token),
             step=state.step + 1,
             tokens=state.tokens.at[:, state.step].set(token),
             done=state.done | self._is_stop(token),
-            next_pos=state.next_pos + 1,
-            caches=caches,
-            rng=rng,
             logits=recorded,
         )
 

@@ -136,13 +136,25 @@ def answer_text(loaded: LoadedModel, tokens: np.ndarray) -> str:
     return loaded.decode(tokens[:stop].tolist())
 
 
-def with_default_budget(policy: KVPolicy, full_slots: int, max_new_tokens: int) -> KVPolicy:
-    """A pruning policy given neither a budget nor a ratio gets half of the
-    full cache, but at least what it needs to run."""
-    if policy.budget is not None or policy.compression is not None or policy.name in ("full", "skip_vision"):
-        return policy
-    budget = max(full_slots // 2, policy.sink_tokens + policy.recent_window + 1, policy.obs_window + max_new_tokens)
-    return dataclasses.replace(policy, budget=budget)
+def model_generator(
+    loaded: LoadedModel,
+    model_cfg: ModelConfig,
+    policy: KVPolicy,
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+) -> Generator:
+    """A Generator for the loaded model (`model_cfg`: a prompt's layout), with its stop and pad ids, on its mesh;
+    greedy unless `sampling` says otherwise."""
+    return Generator(
+        model_cfg,
+        policy,
+        max_new_tokens,
+        sampling or Sampling(),
+        stop_ids=loaded.stop_ids,
+        pad_id=loaded.pad_id,
+        mesh=loaded.mesh,
+        rules=loaded.rules,
+    )
 
 
 def answer(
@@ -156,17 +168,8 @@ def answer(
     repeats: int = 3,
 ) -> dict:
     """Generates, timing prefill and decode on compiled functions (first call compiles)."""
-    generator = Generator(
-        model_cfg,
-        policy,
-        max_new_tokens,
-        sampling,
-        stop_ids=loaded.stop_ids,
-        pad_id=loaded.pad_id,
-        mesh=loaded.mesh,
-        rules=loaded.rules,
-    )
-    generator.budget(batch["input_ids"].shape[1])  # validate before compiling
+    generator = model_generator(loaded, model_cfg, policy, max_new_tokens, sampling)
+    generator.plan(batch["input_ids"].shape[1])  # validate before compiling
     rng = jax.random.key(seed)
     jax.block_until_ready(generator(loaded.params, batch, rng).tokens)  # compile both
     prefill_s, decode_s = [], []
@@ -200,10 +203,16 @@ def compare_policies(
 ) -> list[dict]:
     """Several policies on one input (the first is the reference, `full`);
     pruning policies without a budget or ratio get half of the full cache."""
-    full_slots = Generator(model_cfg, KVPolicy("full"), max_new_tokens).budget(batch["input_ids"].shape[1])
+    num_text = batch["input_ids"].shape[1]
     rows = [
         answer(
-            loaded, batch, model_cfg, with_default_budget(p, full_slots, max_new_tokens), max_new_tokens, sampling, seed
+            loaded,
+            batch,
+            model_cfg,
+            p.with_default_budget(model_cfg, num_text, max_new_tokens),
+            max_new_tokens,
+            sampling,
+            seed,
         )
         for p in policies
     ]

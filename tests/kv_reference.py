@@ -61,7 +61,7 @@ EVICTING = ("h2o", "streaming", "tova")
 
 class ReferenceDecoder:
     def __init__(self, params, cfg, policy, max_new_tokens: int):
-        self.params, self.cfg, self.policy = params, cfg.decoder, policy
+        self.params, self.cfg, self.policy = params, cfg.decoder, policy.press  # the press: its name and knobs
         self.fastv = cfg.fastv
         self.visual_rows = (cfg.layout.image_offset, cfg.layout.image_offset + cfg.visual_length)
         self.budget, self.max_new_tokens = policy.budget, max_new_tokens
@@ -147,7 +147,7 @@ class ReferenceDecoder:
             slots = min(length, self.budget if pol.name in EVICTING else self.budget - self.max_new_tokens)
         group_probs = probs[self.heads_of(kv_head)]  # [G, T, S]
         scores = np.zeros(length)
-        sinks = positions < pol.sink_tokens
+        sinks = positions < getattr(pol, "sink_tokens", 0)  # h2o's and streaming's
         if pol.name == "h2o":
             scores = group_probs.sum(axis=1).mean(axis=0)  # every prompt query, mean over the group
             protected = sinks | (positions >= prompt_len - pol.recent_window)

@@ -18,7 +18,8 @@ from skipvision_jax.data.synthetic import SyntheticVQA, as_typed
 from skipvision_jax.data.tasks import export_llava_eval
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.inference import answer_text, load_trained
-from skipvision_jax.kvcache import POLICIES, KVPolicy
+from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.presses import POLICIES
 from skipvision_jax.vqa import files
 from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
 from tests.helpers import REPO, VAL_SIZE, read_metrics
@@ -90,7 +91,9 @@ def test_eval_answers_as_infer_one_at_a_time_and_scores_as_train(workdir, export
         batch, model_cfg = loaded.make_batch(os.path.join(exported["images"], q.image), q.text)
         length = batch["input_ids"].shape[1]
         if length not in generators:
-            generators[length] = Generator(model_cfg, KVPolicy("full"), 16, Sampling(), loaded.stop_ids, loaded.pad_id)
+            generators[length] = Generator(
+                model_cfg, KVPolicy.of("full"), 16, Sampling(), loaded.stop_ids, loaded.pad_id
+            )
         state = generators[length](loaded.params, batch)
         assert answer_text(loaded, np.asarray(state.tokens[0])[: int(state.step)]) == answers[q.question_id]["text"], q
     # ... and infer.py itself, as a person runs it.
@@ -165,7 +168,7 @@ def test_compilations_are_bounded_by_the_length_buckets(workdir, exported, tmp_p
         len(loaded.make_batch(os.path.join(exported["images"], q.image), q.text)[0]["input_ids"][0]) for q in questions
     }
     assert len(lengths) >= 4 and min(lengths) <= 8 < max(lengths)  # both buckets, several lengths in each
-    settings = EvalSettings(KVPolicy("skip_vision"), max_new_tokens=4, batch_size=4, progress=False)
+    settings = EvalSettings(KVPolicy.of("skip_vision"), max_new_tokens=4, batch_size=4, progress=False)
     counts = []
     for size in (8, 32):
         before = compile_counter.count

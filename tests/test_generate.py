@@ -54,10 +54,10 @@ def _reference_logits(model, params, prompts, tokens, skipped_mask_for_new=False
 @pytest.mark.parametrize(
     "policy",
     [
-        KVPolicy("full"),
-        KVPolicy("h2o", budget=40),
-        KVPolicy("snapkv", budget=40, obs_window=3),
-        KVPolicy("streaming", budget=40, sink_tokens=2, recent_window=4),
+        KVPolicy.of("full"),
+        KVPolicy.of("h2o", budget=40),
+        KVPolicy.of("snapkv", budget=40, obs_window=3),
+        KVPolicy.of("streaming", budget=40, sink_tokens=2),
     ],
 )
 def test_unpruned_policies_reproduce_the_cache_free_forward_at_every_step(policy):
@@ -71,10 +71,10 @@ def test_unpruned_policies_reproduce_the_cache_free_forward_at_every_step(policy
 def test_skip_vision_reproduces_the_forward_with_skipped_keys_hidden_from_new_tokens():
     model, params = init_params(CFG)
     prompts = _prompts()
-    generator = Generator(CFG, KVPolicy("skip_vision"), MAX_NEW, record_logits=True)
+    generator = Generator(CFG, KVPolicy.of("skip_vision"), MAX_NEW, record_logits=True)
     state = generator(params, prompts)
     layout = model.layout(7)
-    assert generator.budget(7) == layout.length - layout.skipped + MAX_NEW
+    assert generator.plan(7).buffer_size == layout.length - layout.skipped + MAX_NEW
     expected = _reference_logits(model, params, prompts, np.asarray(state.tokens), skipped_mask_for_new=True)
     np.testing.assert_allclose(state.logits, expected, atol=1e-5, rtol=1e-5)
     # And it is a real change: the full cache gives other logits.
@@ -85,7 +85,7 @@ def test_skip_vision_reproduces_the_forward_with_skipped_keys_hidden_from_new_to
 @pytest.mark.parametrize("name", ["h2o", "streaming"])
 def test_budget_is_exact_and_sinks_and_recent_window_survive_every_step(name):
     _, params = init_params(CFG)
-    policy = KVPolicy(name, budget=12, sink_tokens=2, recent_window=4)
+    policy = KVPolicy.taking(name, budget=12, sink_tokens=2, recent_window=4)
     generator = Generator(CFG, policy, max_new_tokens=8)
     state = generator.prefill(params, _prompts(), jax.random.key(0))
     step = jax.jit(generator._decode_step)
@@ -105,17 +105,19 @@ def test_budget_is_exact_and_sinks_and_recent_window_survive_every_step(name):
 @pytest.mark.parametrize(
     "policy",
     [
-        KVPolicy("full"),
-        KVPolicy("skip_vision"),
-        KVPolicy("streaming", budget=14, sink_tokens=2, recent_window=4),
-        KVPolicy("h2o", budget=14, sink_tokens=1, recent_window=3),
-        KVPolicy("snapkv", budget=16, obs_window=3),
-        KVPolicy("tova", budget=14),
-        KVPolicy("knorm", budget=16),
+        KVPolicy.of("full"),
+        KVPolicy.of("skip_vision"),
+        KVPolicy.of("streaming", budget=14, sink_tokens=2),
+        KVPolicy.of("h2o", budget=14, sink_tokens=1, recent_window=3),
+        KVPolicy.of("snapkv", budget=16, obs_window=3),
+        KVPolicy.of("tova", budget=14),
+        KVPolicy.of("knorm", budget=16),
         # kvpress's mode: each row keeps int(L (1 - R)) of its own L prompt keys.
-        KVPolicy("snapkv", compression=0.5, obs_window=3),
-        KVPolicy("pyramidkv", compression=0.3, obs_window=3, pyramid_beta=2),
-        KVPolicy("observed_attention", compression=0.6),
+        KVPolicy.of("snapkv", compression=0.5, obs_window=3),
+        KVPolicy.of("pyramidkv", compression=0.3, obs_window=3, pyramid_beta=2),
+        KVPolicy.of("observed_attention", compression=0.6),
+        KVPolicy.of("expected_attention", compression=0.5, sink_tokens=2),
+        KVPolicy.of("keydiff", budget=16),
     ],
     ids=lambda p: f"{p.name}-{'ratio' if p.compression is not None else 'budget'}",
 )
@@ -144,7 +146,7 @@ def test_ragged_batch_gives_the_same_tokens_as_each_prompt_alone(policy):
 
 def test_no_recompilation_across_steps_or_prompts_of_the_same_length(compile_counter):
     _, params = init_params(CFG)
-    generator = Generator(CFG, KVPolicy("h2o", budget=14, sink_tokens=1, recent_window=3), max_new_tokens=6)
+    generator = Generator(CFG, KVPolicy.of("h2o", budget=14, sink_tokens=1, recent_window=3), max_new_tokens=6)
     first, second = _prompts(seed=1), _prompts(seed=2)
     jax.block_until_ready(generator(params, first).tokens)
     before = compile_counter.count
@@ -157,9 +159,11 @@ def test_no_recompilation_across_steps_or_prompts_of_the_same_length(compile_cou
 def test_stop_tokens_end_rows_and_pad_the_rest():
     _, params = init_params(CFG)
     prompts = _prompts()
-    free = np.asarray(Generator(CFG, KVPolicy("full"), MAX_NEW)(params, prompts).tokens)
+    free = np.asarray(Generator(CFG, KVPolicy.of("full"), MAX_NEW)(params, prompts).tokens)
     stop = int(free[0, 1])
-    stopped = np.asarray(Generator(CFG, KVPolicy("full"), MAX_NEW, stop_ids=(stop,), pad_id=0)(params, prompts).tokens)
+    stopped = np.asarray(
+        Generator(CFG, KVPolicy.of("full"), MAX_NEW, stop_ids=(stop,), pad_id=0)(params, prompts).tokens
+    )
     first_stop = list(free[0]).index(stop)
     np.testing.assert_array_equal(stopped[0, : first_stop + 1], free[0, : first_stop + 1])
     assert (stopped[0, first_stop + 1 :] == 0).all()
@@ -178,21 +182,30 @@ def test_sampling_modes():
 @pytest.mark.parametrize(
     "policy, field",
     [
-        (KVPolicy("full", budget=10), "kv.budget"),
-        (KVPolicy("streaming", budget=2, sink_tokens=2), "kv.budget"),
-        (KVPolicy("h2o", budget=6, sink_tokens=2, recent_window=4), "kv.budget"),
-        (KVPolicy("h2o"), "kv.budget"),
-        (KVPolicy("snapkv", budget=8, obs_window=4), "kv.budget"),
+        (KVPolicy.of("full", budget=10), "kv.budget"),
+        (KVPolicy.of("streaming", budget=2, sink_tokens=2), "kv.budget"),
+        (KVPolicy.of("h2o", budget=6, sink_tokens=2, recent_window=4), "kv.budget"),
+        (KVPolicy.of("h2o"), "kv.budget"),
+        (KVPolicy.of("snapkv", budget=8, obs_window=4), "kv.budget"),
     ],
 )
 def test_impossible_budgets_are_clear_errors(policy, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
-        Generator(CFG, policy, MAX_NEW).budget(7)
+        Generator(CFG, policy, MAX_NEW).plan(7)
 
 
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="^kv.policy: unknown 'lru'"):
-        KVPolicy("lru")
+        KVPolicy.of("lru")
+
+
+def test_a_knob_the_press_does_not_have_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"^kv.sink_tokens: the knorm press has no such knob \(its knobs: none\)"):
+        KVPolicy.of("knorm", sink_tokens=9)
+    with pytest.raises(ValueError, match="^kv.recent_window: the streaming press has no such knob"):
+        KVPolicy.of("streaming", budget=12, recent_window=4)
+    assert str(KVPolicy.of("snapkv", 64, obs_window=4)) == "snapkv(obs_window=4):64"
+    assert str(KVPolicy.of("pyramidkv", compression=0.5)) == "pyramidkv@0.5"
 
 
 @pytest.mark.parametrize(
@@ -206,7 +219,7 @@ def test_unknown_policy_is_a_clear_error():
 )
 def test_bad_compression_ratios_are_clear_errors(fields, message):
     with pytest.raises(ValueError, match=f"^kv.compression: .*{message}"):
-        KVPolicy(**fields)
+        KVPolicy.of(**fields)
 
 
 # A plain model (no Skip-FFN, every visual token kept), so that the NumPy
@@ -224,10 +237,10 @@ def _cached_positions(state, layer: int, row: int, head: int) -> list[int]:
 @pytest.mark.parametrize(
     "policy",
     [
-        KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4),
-        KVPolicy("streaming", budget=12, sink_tokens=2, recent_window=4),
-        KVPolicy("tova", budget=12),
-        KVPolicy("snapkv", budget=14, obs_window=3),
+        KVPolicy.of("h2o", budget=12, sink_tokens=2, recent_window=4),
+        KVPolicy.of("streaming", budget=12, sink_tokens=2),
+        KVPolicy.of("tova", budget=12),
+        KVPolicy.of("snapkv", budget=14, obs_window=3),
     ],
     ids=lambda p: p.name,
 )
@@ -244,7 +257,7 @@ def test_evicting_policies_keep_the_slots_and_logits_of_a_numpy_reference(policy
 
 
 @pytest.mark.parametrize(
-    "policy", [KVPolicy("full"), KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4)], ids=lambda p: p.name
+    "policy", [KVPolicy.of("full"), KVPolicy.of("h2o", budget=12, sink_tokens=2, recent_window=4)], ids=lambda p: p.name
 )
 def test_fastv_prunes_the_visual_rows_the_last_prompt_token_attends_least(policy):
     """FastV after layer 1 of 3, 5 of the 16 visual rows kept: layers 1 and 2
@@ -335,18 +348,18 @@ def test_drop_fine_leaves_the_fine_tokens_out_of_the_sequence():
     )[0]
     all_rows = np.asarray(embed(everything))
     np.testing.assert_array_equal(embed(dropped), np.concatenate([all_rows[:, :6], all_rows[:, 22:]], axis=1))
-    _check_against_reference(dropped, KVPolicy("full"))
+    _check_against_reference(dropped, KVPolicy.of("full"))
 
 
 SCAN_POLICIES = [
-    KVPolicy("full"),
-    KVPolicy("skip_vision"),
-    KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4),
-    KVPolicy("snapkv", budget=14, obs_window=3),
-    KVPolicy("streaming", budget=12, sink_tokens=2, recent_window=4),
-    KVPolicy("tova", budget=12),
+    KVPolicy.of("full"),
+    KVPolicy.of("skip_vision"),
+    KVPolicy.of("h2o", budget=12, sink_tokens=2, recent_window=4),
+    KVPolicy.of("snapkv", budget=14, obs_window=3),
+    KVPolicy.of("streaming", budget=12, sink_tokens=2),
+    KVPolicy.of("tova", budget=12),
     # Per-layer budgets: the scanned Skip-FFN group pads to its larger layer.
-    KVPolicy("pyramidkv", compression=0.3, obs_window=3, pyramid_beta=2),
+    KVPolicy.of("pyramidkv", compression=0.3, obs_window=3, pyramid_beta=2),
 ]
 
 
@@ -381,7 +394,7 @@ def _decode_program_size(num_layers: int, scan_layers: bool) -> int:
     cfg = tiny_config(decoder=dataclasses.replace(CFG.decoder, num_layers=num_layers), scan_layers=scan_layers)
     model = SkipVisionVLM(cfg)
     params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), **init_inputs(cfg, num_text=7))["params"])
-    generator = Generator(cfg, KVPolicy("h2o", budget=12, sink_tokens=2, recent_window=4), MAX_NEW)
+    generator = Generator(cfg, KVPolicy.of("h2o", budget=12, sink_tokens=2, recent_window=4), MAX_NEW)
     state = jax.eval_shape(generator._prefill, params, _prompts(), jax.random.key(0))
     return len(generator._decode_jit.lower(params, state).as_text())
 
@@ -412,7 +425,7 @@ def test_with_text_hidden_from_the_skipped_rows_the_skip_vision_cache_is_exact(s
     for sees in (False, True):
         masked = dataclasses.replace(cfg, skip=dataclasses.replace(cfg.skip, text_sees_skipped=sees), scan_layers=scan)
         runs[sees] = [
-            Generator(masked, KVPolicy(name), MAX_NEW, record_logits=True)(params, prompts)
+            Generator(masked, KVPolicy.of(name), MAX_NEW, record_logits=True)(params, prompts)
             for name in ("full", "skip_vision")
         ]
     full, skip = runs[False]

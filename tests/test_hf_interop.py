@@ -18,8 +18,9 @@ from PIL import Image
 from skipvision_jax.generate import Generator
 from skipvision_jax.interop import hf_llava, hf_model
 from skipvision_jax.interop.hf_llava import HFCheckpointError
-from skipvision_jax.kvcache import POLICIES, KVPolicy
+from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.presses import POLICIES
 from tests.conftest import init_params
 from tests.helpers import REPO, subprocess_env
 from tests.hf_tiny import make_hf_llava, write_image
@@ -74,7 +75,7 @@ def test_greedy_generation_matches_transformers_generate(hf_dir, image_path):
         generated = torch_model.generate(**inputs, max_new_tokens=16, do_sample=False)[
             0, inputs["input_ids"].shape[1] :
         ].numpy()
-    state = Generator(cfg, KVPolicy("full"), 16, stop_ids=hf_model.stop_ids(hf), pad_id=3)(hf.params, batch)
+    state = Generator(cfg, KVPolicy.of("full"), 16, stop_ids=hf_model.stop_ids(hf), pad_id=3)(hf.params, batch)
     ours = np.asarray(state.tokens[0])[: len(generated)]
     assert len(generated) >= 8  # a real sequence, not an immediate stop
     np.testing.assert_array_equal(ours, generated)
@@ -184,7 +185,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path, image_path):
         generated = torch_model.generate(**inputs, max_new_tokens=16, do_sample=False)[
             0, inputs["input_ids"].shape[1] :
         ].numpy()
-    state = Generator(cfg, KVPolicy("full"), 16, stop_ids=hf_model.stop_ids(hf), pad_id=3)(hf.params, batch)
+    state = Generator(cfg, KVPolicy.of("full"), 16, stop_ids=hf_model.stop_ids(hf), pad_id=3)(hf.params, batch)
     np.testing.assert_array_equal(np.asarray(state.tokens[0])[: len(generated)], generated)
     exported = hf_llava.hf_config_from_model(hf.model_cfg, hf.image_token_id, hf.hf_config)
     assert hf_llava.model_config_from_hf(exported).decoder.rope_llama3_scaling == (8.0, 1.0, 4.0, 64)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from skipvision_jax.data.synthetic import SyntheticVQA
-from skipvision_jax.kvcache import POLICIES
+from skipvision_jax.presses import POLICIES
 from skipvision_jax.train.loop import train_and_evaluate
 from tests.helpers import REPO, tiny_train_config
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from kvpress import (
+    ExpectedAttentionPress,
+    KeyDiffPress,
     KnormPress,
     ObservedAttentionPress,
     PyramidKVPress,
@@ -37,7 +39,7 @@ WINDOW, KERNEL, SINKS, BETA = 4, 5, 2, 2  # beta 2: the tiny prompts get a real 
 
 def press_pair(name: str, ratio: float):
     """kvpress's press and our policy with the same settings."""
-    ours = KVPolicy(
+    ours = KVPolicy.taking(
         name, compression=ratio, obs_window=WINDOW, pool_kernel=KERNEL, sink_tokens=SINKS, pyramid_beta=BETA
     )
     theirs = {
@@ -47,11 +49,24 @@ def press_pair(name: str, ratio: float):
         "knorm": lambda: KnormPress(ratio),
         "tova": lambda: TOVAPress(ratio),
         "observed_attention": lambda: ObservedAttentionPress(ratio),
+        "expected_attention": lambda: ExpectedAttentionPress(ratio, n_sink=SINKS),
+        "keydiff": lambda: KeyDiffPress(ratio),
     }[name]()
     return theirs, ours
 
 
-PRESSES = ["snapkv", "pyramidkv", "streaming", "knorm", "tova", "observed_attention"]
+PRESSES = ["snapkv", "pyramidkv", "streaming", "knorm", "tova", "observed_attention", "expected_attention", "keydiff"]
+
+
+def test_expected_attention_defaults_are_kvpress_defaults():
+    ours, theirs = KVPolicy.of("expected_attention").press, ExpectedAttentionPress()
+    assert (ours.future_positions, ours.sink_tokens, ours.use_covariance, ours.use_vnorm, ours.epsilon) == (
+        theirs.n_future_positions,
+        theirs.n_sink,
+        theirs.use_covariance,
+        theirs.use_vnorm,
+        theirs.epsilon,
+    )
 
 
 class Checkpoint:
@@ -122,6 +137,15 @@ def test_every_layer_and_kv_head_keeps_the_keys_kvpress_keeps(checkpoint, name, 
     prompt_len = checkpoint.torch_inputs(QUESTION)["input_ids"].shape[1]
     assert all(len(head) < prompt_len for layer in theirs for head in layer)  # the press really compressed
     assert our_kept(checkpoint, policy) == theirs
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_expected_attention_without_value_norms_keeps_the_keys_kvpress_keeps(checkpoint, ratio):
+    """The expected logits alone decide (on a tiny random model the value
+    norms otherwise carry most of the ranking)."""
+    theirs = kvpress_kept(checkpoint, ExpectedAttentionPress(ratio, n_sink=SINKS, use_vnorm=False))
+    ours = KVPolicy.of("expected_attention", compression=ratio, sink_tokens=SINKS, use_vnorm=False)
+    assert our_kept(checkpoint, ours) == theirs
 
 
 def kvpress_answer(checkpoint: Checkpoint, question: str, press, max_new_tokens: int) -> str:

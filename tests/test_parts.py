@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
+from export import main as export_main
 from skipvision_jax.config import model_config_from_dict
 from skipvision_jax.data.llava import LlavaTransform
 from skipvision_jax.data.synthetic import WORDS
@@ -25,7 +26,6 @@ from skipvision_jax.data.tasks import export_llava_train
 from skipvision_jax.generate import Generator
 from skipvision_jax.inference import load_hf, load_trained
 from skipvision_jax.interop import hf_model, llava_layout
-from skipvision_jax.interop.export import export
 from skipvision_jax.interop.hf_llava import HFCheckpointError
 from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.nn import SkipVisionVLM
@@ -198,7 +198,7 @@ def first_image(parts) -> str:
 def greedy_tokens(loaded, image: str) -> list[int]:
     """Eight greedy tokens, not stopping at `</s>`."""
     batch, model_cfg = loaded.make_batch(image, QUESTION)
-    return np.asarray(Generator(model_cfg, KVPolicy("full"), 8)(loaded.params, batch).tokens[0]).tolist()
+    return np.asarray(Generator(model_cfg, KVPolicy.of("full"), 8)(loaded.params, batch).tokens[0]).tolist()
 
 
 def test_llava_export_reads_back_with_the_same_params_and_greedy_tokens(parts, stages, tmp_path):
@@ -207,8 +207,7 @@ def test_llava_export_reads_back_with_the_same_params_and_greedy_tokens(parts, s
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "skipvision_jax.interop.export",
+            "export.py",
             "--checkpoint",
             stage2,
             "--out",
@@ -292,7 +291,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(parts, tmp_path):
     run = str(tmp_path / "plain")
     train_and_evaluate(stage_config(parts, "projector+decoder", 1e-3, plain, **{k: parts[k] for k in ALL_PARTS}), run)
     out = str(tmp_path / "hf")
-    export(run, out, "hf")
+    assert export_main(["--checkpoint", run, "--out", out, "--format", "hf"]) == 0
     processor = transformers.AutoProcessor.from_pretrained(out)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
     image = first_image(parts)

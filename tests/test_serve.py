@@ -77,14 +77,14 @@ def test_a_conversation_is_a_system_turn_then_alternating_turns_with_one_image()
 
 
 def test_a_request_changes_the_servers_kv_setting_field_by_field():
-    server = KVPolicy("h2o", budget=64, recent_window=8)
+    server = KVPolicy.of("h2o", budget=64, recent_window=8)
     change = lambda **fields: request_policy(
         server, ChatRequest.model_validate({"messages": [{"role": "user", "content": "?"}], **fields})
     )
     assert change() is server
-    assert change(kv_policy="streaming") == KVPolicy("streaming", budget=64, recent_window=8)
-    assert change(kv_compression=0.5) == KVPolicy("h2o", compression=0.5, recent_window=8)
-    assert change(kv_policy="full") == KVPolicy("full", recent_window=8)
+    assert change(kv_policy="streaming") == KVPolicy.of("streaming", budget=64)  # streaming has no recent window
+    assert change(kv_compression=0.5) == KVPolicy.of("h2o", compression=0.5, recent_window=8)
+    assert change(kv_policy="full") == KVPolicy.of("full")
     with pytest.raises(ApiError, match="unknown 'nope'"):
         change(kv_policy="nope")
 
@@ -159,7 +159,7 @@ def user_message(image_path: str, question: str) -> list[dict]:
 
 def eval_answers(loaded, questions, image_folder, path, policy: KVPolicy | None = None) -> dict:
     """eval.py's answers (its harness, in this process)."""
-    settings = EvalSettings(policy or KVPolicy("full"), MAX_NEW, batch_size=8, progress=False)
+    settings = EvalSettings(policy or KVPolicy.of("full"), MAX_NEW, batch_size=8, progress=False)
     evaluate_questions(loaded, questions, image_folder, path, settings)
     return {a["question_id"]: a["text"] for a in files.read_answers(path)}
 
@@ -221,7 +221,7 @@ def test_embedded_answers_equal_eval_one_at_a_time_32_at_once_and_streamed(
 def test_a_request_names_its_kv_setting_and_decodes_as_eval_under_it(embedded, trained_workdir, exported, tmp_path):
     questions = files.read_questions(exported["questions"])[:8]
     # h2o evicting at prefill and at every step: the buffer must be the budget, in every slot.
-    policy = KVPolicy("h2o", budget=24)
+    policy = KVPolicy.of("h2o", budget=24)
     expected = eval_answers(
         load_trained(trained_workdir), questions, exported["images"], str(tmp_path / "a.jsonl"), policy
     )

@@ -1,5 +1,6 @@
-"""The server's decode slots: a request inserted among others, at any step,
-decodes as the jitted Generator decodes it alone; compiled once per bucket."""
+"""The server's engine: a request inserted into a decode row among others, at
+any step, decodes as the jitted Generator decodes it alone; compiled once per
+bucket."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from skipvision_jax.batching import prefill_sizes
 from skipvision_jax.generate import Generator
 from skipvision_jax.inference import INFERENCE_MESH
 from skipvision_jax.kvcache import KVPolicy
-from skipvision_jax.serving.slots import Prompts, SlotBatch
+from skipvision_jax.serving.engine import Engine, Prompts
 from tests.conftest import init_params, stack_layers, tiny_config
 
 MAX_NEW = 6
@@ -41,14 +42,29 @@ def _padded(prompt: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]
     }
 
 
-def _prompts(prompt, bucket, slot, temperature=0.0, seed=0) -> Prompts:
+def _prompts(prompt, bucket, temperature=0.0, seed=0) -> Prompts:
     return Prompts(
         _padded(prompt, bucket),
-        np.array([slot], np.int32),
         np.array([temperature], np.float32),
         np.ones(1, np.float32),
         np.array([seed], np.uint32),
     )
+
+
+class Driver:
+    """An engine and its state, driven as the scheduler drives them."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.state = engine, engine.init_state()
+
+    def insert(self, cfg, prompts: Prompts, rows) -> np.ndarray:
+        prefix = self.engine.prefill(cfg, prompts)
+        self.state = self.engine.insert(prefix, self.state, np.asarray(rows, np.int32))
+        return np.asarray(prefix.last_token)
+
+    def step(self) -> np.ndarray:
+        self.state, tokens = self.engine.generate(self.state)
+        return tokens
 
 
 def _run_slots(cfg, params, policy, schedule, num_slots=4):
@@ -56,18 +72,18 @@ def _run_slots(cfg, params, policy, schedule, num_slots=4):
     prompt, its tokens and the logits each step computed for its slot (read from the slot state
     just before the step, so the state itself is checked, not only its argmax)."""
     generator = Generator(cfg, policy, MAX_NEW)
-    slots = SlotBatch(generator, num_slots, BUCKETS, (cfg.vision.image_size,) * 2 + (3,), params)
+    slots = Driver(Engine(generator, num_slots, BUCKETS, (cfg.vision.image_size,) * 2 + (3,), params))
     next_logits = jax.jit(generator.next_logits)
     prompts = [_prompt(cfg, n, seed) for seed, n in enumerate(LENGTHS)]
     owner, out, logits = {}, {i: [] for i in range(len(prompts))}, {i: [] for i in range(len(prompts))}
     for step in range(max(schedule) + MAX_NEW):
         for index, slot in schedule.get(step, []):
             bucket = next(b for b in BUCKETS if b >= LENGTHS[index])
-            out[index] = [int(slots.insert(params, cfg, _prompts(prompts[index], bucket, slot))[0])]
+            out[index] = [int(slots.insert(cfg, _prompts(prompts[index], bucket), [slot])[0])]
             owner[slot] = index
         state = slots.state
         step_logits, _ = next_logits(params, state.last_token[:, None], state.next_pos[:, None], state.caches)
-        tokens = slots.step(params)
+        tokens = slots.step()
         for slot, index in owner.items():
             if len(out[index]) < MAX_NEW:
                 out[index].append(int(tokens[slot]))
@@ -76,11 +92,11 @@ def _run_slots(cfg, params, policy, schedule, num_slots=4):
 
 
 CASES = [
-    (KVPolicy("full"), False),
-    (KVPolicy("skip_vision"), False),
-    (KVPolicy("h2o", budget=24, sink_tokens=2, recent_window=4), True),  # evicts while decoding
-    (KVPolicy("snapkv", compression=0.5, obs_window=3), False),  # per-row counts by prompt length
-    (KVPolicy("pyramidkv", budget=30, obs_window=3, pyramid_beta=2), True),  # per-layer buffers, padded when scanned
+    (KVPolicy.of("full"), False),
+    (KVPolicy.of("skip_vision"), False),
+    (KVPolicy.of("h2o", budget=24, sink_tokens=2, recent_window=4), True),  # evicts while decoding
+    (KVPolicy.of("snapkv", compression=0.5, obs_window=3), False),  # per-row counts by prompt length
+    (KVPolicy.of("pyramidkv", budget=30, obs_window=3, pyramid_beta=2), True),  # per-layer buffers, padded when scanned
 ]
 
 
@@ -105,15 +121,15 @@ def test_a_request_decodes_in_a_slot_as_alone(policy, scan):
 def test_the_same_seed_draws_the_same_answer_in_any_slot_and_company():
     cfg = tiny_config()
     _, params = init_params(cfg)
-    generator = Generator(cfg, KVPolicy("full"), MAX_NEW)
-    slots = SlotBatch(generator, 4, BUCKETS, (16, 16, 3), params)
+    generator = Generator(cfg, KVPolicy.of("full"), MAX_NEW)
+    slots = Driver(Engine(generator, 4, BUCKETS, (16, 16, 3), params))
     prompt = _prompt(cfg, 5, 0)
 
     def sampled(slot, neighbours: int, seed: int) -> list[int]:
         for other in range(neighbours):
-            slots.insert(params, cfg, _prompts(_prompt(cfg, 7, 10 + other), 8, (slot + 1 + other) % 4, 1.0, 99))
-        tokens = [int(slots.insert(params, cfg, _prompts(prompt, 8, slot, temperature=1.0, seed=seed))[0])]
-        tokens += [int(slots.step(params)[slot]) for _ in range(MAX_NEW - 1)]
+            slots.insert(cfg, _prompts(_prompt(cfg, 7, 10 + other), 8, 1.0, 99), [(slot + 1 + other) % 4])
+        tokens = [int(slots.insert(cfg, _prompts(prompt, 8, temperature=1.0, seed=seed), [slot])[0])]
+        tokens += [int(slots.step()[slot]) for _ in range(MAX_NEW - 1)]
         return tokens
 
     first = sampled(0, 0, seed=7)
@@ -128,17 +144,18 @@ def test_warm_compiles_every_program_once(compile_counter):
     cfg = tiny_config()
     _, params = init_params(cfg)
     mesh = sharding.make_mesh(INFERENCE_MESH)
-    generator = Generator(cfg, KVPolicy("h2o", budget=24), MAX_NEW, mesh=mesh, rules=sharding.DEFAULT_RULES)
-    slots = SlotBatch(generator, 8, BUCKETS, (16, 16, 3), params)
+    generator = Generator(cfg, KVPolicy.of("h2o", budget=24), MAX_NEW, mesh=mesh, rules=sharding.DEFAULT_RULES)
+    engine = Engine(generator, 8, BUCKETS, (16, 16, 3), params)
     assert prefill_sizes(8) == (1, 2, 4, 8) and prefill_sizes(6) == (1, 2, 4, 6)
     sizes = prefill_sizes(2)
-    slots.warm(params, sizes, cfg)
+    engine.warm(sizes, cfg)
+    slots = Driver(engine)
     warmed = compile_counter.count
     assert warmed >= len(BUCKETS) * len(sizes) + 1
     for bucket in BUCKETS:
         for size in sizes:
-            slots.insert(params, cfg, slots.dummy_prompts(bucket, size))
-            slots.step(params)
+            slots.insert(cfg, engine.dummy_prompts(bucket, size), np.full(size, 8))
+            slots.step()
     assert compile_counter.count == warmed
 
 
@@ -146,4 +163,4 @@ def test_a_budget_a_bucket_cannot_take_is_refused():
     cfg = tiny_config()
     _, params = init_params(cfg)
     with pytest.raises(ValueError, match="kv.budget"):
-        SlotBatch(Generator(cfg, KVPolicy("full", budget=30), MAX_NEW), 4, BUCKETS, (16, 16, 3), params)
+        Engine(Generator(cfg, KVPolicy.of("full", budget=30), MAX_NEW), 4, BUCKETS, (16, 16, 3), params)

@@ -1,6 +1,5 @@
-"""Checkpoints out: a train.py run as a directory other code loads.
-
-    python -m skipvision_jax.interop.export --checkpoint RUN --out DIR --format hf|llava
+"""Checkpoints out: a train.py run's weights and configs as a directory other
+code loads (the command line is export.py at the top).
 
 `hf`: transformers' `LlavaForConditionalGeneration` (interop/hf_llava.py),
 for the plain LLaVA layout only, since transformers has no merge, summary
@@ -17,9 +16,7 @@ transformers form, so their exports hold weights and config only.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+from skipvision_jax.config import ModelConfig
 
 FORMATS = ("hf", "llava")
 IMAGE_TOKEN = "<image>"
@@ -60,20 +57,17 @@ def image_processor(image_size: int):
     )
 
 
-def export(workdir: str, out: str, fmt: str) -> None:
-    import jax
-
-    from skipvision_jax import sharding
+def export(params, model_cfg: ModelConfig, data_cfg, vision_tower: str, out: str, fmt: str) -> None:
+    """Writes `params` of `model_cfg` (a run's, with its `data` config and the
+    tower directory it started from, if any) to `out` in format `fmt`."""
     from skipvision_jax.interop import hf_llava, llava_layout
-    from skipvision_jax.train.restore import restore_run
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: unknown {fmt!r}, expected one of {FORMATS}")
-    run = restore_run(workdir, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
-    model_cfg, tokenizer = run.model_cfg, run_tokenizer(run.cfg.data)
+    tokenizer = run_tokenizer(data_cfg)
     processor = image_processor(model_cfg.vision.image_size)
     if fmt == "llava":
-        llava_layout.save(out, run.params, model_cfg, (run.cfg.get("init") or {}).get("vision_tower", ""))
+        llava_layout.save(out, params, model_cfg, vision_tower)
         if tokenizer is not None:  # LLaVA reads the tokenizer from the model directory
             tokenizer.save_pretrained(out)
             processor.save_pretrained(out)
@@ -82,42 +76,5 @@ def export(workdir: str, out: str, fmt: str) -> None:
         raise ValueError(
             "--format hf: transformers' LLaVA needs an image token in the tokenizer; the embedded tasks' has none (export --format llava)"
         )
-    from transformers import LlavaProcessor
-
-    hf_llava.save(out, run.params, model_cfg, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    v = model_cfg.vision
-    LlavaProcessor(
-        image_processor=processor,
-        tokenizer=tokenizer,
-        patch_size=v.patch_size,
-        vision_feature_select_strategy="default" if v.select_strategy == "patch" else "full",
-        num_additional_image_tokens=1,  # the CLS position, which "default" drops again
-        chat_template=tokenizer.chat_template,
-    ).save_pretrained(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from skipvision_jax.errors import one_line
-    from skipvision_jax.train.checkpoint import CheckpointError
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="A train.py workdir.")
-    parser.add_argument("--out", required=True, help="The directory to write.")
-    parser.add_argument(
-        "--format",
-        default="hf",
-        choices=FORMATS,
-        help="hf: transformers' LlavaForConditionalGeneration; llava: LLaVA's own.",
-    )
-    args = parser.parse_args(argv)
-    try:
-        export(args.checkpoint, args.out, args.format)
-    except (ValueError, CheckpointError) as err:  # HFCheckpointError is a ValueError
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1
-    print(os.path.abspath(args.out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    hf_llava.save(out, params, model_cfg, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    hf_llava.llava_processor(processor, tokenizer, model_cfg.vision).save_pretrained(out)

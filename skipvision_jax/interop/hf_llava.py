@@ -212,13 +212,33 @@ def hf_config_from_model(cfg: ModelConfig, image_token_id: int, base: dict | Non
         architectures=["LlavaForConditionalGeneration"],
         image_token_index=image_token_id,
         vision_feature_layer=v.select_layer,
-        vision_feature_select_strategy="default" if v.select_strategy == "patch" else "full",
+        vision_feature_select_strategy=select_strategy(v),
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
         tie_word_embeddings=d.tie_embeddings,
         image_seq_length=v.num_features,
     )
     return hf
+
+
+def select_strategy(vision: VisionConfig) -> str:
+    """transformers' `vision_feature_select_strategy` for our tower's: "default"
+    drops the CLS position, "full" keeps it."""
+    return "default" if vision.select_strategy == "patch" else "full"
+
+
+def llava_processor(image_processor, tokenizer, vision: VisionConfig):
+    """transformers' LlavaProcessor over our tower's geometry, with the tokenizer's chat template."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=select_strategy(vision),
+        num_additional_image_tokens=1,  # the CLS position, which "default" drops again
+        chat_template=tokenizer.chat_template,
+    )
 
 
 # ---------------------------------------------------------------- tensors

@@ -3,7 +3,7 @@ and the directory's own processor (tokenizer, chat template, image preprocessing
 
     hf = load("llava-1.5-7b-hf", mesh)
     batch, model_cfg = encode(hf, image, "What is in the picture?")
-    Generator(model_cfg, KVPolicy("skip_vision"), 16, mesh=mesh)(hf.params, batch)
+    Generator(model_cfg, KVPolicy.of("skip_vision"), 16, mesh=mesh)(hf.params, batch)
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def load_llava_layout_processor(directory: str, hf_config: dict, model_cfg: Mode
     image processor beside it (an export) or in the tower's directory
     (`mm_vision_tower`): both as one transformers LlavaProcessor, with the
     tokenizer's chat template; None where either is missing."""
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -64,15 +64,7 @@ def load_llava_layout_processor(directory: str, hf_config: dict, model_cfg: Mode
         return None
     if "<image>" not in tokenizer.get_vocab():  # LLaVA's code splices the image in by position instead
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    v = model_cfg.vision
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=v.patch_size,
-        vision_feature_select_strategy="default" if v.select_strategy == "patch" else "full",
-        num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
-    )
+    return hf_llava.llava_processor(image_processor, tokenizer, model_cfg.vision)
 
 
 def load(

@@ -50,7 +50,7 @@ def model_config_from_parts(ours: ModelConfig, parts: dict[str, str]) -> ModelCo
         raise ValueError("model.scan_layers: the parts load into unrolled layers; set it to False")
     vision, decoder = ours.vision, ours.decoder
     if parts.get("vision_tower"):
-        strategy = "default" if ours.vision.select_strategy == "patch" else "full"
+        strategy = hf_llava.select_strategy(ours.vision)
         imported = hf_llava.vision_config_from_hf(tower_config(parts["vision_tower"]), vision.select_layer, strategy)
         vision = dataclasses.replace(imported, pooled_grids=vision.pooled_grids)
     if parts.get("language_model"):

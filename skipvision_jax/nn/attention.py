@@ -98,11 +98,16 @@ class Attention(nn.Module):
 
     def project(self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None):
         """q [B, L, H, Dh], k and v [B, L, KV, Dh], rotary positions applied to q and k."""
+        return self.project_with_states(x, positions)[:3]
+
+    def project_with_states(self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None):
+        """`project`'s q, k, v and the query states before RoPE (ExpectedAttention's statistics read them)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        states = q
         if self.rope_theta is not None:
             cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_llama3_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return constrain(q, HEADS_ACTIVATION), constrain(k, KV_ACTIVATION), constrain(v, KV_ACTIVATION)
+        return constrain(q, HEADS_ACTIVATION), constrain(k, KV_ACTIVATION), constrain(v, KV_ACTIVATION), states
 
     def __call__(
         self, x: Float[Array, "B L D"], positions: Int[Array, "B L"] | None, mask: Bool[Array, "B 1 L L"] | None

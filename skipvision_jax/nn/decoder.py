@@ -27,6 +27,10 @@ from skipvision_jax.partition import (
 )
 from skipvision_jax.sharding import HIDDEN_ACTIVATION, constrain
 
+# A collection the prefill makes mutable when its press reads the query states
+# before RoPE: the blocks then sow them into "prefill" beside k and v.
+QUERY_STATES = "query_states"
+
 
 class DecoderBlock(nn.Module):
     """Pre-norm block. With a `layout`, it is a Skip-FFN block: every row takes
@@ -73,13 +77,15 @@ class DecoderBlock(nn.Module):
         mask: Bool[Array, "B 1 L L"],
         query_weights: Float[Array, "B L"] | None = None,
     ) -> Float[Array, "B L D"]:
-        q, k, v = self.attn.project(self.attn_norm(h), positions)
+        q, k, v, query_states = self.attn.project_with_states(self.attn_norm(h), positions)
         if self.is_mutable_collection("prefill"):
             # Prefill for decoding: hand the keys and values (RoPE applied) to the
             # KV cache, and the attention each key received from the weighted
             # queries, per query head, but only for the policies that rank by it.
             self.sow("prefill", "k", k)
             self.sow("prefill", "v", v)
+            if self.is_mutable_collection(QUERY_STATES):
+                self.sow("prefill", "query_states", query_states)
             if query_weights is not None:
                 probs = attention_probs(q, k, mask)  # [B, H, L, L]
                 self.sow("prefill", "key_scores", jnp.einsum("bhts,bt->bhs", probs, query_weights))
@@ -114,7 +120,7 @@ class DecoderBlock(nn.Module):
         q, k, v = self.attn.project(self.attn_norm(h), positions)
         cache = kvcache.insert(cache, policy, k[:, 0], v[:, 0], positions[:, 0])
         o, probs = attend_cache(q, cache.k, cache.v, cache.valid)  # probs [B, H, 1, S]
-        if policy.decode_scores:
+        if policy.observes:
             cache = kvcache.observe(cache, policy, probs)
         h = h + self.attn.output(o)
         return h + self.ffn(h), cache
@@ -198,7 +204,7 @@ def scan_group(step_cls: type[nn.Module], group: LayerGroup, num_broadcast: int)
     arguments after the carry the same for every layer."""
     return nn.scan(
         step_cls,
-        variable_axes={"params": 0, "prefill": 0},
+        variable_axes={"params": 0, "prefill": 0, QUERY_STATES: 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_broadcast,
         length=group.end - group.start,

@@ -41,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from skipvision_jax.data.images import decode_image
 from skipvision_jax.data.llava import Turn
 from skipvision_jax.kvcache import KVPolicy
-from skipvision_jax.nn.vlm import SkipVisionVLM
+from skipvision_jax.partition import SequenceLayout
+from skipvision_jax.presses import press_named
 from skipvision_jax.serving.scheduler import Event, Generation, QueueFull, Scheduler, ShuttingDown
 
 RETRY_AFTER_S = 1
@@ -230,19 +231,21 @@ def conversation(messages: list[Message]) -> tuple[bytes, list[Turn]]:
 
 def request_policy(default: KVPolicy, request: ChatRequest) -> KVPolicy:
     """The server's KV setting with the request's changes: a budget given
-    replaces the server's ratio and the other way round; `full` and
-    `skip_vision` named alone take neither."""
+    replaces the server's ratio and the other way round; a press named takes
+    the server's knobs where it has them, and one that keeps a fixed set
+    (full, skip_vision) named alone takes neither budget nor ratio."""
     if request.kv_policy is None and request.kv_budget is None and request.kv_compression is None:
         return default
-    name = request.kv_policy or default.name
     sized = request.kv_budget is not None or request.kv_compression is not None
     budget, compression = (
         (request.kv_budget, request.kv_compression) if sized else (default.budget, default.compression)
     )
-    if name in ("full", "skip_vision") and not sized:
-        budget = compression = None
     try:
-        return dataclasses.replace(default, name=name, budget=budget, compression=compression)
+        press = default.press if request.kv_policy is None else press_named(request.kv_policy)
+        policy = KVPolicy(press).with_knobs_of(default)
+        if policy.fixed and not sized:
+            return policy
+        return dataclasses.replace(policy, budget=budget, compression=compression)
     except ValueError as err:
         raise ApiError(400, str(err), param="kv_policy") from None
 
@@ -303,16 +306,16 @@ def create_app(scheduler: Scheduler, settings: ApiSettings) -> FastAPI:
         """Everything that can be wrong with a request, found before it waits for a slot."""
         image, turns = conversation(request.messages)
         try:
-            batch, model_cfg = scheduler.loaded.encode(decode_image(image, settings.max_image_pixels), turns)
+            batch, model_cfg = scheduler.encode(decode_image(image, settings.max_image_pixels), turns)
         except ValueError as err:  # ImageError and the prompt's errors are ValueErrors
             raise ApiError(400, str(err), param="messages") from None
         # Clamped, not refused: the answer is cut at the limit with finish_reason "length" (vLLM refuses
         # only what exceeds the context; our caches are sized by the limit, which plays that part).
-        limit = scheduler.settings.max_new_tokens
+        limit = scheduler.max_new_tokens
         max_tokens = min(request.max_completion_tokens or request.max_tokens or limit, limit)
-        policy = request_policy(scheduler.settings.policy, request)
+        policy = request_policy(scheduler.default_policy, request)
         try:
-            scheduler.slot_batch(policy)
+            scheduler.admit(policy)
         except ValueError as err:
             raise ApiError(400, str(err), param="kv_policy") from None
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
@@ -344,7 +347,7 @@ def create_app(scheduler: Scheduler, settings: ApiSettings) -> FastAPI:
             scheduler.submit(generation)
         except (QueueFull, ShuttingDown) as err:
             return ApiError(503, str(err)).response(headers={"Retry-After": str(RETRY_AFTER_S)})
-        answer = Answer(settings.model_id, SkipVisionVLM(generation.model_cfg).layout(len(generation.ids)).length)
+        answer = Answer(settings.model_id, SequenceLayout.from_config(generation.model_cfg, len(generation.ids)).length)
         if generation.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return StreamingResponse(

@@ -1,11 +1,15 @@
-"""Continuous batching: one thread owns the device and its decode slots.
+"""Continuous batching: one thread owns the device, the engines' states and
+which request holds which decode row.
 
-Between two decode steps it prefills waiting requests into free slots (a few
+Between two decode steps it prefills waiting requests into free rows (a few
 at a time, grouped by KV setting, layout and length bucket), then advances
-every busy slot batch by one token; a row that stops, reaches its length or
-whose client went away frees its slot at once. Requests under another KV
-policy or budget mode decode in a slot batch of their own. HTTP handlers talk
-to it through `submit` and the `emit` callback of each request.
+every busy engine by one token; a row that stops, reaches its length or whose
+client went away is free at once. Requests under another KV policy or budget
+mode decode in an engine of their own, made (and compiled) on this thread when
+its first request is admitted. HTTP handlers talk to it through a narrow
+front: `encode`, `admit` (checks a KV setting, compiles nothing), `submit`
+with the `emit` callback of each request, and `stats`. The engines come from
+a factory, so the driver is tested against a fake one.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ from skipvision_jax.batching import bucket_for, collate, length_buckets, prefill
 from skipvision_jax.compilation import CompileCounter
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.llava import Turn
-from skipvision_jax.generate import Generator
 from skipvision_jax.inference import LoadedModel
-from skipvision_jax.kvcache import KVPolicy
-from skipvision_jax.serving.slots import Prompts, SlotBatch
+from skipvision_jax.kvcache import CachePlan, KVPolicy
+from skipvision_jax.serving.engine import Engine, Prompts, model_engines
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,11 @@ class ShuttingDown(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     policy: KVPolicy  # the default; requests may name another
-    max_batch: int = 16  # decode slots per KV setting
+    max_batch: int = 16  # decode rows per KV setting
     max_queue: int = 256  # requests waiting for a slot
     max_new_tokens: int = 128  # a request's max_tokens at most; sizes the caches
     max_prefill: int = 8  # prompts prefilled together
-    max_kv_settings: int = 4  # slot batches held at once (each holds max_batch caches)
+    max_kv_settings: int = 4  # engines held at once (each holds max_batch rows of caches)
     warmup: bool = True  # compile the default setting's programs at start-up
 
     def __post_init__(self):
@@ -104,53 +107,60 @@ def visible_answer(text: str, stop: tuple[str, ...], finished: bool) -> tuple[st
 
 
 class Scheduler:
-    def __init__(self, loaded: LoadedModel, settings: ServeSettings):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: ServeSettings,
+        engines: Callable[[KVPolicy], Engine] | None = None,
+    ):
+        """`engines` makes the engine of a KV setting (default: the model's,
+        `model_engines`)."""
         self.loaded, self.settings = loaded, settings
         self.buckets = length_buckets(loaded.max_text_len)
         self.sizes = prefill_sizes(min(settings.max_prefill, settings.max_batch))
-        vision = loaded.model_cfg.vision
-        self.image_shape = (vision.image_size, vision.image_size, vision.num_channels)
+        self._make_engine = engines or model_engines(loaded, settings.max_batch, settings.max_new_tokens, self.buckets)
         self.compilations = CompileCounter()
-        self._batches: dict[KVPolicy, SlotBatch] = {}
-        self._occupants: dict[KVPolicy, list[Generation | None]] = {}
+        self._engines: dict[KVPolicy, Engine] = {}
+        self._states: dict[KVPolicy, object] = {}
+        self._rows: dict[KVPolicy, list[Generation | None]] = {}  # which request holds each row, per KV setting
         self._waiting: collections.deque[Generation] = collections.deque()
         self._cv = threading.Condition()
-        self._create_lock = threading.Lock()
         self._stopping = False
         self.counts = collections.Counter()
         self.busy_s = (
             0.0  # wall seconds of device work (prefill, insert, steps): its share of a run is the device's load
         )
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self.slot_batch(settings.policy)  # a default setting the buckets cannot take fails at start-up
+        self.admit(settings.policy)  # a default setting the buckets cannot take fails at start-up
 
-    # ---- called from HTTP handlers ------------------------------------------------------------
+    # ---- the front: called from HTTP handlers -------------------------------------------------
 
-    def slot_batch(self, policy: KVPolicy) -> SlotBatch:
-        """The slot batch of a KV setting, made on first use; ValueError if the
-        setting cannot serve every bucket or the server holds its limit."""
-        with self._create_lock:
-            if policy not in self._batches:
-                if len(self._batches) >= self.settings.max_kv_settings:
-                    raise ValueError(
-                        f"kv_policy: the server holds its limit of {self.settings.max_kv_settings} KV settings "
-                        f"({', '.join(describe(p) for p in self._batches)}); use one of them"
-                    )
-                loaded = self.loaded
-                generator = Generator(
-                    loaded.model_cfg,
-                    policy,
-                    self.settings.max_new_tokens,
-                    stop_ids=loaded.stop_ids,
-                    pad_id=loaded.pad_id,
-                    mesh=loaded.mesh,
-                    rules=loaded.rules,
+    @property
+    def default_policy(self) -> KVPolicy:
+        return self.settings.policy
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.settings.max_new_tokens
+
+    def encode(self, image: Image.Image, turns: list[Turn]) -> tuple[dict, ModelConfig]:
+        """A request's prompt: (a batch of one, its layout); ValueError if it does not fit."""
+        return self.loaded.encode(image, turns)
+
+    def admit(self, policy: KVPolicy) -> None:
+        """Takes a KV setting for requests to name; ValueError if it cannot
+        serve every bucket or the server holds its limit. Compiles nothing."""
+        with self._cv:
+            if policy in self._rows:
+                return
+            if len(self._rows) >= self.settings.max_kv_settings:
+                raise ValueError(
+                    f"kv_policy: the server holds its limit of {self.settings.max_kv_settings} KV settings "
+                    f"({', '.join(str(p) for p in self._rows)}); use one of them"
                 )
-                batch = SlotBatch(generator, self.settings.max_batch, self.buckets, self.image_shape, loaded.params)
-                with self._cv:
-                    self._occupants[policy] = [None] * self.settings.max_batch
-                    self._batches[policy] = batch
-            return self._batches[policy]
+            for bucket in self.buckets:
+                CachePlan.make(self.loaded.model_cfg, policy, bucket, self.settings.max_new_tokens)
+            self._rows[policy] = [None] * self.settings.max_batch
 
     def submit(self, generation: Generation) -> None:
         with self._cv:
@@ -167,10 +177,10 @@ class Scheduler:
             return {
                 "status": "stopping" if self._stopping else "ok",
                 "slots": self.settings.max_batch,
-                "slots_busy": self._busy_slots(),
+                "slots_busy": self._busy_rows(),
                 "waiting": len(self._waiting),
                 "compilations": self.compilations.count,
-                "kv_settings": [describe(p) for p in self._batches],
+                "kv_settings": [str(p) for p in self._rows],
                 "busy_s": self.busy_s,
                 **self.counts,
             }
@@ -179,12 +189,13 @@ class Scheduler:
 
     def start(self) -> None:
         if self.settings.warmup:
-            self._batches[self.settings.policy].warm(self.loaded.params, self.sizes, self._usual_layout())
+            self._engine(self.settings.policy).warm(self.sizes, self._usual_layout())
         self._thread.start()
 
     def _usual_layout(self) -> ModelConfig:
         """The layout of a one-question prompt (a chat template places the image after its own prefix)."""
-        blank = Image.new("RGB", self.image_shape[:2])
+        size = self.loaded.model_cfg.vision.image_size
+        blank = Image.new("RGB", (size, size))
         try:
             return self.loaded.encode(blank, [Turn("user", "What is in the image?")])[1]
         except ValueError:  # a prompt format that cannot take the words: its base layout
@@ -200,29 +211,36 @@ class Scheduler:
 
     # ---- the scheduler thread -----------------------------------------------------------------
 
-    def _busy_slots(self) -> int:
-        return sum(o is not None for occupants in self._occupants.values() for o in occupants)
+    def _busy_rows(self) -> int:
+        return sum(o is not None for rows in self._rows.values() for o in rows)
+
+    def _engine(self, policy: KVPolicy) -> Engine:
+        """The setting's engine and its state, made on first use (on this thread: it compiles)."""
+        if policy not in self._engines:
+            engine = self._make_engine(policy)
+            self._states[policy] = engine.init_state()
+            self._engines[policy] = engine
+        return self._engines[policy]
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._busy_slots() and not self._stopping:
+                while not self._waiting and not self._busy_rows() and not self._stopping:
                     self._cv.wait()
-                if self._stopping and not self._waiting and not self._busy_slots():
+                if self._stopping and not self._waiting and not self._busy_rows():
                     return
                 admissions = self._admit()
-                batches = list(self._batches.items())
+                policies = list(self._rows)
             for policy, model_cfg, bucket, group in admissions:
                 self._guarded([g for _, g in group], functools.partial(self._prefill, policy, model_cfg, bucket, group))
-            for policy, batch in batches:
-                busy = [g for g in self._occupants[policy] if g is not None]
+            for policy in policies:
+                busy = [g for g in self._rows[policy] if g is not None]
                 if busy:
-                    self._guarded(busy, functools.partial(self._advance, policy, batch))
-            self._release_cancelled()
+                    self._guarded(busy, functools.partial(self._advance, policy))
 
     def _admit(self) -> list[tuple[KVPolicy, ModelConfig, int, list[tuple[int, Generation]]]]:
-        """Waiting requests into free slots, oldest first, grouped for prefill (under the lock)."""
-        free = {p: [i for i, o in enumerate(occ) if o is None] for p, occ in self._occupants.items()}
+        """Waiting requests into free rows, oldest first, grouped for prefill (under the lock)."""
+        free = {p: [i for i, o in enumerate(rows) if o is None] for p, rows in self._rows.items()}
         groups: dict[tuple, list[tuple[int, Generation]]] = {}
         admissions = []
         for generation in list(self._waiting):
@@ -237,69 +255,67 @@ class Scheduler:
             if len(group) == self.sizes[-1]:  # full: a new group of the same key
                 admissions.append((*key, group))
                 group = groups[key] = []
-            slot = free[generation.policy].pop(0)
-            self._occupants[generation.policy][slot] = generation
-            group.append((slot, generation))
+            row = free[generation.policy].pop(0)
+            self._rows[generation.policy][row] = generation
+            group.append((row, generation))
             self._waiting.remove(generation)
         return admissions + [(*key, group) for key, group in groups.items() if group]
 
     def _prefill(self, policy, model_cfg, bucket, group: list[tuple[int, Generation]]) -> None:
-        batch = self._batches[policy]
+        engine = self._engine(policy)
         size = next(s for s in self.sizes if s >= len(group))
         generations = [g for _, g in group]
         pad = size - len(group)
         prompts = Prompts(
             collate(generations, bucket, size, self.loaded.pad_id),
-            np.array([slot for slot, _ in group] + [batch.num_slots] * pad, np.int32),
             np.array([g.temperature for g in generations] + [0.0] * pad, np.float32),
             np.array([g.top_p for g in generations] + [1.0] * pad, np.float32),
             np.array([g.seed for g in generations] + [0] * pad, np.uint32),
         )
-        first = batch.insert(self.loaded.params, model_cfg, prompts)
-        for (slot, generation), token in zip(group, first):
-            self._accept(policy, slot, generation, int(token))
+        prefix = engine.prefill(model_cfg, prompts)
+        rows = np.array([row for row, _ in group] + [self.settings.max_batch] * pad, np.int32)
+        self._states[policy] = engine.insert(prefix, self._states[policy], rows)
+        for (row, generation), token in zip(group, np.asarray(prefix.last_token)):
+            self._accept(policy, row, generation, int(token))
 
-    def _advance(self, policy: KVPolicy, batch: SlotBatch) -> None:
-        tokens = batch.step(self.loaded.params)
-        for slot, generation in enumerate(self._occupants[policy]):
+    def _advance(self, policy: KVPolicy) -> None:
+        self._states[policy], tokens = self._engines[policy].generate(self._states[policy])
+        for row, generation in enumerate(self._rows[policy]):
             if generation is not None:
-                self._accept(policy, slot, generation, int(tokens[slot]))
+                self._accept(policy, row, generation, int(tokens[row]))
 
-    def _accept(self, policy: KVPolicy, slot: int, generation: Generation, token: int) -> None:
+    def _accept(self, policy: KVPolicy, row: int, generation: Generation, token: int) -> None:
         """A new token of a request: its stream's next text, or its end."""
+        if generation.cancelled.is_set():  # its client went away: its row is free at once
+            self._rows[policy][row] = None
+            self.counts["cancelled"] += 1
+            return
         generation.tokens.append(token)
         if token in self.loaded.stop_ids and not generation.ignore_eos:
-            return self._finish(policy, slot, generation, "stop")
+            return self._finish(policy, row, generation, "stop")
         if generation.stream or generation.stop:
             text, stopped = visible_answer(self.loaded.decode(generation.tokens), generation.stop, finished=False)
             if stopped:
-                return self._finish(policy, slot, generation, "stop")
+                return self._finish(policy, row, generation, "stop")
             if generation.stream and len(text) > generation.sent:
                 generation.emit(Event(delta=text[generation.sent :]))
                 generation.sent = len(text)
         if len(generation.tokens) >= generation.max_tokens:
-            self._finish(policy, slot, generation, "length")
+            self._finish(policy, row, generation, "length")
 
-    def _finish(self, policy: KVPolicy, slot: int, generation: Generation, reason: str) -> None:
+    def _finish(self, policy: KVPolicy, row: int, generation: Generation, reason: str) -> None:
         answer = (
             generation.tokens[:-1]
             if reason == "stop" and generation.tokens[-1] in self.loaded.stop_ids
             else generation.tokens
         )
         text, _ = visible_answer(self.loaded.decode(answer), generation.stop, finished=True)
-        self._occupants[policy][slot] = None
+        self._rows[policy][row] = None
         self.counts["completed"] += 1
         generation.emit(Event(text[generation.sent :], reason, text, completion_tokens=len(generation.tokens)))
 
-    def _release_cancelled(self) -> None:
-        for occupants in self._occupants.values():
-            for slot, generation in enumerate(occupants):
-                if generation is not None and generation.cancelled.is_set():
-                    occupants[slot] = None
-                    self.counts["cancelled"] += 1
-
     def _guarded(self, generations: list[Generation], work: Callable[[], None]) -> None:
-        """Runs device work; if it fails, its requests get the error and their slots back, and serving goes on."""
+        """Runs device work; if it fails, its requests get the error, their rows are freed, and serving goes on."""
         start = time.perf_counter()
         try:
             work()
@@ -307,15 +323,8 @@ class Scheduler:
         except Exception as err:  # one failed batch must not stop the server
             log.exception("device work failed")
             for generation in generations:
-                for occupants in self._occupants.values():
-                    for slot, occupant in enumerate(occupants):
-                        if occupant is generation:
-                            occupants[slot] = None
+                for rows in self._rows.values():
+                    for row, holder in enumerate(rows):
+                        if holder is generation:
+                            rows[row] = None
                 generation.emit(Event(error=f"internal error: {type(err).__name__}: {err}"))
-
-
-def describe(policy: KVPolicy) -> str:
-    """A KV setting in a word: its policy and budget or ratio."""
-    if policy.compression is not None:
-        return f"{policy.name}@{policy.compression:g}"
-    return policy.name if policy.budget is None else f"{policy.name}:{policy.budget}"

@@ -25,9 +25,9 @@ from skipvision_jax.batching import bucket_for, collate, length_buckets
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.errors import one_line
-from skipvision_jax.generate import Generator, Sampling
-from skipvision_jax.inference import LoadedModel, answer_text, with_default_budget
-from skipvision_jax.kvcache import KVPolicy, cache_slots
+from skipvision_jax.generate import Generator
+from skipvision_jax.inference import LoadedModel, answer_text, model_generator
+from skipvision_jax.kvcache import CachePlan, KVPolicy, cache_slots
 from skipvision_jax.vqa.files import AnswerWriter, Question, answer_id, answered_keys
 
 
@@ -66,7 +66,9 @@ class EvalSettings:
     # grain threads that read and preprocess images; 0: half the cores (they
     # share the host with XLA's own threads: on 2 cores, 8 threads ran 25% slower than 1)
     workers: int = 0
-    default_budgets: bool = False  # pruning policies without a budget or ratio get `with_default_budget` per bucket
+    default_budgets: bool = (
+        False  # pruning policies without a budget or ratio get `KVPolicy.with_default_budget` per bucket
+    )
     progress: bool = True
 
     def __post_init__(self):
@@ -93,32 +95,18 @@ class Answerer:
 
     def policy_for(self, model_cfg: ModelConfig, bucket: int) -> KVPolicy:
         policy, s = self.settings.policy, self.settings
-        if s.default_budgets:
-            full_slots = Generator(model_cfg, KVPolicy("full"), s.max_new_tokens).budget(bucket)
-            policy = with_default_budget(policy, full_slots, s.max_new_tokens)
-        return policy
+        return policy.with_default_budget(model_cfg, bucket, s.max_new_tokens) if s.default_budgets else policy
 
     def check_budget(self) -> None:
         """An impossible policy/budget fails before any question is read."""
-        generator = Generator(
-            self.loaded.model_cfg, self.policy_for(self.loaded.model_cfg, self.buckets[0]), self.settings.max_new_tokens
-        )
-        generator.budget(self.buckets[0])
+        cfg, bucket = self.loaded.model_cfg, self.buckets[0]
+        CachePlan.make(cfg, self.policy_for(cfg, bucket), bucket, self.settings.max_new_tokens)
 
     def generator(self, model_cfg: ModelConfig, bucket: int, batch: dict) -> Generator:
         key = (model_cfg, bucket)
         if key not in self._generators:
             s, loaded = self.settings, self.loaded
-            generator = Generator(
-                model_cfg,
-                self.policy_for(model_cfg, bucket),
-                s.max_new_tokens,
-                Sampling(),
-                loaded.stop_ids,
-                loaded.pad_id,
-                mesh=loaded.mesh,
-                rules=loaded.rules,
-            )
+            generator = model_generator(loaded, model_cfg, self.policy_for(model_cfg, bucket), s.max_new_tokens)
             start = time.perf_counter()
             jax.block_until_ready(generator(loaded.params, batch, self.rng).tokens)
             self.warmup_s += time.perf_counter() - start

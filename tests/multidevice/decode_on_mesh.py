@@ -11,8 +11,9 @@ import numpy as np
 
 from skipvision_jax import sharding
 from skipvision_jax.generate import Generator
-from skipvision_jax.kvcache import POLICIES, KVPolicy
+from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.nn import SkipVisionVLM
+from skipvision_jax.presses import POLICIES
 from tests.conftest import tiny_batch, tiny_config
 
 MAX_NEW = 6
@@ -39,7 +40,7 @@ def main() -> None:
         ],
     }
     for name in POLICIES:
-        policy = KVPolicy(
+        policy = KVPolicy.taking(
             name, budget=None if name in ("full", "skip_vision") else 24, sink_tokens=2, recent_window=4, obs_window=3
         )
         alone = Generator(cfg, policy, MAX_NEW)(params, prompts)
