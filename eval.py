@@ -47,6 +47,11 @@ flags.DEFINE_string(
 flags.DEFINE_string("kv_policy", "full", f"{' | '.join(POLICIES)} | all")
 cli.define_kv_flags()  # with 'all' and neither a budget nor a ratio: half of the full cache
 flags.DEFINE_integer("batch_size", 16, "Questions decoded together.")
+flags.DEFINE_bool(
+    "share_prefix",
+    True,
+    "Questions of a batch on one image prefill the text before the question once (same answers; not under FastV).",
+)
 flags.DEFINE_integer("max_new_tokens", 16, "Answer tokens at most.")
 flags.DEFINE_integer(
     "num_chunks", 1, "Split the questions in this many chunks (one per process or host), as LLaVA does."
@@ -136,6 +141,7 @@ def main() -> None:
             model_id,
             f.workers,
             default_budgets=f.kv_policy == "all",
+            share_prefix=f.share_prefix,
         )
         summary = evaluate_questions(loaded, questions, f.image_folder, path, settings)
         print(json.dumps({"policy": name, "answers_file": path, **summary}))

@@ -1,6 +1,13 @@
-"""Questions per second of the eval.py harness at batch 1 and batch 16.
+"""Questions per second of the eval.py harness at batch 1 and batch 16, and
+with several questions per image, prefixes shared or not.
 
     python bench/eval_throughput.py --checkpoint runs/default [--questions 1000] [--batch-sizes 1,16] [--repeats 2]
+    python bench/eval_throughput.py --per-image 1,8,32 [--batch-sizes 16]
+
+With `--per-image`, every k consecutive questions of the export ask about
+the first one's image (so their answers are not the task's: only the
+throughput and the equality of the two modes' answers count), and each batch
+size runs with `share_prefix` off and on; `answers_identical` compares them.
 
 Exports the embedded validation questions in LLaVA's format, then answers
 them all through `evaluate_questions` (what eval.py runs: grain image
@@ -13,6 +20,7 @@ one JSON line and writes bench/results/<device>/eval_throughput.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -33,7 +41,10 @@ def main():
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--policy", default="skip_vision")
+    parser.add_argument("--per-image", default=None, help="Questions per image, e.g. 1,8,32: the prefix-sharing study.")
     args = parser.parse_args()
+    if args.per_image:
+        return per_image_study(args)
 
     loaded = load_trained(args.checkpoint)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -69,6 +80,53 @@ def main():
     if len(batch_sizes) >= 2:
         result["speedup_largest_over_smallest"] = median_qps[max(batch_sizes)] / median_qps[min(batch_sizes)]
     write_result("eval_throughput", result)
+
+
+def one_image_per(questions: list[files.Question], per_image: int) -> list[files.Question]:
+    """Every `per_image` consecutive questions on the first one's image."""
+    return [dataclasses.replace(q, image=questions[i - i % per_image].image) for i, q in enumerate(questions)]
+
+
+def per_image_study(args) -> None:
+    loaded = load_trained(args.checkpoint)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_llava_eval(os.path.join(tmp, "export"), "val", args.questions, loaded.cfg.data.seed)
+        questions = files.read_questions(exported["questions"])
+        for per_image in (int(k) for k in args.per_image.split(",")):
+            asked = one_image_per(questions, per_image)
+            for batch_size in batch_sizes:
+                measured = {}
+                for repeat in range(args.repeats):
+                    for share in (False, True):
+                        path = os.path.join(tmp, f"answers_{per_image}_{batch_size}_{share}_{repeat}.jsonl")
+                        settings = EvalSettings(
+                            KVPolicy.of(args.policy),
+                            max_new_tokens=4,
+                            batch_size=batch_size,
+                            progress=False,
+                            share_prefix=share,
+                        )
+                        summary = evaluate_questions(loaded, asked, exported["images"], path, settings)
+                        answers = {a["question_id"]: a["text"] for a in files.read_answers(path)}
+                        measured.setdefault(share, []).append((summary["questions_per_s"], answers))
+                qps = {share: statistics.median(q for q, _ in runs) for share, runs in measured.items()}
+                rows.append(
+                    {
+                        "per_image": per_image,
+                        "batch_size": batch_size,
+                        "questions_per_s_unshared": qps[False],
+                        "questions_per_s_shared": qps[True],
+                        "speedup": qps[True] / qps[False],
+                        "answers_identical": all(
+                            shared == unshared
+                            for (_, shared), (_, unshared) in zip(measured[True], measured[False], strict=True)
+                        ),
+                    }
+                )
+    result = {"checkpoint": args.checkpoint, "policy": args.policy, "questions": args.questions, "rows": rows}
+    write_result("eval_throughput_per_image", result)
 
 
 if __name__ == "__main__":

@@ -363,7 +363,7 @@ def section(folder: str, draw: bool) -> list[str]:
     device = os.path.basename(folder)
     lines = [f"### {device}", ""]
     rows = embedded_task_rows(folder)
-    kv, decode, skip_ffn, vs_hf, throughput, tradeoff, serving = (
+    kv, decode, skip_ffn, vs_hf, throughput, per_image, tradeoff, serving = (
         load(folder, f)
         for f in (
             "kv_agreement.json",
@@ -371,6 +371,7 @@ def section(folder: str, draw: bool) -> list[str]:
             "skip_ffn.json",
             "vs_transformers.json",
             "eval_throughput.json",
+            "eval_throughput_per_image.json",
             "tradeoff.json",
             "serve_load.json",
         )
@@ -514,6 +515,33 @@ def section(folder: str, draw: bool) -> list[str]:
                 "",
                 f"Median questions/s, largest over smallest batch: {throughput['speedup_largest_over_smallest']:.2f}x.",
             ]
+        lines.append("")
+    if per_image:
+        lines += [
+            f"**eval.py with several questions per image** (`python bench/eval_throughput.py --checkpoint {per_image['checkpoint']} --per-image ...`, {per_image['questions']} exported val questions, every k consecutive ones on one image, `{per_image['policy']}`; medians; targets: 4x at 32 per image, 2.5x at 8):",
+            "",
+        ]
+        lines += markdown_table(
+            [
+                "questions per image",
+                "batch",
+                "questions/s, unshared",
+                "questions/s, shared",
+                "shared / unshared",
+                "same answers",
+            ],
+            [
+                [
+                    str(r["per_image"]),
+                    str(r["batch_size"]),
+                    f"{r['questions_per_s_unshared']:.1f}",
+                    f"{r['questions_per_s_shared']:.1f}",
+                    f"{r['speedup']:.2f}x",
+                    str(r["answers_identical"]),
+                ]
+                for r in per_image["rows"]
+            ],
+        )
         lines.append("")
     if serving:
         lines += serving_lines(serving)

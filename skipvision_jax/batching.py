@@ -51,3 +51,29 @@ def collate(rows: list[Prompt], bucket: int, batch_size: int, pad_id: int) -> di
         input_ids[i, : len(row.ids)] = row.ids
         text_mask[i, : len(row.ids)] = True
     return {"input_ids": input_ids, "text_mask": text_mask, "pixels": np.stack([row.pixels for row in filled])}
+
+
+def share_prefixes(batch: dict[str, np.ndarray], text_before_image: int, sizes: tuple[int, ...]) -> dict:
+    """The batch with the rows that share a prefix (their image and their text
+    before it) marked for one prefill of it: `prefix_rows` [U], a row holding
+    each distinct prefix (U padded to the next of `sizes` by repeating the
+    first), and `prefix_index` [B], each row's. Unchanged when no two rows
+    share one."""
+    image = batch["pixels"] if "pixels" in batch else batch["vision_features"]
+    text_mask = batch["text_mask"]
+    distinct: dict[tuple, int] = {}
+    prefix_index = []
+    for row in range(len(image)):
+        whole = bool(text_mask[row, :text_before_image].all())  # a prefix with padding is its row's own
+        key = (image[row].tobytes(), batch["input_ids"][row, :text_before_image].tobytes()) if whole else (row,)
+        prefix_index.append(distinct.setdefault(key, row))
+    prefix_rows = list(dict.fromkeys(prefix_index))
+    if len(prefix_rows) == len(prefix_index):
+        return batch
+    size = next((s for s in sizes if s >= len(prefix_rows)), len(prefix_rows))
+    position = {row: i for i, row in enumerate(prefix_rows)}
+    return {
+        **batch,
+        "prefix_rows": np.array(prefix_rows + [prefix_rows[0]] * (size - len(prefix_rows)), np.int32),
+        "prefix_index": np.array([position[row] for row in prefix_index], np.int32),
+    }

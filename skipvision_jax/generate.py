@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from skipvision_jax import kvcache, sharding
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.kvcache import CachePlan, KVPolicy, LayerCache
-from skipvision_jax.nn.decoder import QUERY_STATES, LayerGroup, layer_groups, prefill_captures
+from skipvision_jax.nn.decoder import PREFIX_QUERIES, QUERY_STATES, LayerGroup, layer_groups, prefill_captures
 from skipvision_jax.nn.layers import rope_tables
 from skipvision_jax.nn.vlm import SkipVisionVLM
 from skipvision_jax.partition import SequenceLayout, in_range
@@ -207,15 +207,19 @@ class Generator:
         # prompt length is its count of valid rows.
         prompt_lens = key_valid.sum(axis=1).astype(jnp.int32)
         query_weights = self.policy.query_weights(positions, key_valid, prompt_lens)
-        logits, captured = self.model.apply(
-            {"params": params},
-            input_ids,
-            text_mask,
-            **image,
-            query_weights=query_weights,
-            method=SkipVisionVLM.prefill,
-            mutable=["prefill", QUERY_STATES] if self.policy.press.reads_query_states else ["prefill"],
-        )
+        collections = ["prefill", QUERY_STATES] if self.policy.press.reads_query_states else ["prefill"]
+        if "prefix_rows" in batch:
+            logits, captured = self._extend_shared_prefixes(params, batch, image, query_weights, collections)
+        else:
+            logits, captured = self.model.apply(
+                {"params": params},
+                input_ids,
+                text_mask,
+                **image,
+                query_weights=query_weights,
+                method=SkipVisionVLM.prefill,
+                mutable=collections,
+            )
         captured = captured["prefill"]["decoder"]
         cached = key_valid
         if not self.cfg.skip.text_sees_skipped:
@@ -245,6 +249,35 @@ class Generator:
                 jax.vmap(layer_cache)(sown, layer_keep) if group.scanned else layer_cache(sown, layer_keep[0])
             )
         return logits, tuple(caches), prompt_lens
+
+    def _extend_shared_prefixes(self, params, batch: dict, image: dict, query_weights, collections: list[str]):
+        """A prefill whose rows share prefixes (`share_prefixes`): each
+        distinct prefix (`prefix_rows`, one row holding it) runs once, then
+        every row's rest (`prefix_index`: its prefix) runs against it."""
+        prefix_rows, prefix_index = batch["prefix_rows"], batch["prefix_index"]
+        text_before_image = self.cfg.layout.image_offset
+        _, prefix_captured = self.model.apply(
+            {"params": params},
+            batch["input_ids"][prefix_rows, :text_before_image],
+            **{name: x[prefix_rows] for name, x in image.items()},
+            method=SkipVisionVLM.prefill_prefix,
+            mutable=[*collections, PREFIX_QUERIES],
+        )
+        captured = prefix_captured["prefill"]["decoder"]
+        prefixes = []
+        for group in self.groups():
+            sown = prefill_captures(captured, group)
+            rows_axis = 1 if group.scanned else 0
+            prefixes.append({name: jnp.take(x, prefix_index, axis=rows_axis) for name, x in sown.items()})
+        return self.model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["text_mask"],
+            tuple(prefixes),
+            query_weights,
+            method=SkipVisionVLM.extend,
+            mutable=collections,
+        )
 
     def prefill_rows(
         self,

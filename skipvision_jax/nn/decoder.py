@@ -27,9 +27,12 @@ from skipvision_jax.partition import (
 )
 from skipvision_jax.sharding import HIDDEN_ACTIVATION, constrain
 
-# A collection the prefill makes mutable when its press reads the query states
-# before RoPE: the blocks then sow them into "prefill" beside k and v.
+# Collections a prefill makes mutable to ask the blocks for more in "prefill"
+# beside k and v: the query states before RoPE (a press that reads them), and
+# the queries after RoPE (a shared prefix, whose queries' attention a press may
+# read once the rest of the prompt is in).
 QUERY_STATES = "query_states"
+PREFIX_QUERIES = "prefix_queries"
 
 
 class DecoderBlock(nn.Module):
@@ -86,6 +89,8 @@ class DecoderBlock(nn.Module):
             self.sow("prefill", "v", v)
             if self.is_mutable_collection(QUERY_STATES):
                 self.sow("prefill", "query_states", query_states)
+            if self.is_mutable_collection(PREFIX_QUERIES):
+                self.sow("prefill", "q", q)
             if query_weights is not None:
                 probs = attention_probs(q, k, mask)  # [B, H, L, L]
                 self.sow("prefill", "key_scores", jnp.einsum("bhts,bt->bhs", probs, query_weights))
@@ -98,6 +103,40 @@ class DecoderBlock(nn.Module):
         if partition.gate is not None:
             update = update * partition.gate[..., None].astype(update.dtype)
         return partition.scatter(h, retained + update)
+
+    def extend(
+        self,
+        h: Float[Array, "B T D"],
+        positions: Int[Array, "B T"],
+        mask: Bool[Array, "B 1 T L"],
+        prefix: dict[str, Array],
+        query_weights: Float[Array, "B L"] | None = None,
+    ) -> Float[Array, "B T D"]:
+        """The prompt's rows after a shared prefix (text rows: the FFN runs on
+        all), attending over the prefix's keys and values and their own; what
+        a full prefill computes for them. `prefix` holds the prefix's `k`,
+        `v` and queries `q` (RoPE applied) and maybe `query_states`, [B, P, ...].
+        Sows what a full prefill sows for the whole prompt of L = P + T rows."""
+        q, k, v, query_states = self.attn.project_with_states(self.attn_norm(h), positions)
+        keys = jnp.concatenate([prefix["k"], k.astype(prefix["k"].dtype)], axis=1)
+        values = jnp.concatenate([prefix["v"], v.astype(prefix["v"].dtype)], axis=1)
+        self.sow("prefill", "k", keys)
+        self.sow("prefill", "v", values)
+        if self.is_mutable_collection(QUERY_STATES):
+            self.sow("prefill", "query_states", jnp.concatenate([prefix["query_states"], query_states], axis=1))
+        if query_weights is not None:
+            # Attention received from the weighted queries: the prefix's own
+            # (causal among its rows, all real), then the rest's.
+            length = prefix["k"].shape[1]
+            prefix_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+            received = jnp.einsum(
+                "bhts,bt->bhs", attention_probs(prefix["q"], prefix["k"], prefix_mask), query_weights[:, :length]
+            )
+            received = jnp.pad(received, [(0, 0), (0, 0), (0, h.shape[1])])
+            received += jnp.einsum("bhts,bt->bhs", attention_probs(q, keys, mask), query_weights[:, length:])
+            self.sow("prefill", "key_scores", received)
+        h = h + self.attn.output(attend(q, keys, values, mask))
+        return h + self.ffn(h)
 
     def attention_received(
         self,
@@ -170,6 +209,18 @@ class _ScanDecodeStep(nn.Module):
         return (h, caches, index + 1), None
 
 
+class _ScanExtendStep(nn.Module):
+    """One scanned layer of `DecoderBlock.extend`; the prefix's captures ride as the scanned input."""
+
+    cfg: DecoderConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, h, positions, mask, query_weights, prefix):
+        block = DecoderBlock(self.cfg, None, dtype=self.dtype, name="block")
+        return constrain(block.extend(h, positions, mask, prefix, query_weights), HIDDEN_ACTIVATION), None
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerGroup:
     """Layers [start, end) that share a parameter (and KV cache) entry: one
@@ -198,15 +249,16 @@ def layer_groups(num_layers: int, skip_layers: range, scan_layers: bool) -> list
     return [LayerGroup(i, i + 1, skip, False) for a, b, skip in segments for i in range(a, b)]
 
 
-def scan_group(step_cls: type[nn.Module], group: LayerGroup, num_broadcast: int):
+def scan_group(step_cls: type[nn.Module], group: LayerGroup, num_broadcast: int, num_scanned: int = 0):
     """`step_cls` scanned over a scanned group's layers: weights (and what the
     blocks sow at prefill) on a leading `layers` axis, the `num_broadcast`
-    arguments after the carry the same for every layer."""
+    arguments after the carry the same for every layer, the `num_scanned`
+    after those one slice per layer."""
     return nn.scan(
         step_cls,
-        variable_axes={"params": 0, "prefill": 0, QUERY_STATES: 0},
+        variable_axes={"params": 0, "prefill": 0, QUERY_STATES: 0, PREFIX_QUERIES: 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast,) * num_broadcast,
+        in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
         length=group.end - group.start,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -268,9 +320,12 @@ class DecoderStack(nn.Module):
         fastv_query: Int[Array, " B"] | None = None,
         caches: tuple[LayerCache, ...] | None = None,
         policy: KVPolicy | None = None,
+        prefixes: tuple[dict[str, Array], ...] | None = None,
     ):
         if caches is not None:
             return self._decode(h, positions, caches, policy)
+        if prefixes is not None:
+            return self._extend(h, positions, mask, query_weights, prefixes)
         for group in self.groups():
             layout = self.layout if group.skip else None
             if group.scanned:
@@ -294,6 +349,19 @@ class DecoderStack(nn.Module):
                     jnp.take_along_axis(mask, keep[:, None, :, None], axis=2), keep[:, None, None, :], axis=3
                 )
                 query_weights = None if query_weights is None else jnp.take_along_axis(query_weights, keep, axis=1)
+        return h
+
+    def _extend(self, h, positions, mask, query_weights, prefixes: tuple[dict[str, Array], ...]):
+        """The rows after a shared prefix through every layer, against the
+        prefix's captures (one per layer group, scanned groups stacked)."""
+        for group, prefix in zip(self.groups(), prefixes, strict=True):
+            if group.scanned:
+                h, _ = scan_group(_ScanExtendStep, group, num_broadcast=3, num_scanned=1)(
+                    self.cfg, self.dtype, name=group.name
+                )(h, positions, mask, query_weights, prefix)
+            else:
+                block = DecoderBlock(self.cfg, None, dtype=self.dtype, name=group.name)
+                h = constrain(block.extend(h, positions, mask, prefix, query_weights), HIDDEN_ACTIVATION)
         return h
 
     def _decode(

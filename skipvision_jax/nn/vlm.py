@@ -13,7 +13,7 @@ from skipvision_jax.nn.decoder import DecoderStack
 from skipvision_jax.nn.layers import RMSNorm, default_kernel_init, dense, logical
 from skipvision_jax.nn.projector import VisualTokens
 from skipvision_jax.nn.vision import VisionTower
-from skipvision_jax.partition import SequenceLayout, kept_first_order
+from skipvision_jax.partition import SequenceLayout, in_range, kept_first_order
 from skipvision_jax.sharding import HIDDEN_ACTIVATION, constrain, logits_axes
 
 
@@ -142,6 +142,41 @@ class SkipVisionVLM(nn.Module):
         the updated caches."""
         h, caches = self.decoder(self.embed(tokens), positions, caches=caches, policy=policy)
         return self.logits(h[:, 0]), caches
+
+    def prefill_prefix(self, prefix_ids: Int[Array, "U P"], pixels=None, vision_features=None) -> None:
+        """The forward of prompts' shared prefix: the text before the image and
+        the visual block (the rows [0, visual_end) of every prompt with this
+        image and prefix text; under causal attention they do not depend on
+        what follows). Apply with mutable=["prefill", PREFIX_QUERIES] to
+        collect each layer's keys, values and queries for `extend`."""
+        if self.cfg.fastv.enabled:
+            raise ValueError("fastv: a pruned prefix depends on the question; prefixes are not shared under FastV")
+        self.hidden_states(prefix_ids, jnp.ones(prefix_ids.shape, bool), pixels, vision_features)
+
+    def extend(
+        self,
+        input_ids: Int[Array, "B T"],
+        text_mask: Bool[Array, "B T"],
+        prefixes: tuple[dict[str, Array], ...],
+        query_weights: Float[Array, "B L"] | None = None,
+    ) -> Float[Array, "B V"]:
+        """The rest of each prompt after its shared prefix (`prefill_prefix`'s
+        captures gathered to the rows), as a full `prefill` computes it: the
+        logits after each row's last real token. Apply with mutable=["prefill"]
+        to collect what a full prefill collects."""
+        layout = self.layout(input_ids.shape[1])
+        rest_ids, rest_mask = input_ids[:, layout.prefix :], text_mask[:, layout.prefix :]
+        start, length = layout.visual_end, rest_ids.shape[1]
+        positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), rest_ids.shape)
+        prefix_keys = jnp.ones((start,), bool)
+        if not self.cfg.skip.text_sees_skipped:  # every row here is after q2
+            prefix_keys = ~in_range(jnp.arange(start), layout.skipped_range)
+        own = jnp.tril(jnp.ones((length, length), bool))[None] & rest_mask[:, None, :]  # [B, T, T]
+        seen = jnp.broadcast_to(prefix_keys[None, None], (rest_ids.shape[0], length, start))
+        mask = jnp.concatenate([seen, own], axis=2)[:, None]  # [B, 1, T, L]
+        h = self.decoder(self.embed(rest_ids), positions, mask, query_weights, prefixes=prefixes)
+        last = rest_mask.sum(axis=1) - 1
+        return self.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])
 
     def prefill(self, input_ids, text_mask, pixels=None, vision_features=None, query_weights=None):
         """Prompt forward for decoding (Skip-FFN path, as trained). Apply with

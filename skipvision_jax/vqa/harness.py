@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
-from skipvision_jax.batching import bucket_for, collate, length_buckets
+from skipvision_jax.batching import bucket_for, collate, length_buckets, prefill_sizes, share_prefixes
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.errors import one_line
@@ -66,10 +66,10 @@ class EvalSettings:
     # grain threads that read and preprocess images; 0: half the cores (they
     # share the host with XLA's own threads: on 2 cores, 8 threads ran 25% slower than 1)
     workers: int = 0
-    default_budgets: bool = (
-        False  # pruning policies without a budget or ratio get `KVPolicy.with_default_budget` per bucket
-    )
+    # pruning policies without a budget or ratio get `KVPolicy.with_default_budget` per bucket
+    default_budgets: bool = False
     progress: bool = True
+    share_prefix: bool = True  # rows of a batch on one image prefill its prefix once (`batching.share_prefixes`)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -116,7 +116,10 @@ class Answerer:
     def __call__(self, rows: list[Encoded], bucket: int) -> list[dict]:
         s, loaded = self.settings, self.loaded
         batch = collate(rows, bucket, s.batch_size, loaded.pad_id)
-        generator = self.generator(rows[0].model_cfg, bucket, batch)
+        model_cfg = rows[0].model_cfg
+        if s.share_prefix and not model_cfg.fastv.enabled:  # FastV's pruned prefix depends on the question
+            batch = share_prefixes(batch, model_cfg.layout.image_offset, prefill_sizes(s.batch_size))
+        generator = self.generator(model_cfg, bucket, batch)
         start = time.perf_counter()
         state = jax.block_until_ready(generator.prefill(loaded.params, batch, self.rng))
         prefill_s = time.perf_counter() - start
@@ -128,6 +131,7 @@ class Answerer:
             "kv_slots": cache_slots(state.caches),
             "batch_size": s.batch_size,
             "bucket": bucket,
+            "prefixes": len(batch.get("prefix_rows", batch["input_ids"])),  # prefills of a visual block, padding included
             "prefill_ms": 1000 * prefill_s,
             "decode_ms": 1000 * decode_s,
             "ms_per_answer": 1000 * (prefill_s + decode_s) / len(rows),
