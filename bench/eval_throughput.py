@@ -97,7 +97,7 @@ def per_image_study(args) -> None:
         for per_image in (int(k) for k in args.per_image.split(",")):
             asked = one_image_per(questions, per_image)
             for batch_size in batch_sizes:
-                measured = {}
+                measured, timings = {}, {}
                 for repeat in range(args.repeats):
                     for share in (False, True):
                         path = os.path.join(tmp, f"answers_{per_image}_{batch_size}_{share}_{repeat}.jsonl")
@@ -109,9 +109,17 @@ def per_image_study(args) -> None:
                             share_prefix=share,
                         )
                         summary = evaluate_questions(loaded, asked, exported["images"], path, settings)
-                        answers = {a["question_id"]: a["text"] for a in files.read_answers(path)}
+                        lines = files.read_answers(path)
+                        answers = {a["question_id"]: a["text"] for a in lines}
+                        batches = {a["metadata"]["prefill_ms"]: a["metadata"] for a in lines}.values()
                         measured.setdefault(share, []).append((summary["questions_per_s"], answers))
+                        timings.setdefault(share, []).extend(batches)
                 qps = {share: statistics.median(q for q, _ in runs) for share, runs in measured.items()}
+                ms = {
+                    (share, key): statistics.median(b[key] for b in batches)
+                    for share, batches in timings.items()
+                    for key in ("prefill_ms", "decode_ms")
+                }
                 rows.append(
                     {
                         "per_image": per_image,
@@ -119,6 +127,11 @@ def per_image_study(args) -> None:
                         "questions_per_s_unshared": qps[False],
                         "questions_per_s_shared": qps[True],
                         "speedup": qps[True] / qps[False],
+                        # Per batch, medians: what sharing can shorten (prefill) and what it cannot (decode).
+                        "prefill_ms_unshared": ms[False, "prefill_ms"],
+                        "prefill_ms_shared": ms[True, "prefill_ms"],
+                        "decode_ms": ms[False, "decode_ms"],
+                        "batch_ms_unshared": 1000 * batch_size / qps[False],
                         "answers_identical": all(
                             shared == unshared
                             for (_, shared), (_, unshared) in zip(measured[True], measured[False], strict=True)

@@ -529,6 +529,9 @@ def section(folder: str, draw: bool) -> list[str]:
                 "questions/s, shared",
                 "shared / unshared",
                 "same answers",
+                "prefill ms / batch, unshared -> shared",
+                "decode ms / batch",
+                "wall ms / batch, unshared",
             ],
             [
                 [
@@ -538,6 +541,9 @@ def section(folder: str, draw: bool) -> list[str]:
                     f"{r['questions_per_s_shared']:.1f}",
                     f"{r['speedup']:.2f}x",
                     str(r["answers_identical"]),
+                    f"{r['prefill_ms_unshared']:.1f} -> {r['prefill_ms_shared']:.1f}",
+                    f"{r['decode_ms']:.1f}",
+                    f"{r['batch_ms_unshared']:.1f}",
                 ]
                 for r in per_image["rows"]
             ],

@@ -53,12 +53,15 @@ def collate(rows: list[Prompt], bucket: int, batch_size: int, pad_id: int) -> di
     return {"input_ids": input_ids, "text_mask": text_mask, "pixels": np.stack([row.pixels for row in filled])}
 
 
-def share_prefixes(batch: dict[str, np.ndarray], text_before_image: int, sizes: tuple[int, ...]) -> dict:
+def share_prefixes(
+    batch: dict[str, np.ndarray], text_before_image: int, sizes: tuple[int, ...], real_rows: int | None = None
+) -> dict:
     """The batch with the rows that share a prefix (their image and their text
     before it) marked for one prefill of it: `prefix_rows` [U], a row holding
     each distinct prefix (U padded to the next of `sizes` by repeating the
-    first), and `prefix_index` [B], each row's. Unchanged when no two rows
-    share one."""
+    first), and `prefix_index` [B], each row's. Unchanged when no two of the
+    first `real_rows` share one (the rest, `collate`'s copies of the first,
+    alone would only add a program)."""
     image = batch["pixels"] if "pixels" in batch else batch["vision_features"]
     text_mask = batch["text_mask"]
     distinct: dict[tuple, int] = {}
@@ -68,7 +71,8 @@ def share_prefixes(batch: dict[str, np.ndarray], text_before_image: int, sizes: 
         key = (image[row].tobytes(), batch["input_ids"][row, :text_before_image].tobytes()) if whole else (row,)
         prefix_index.append(distinct.setdefault(key, row))
     prefix_rows = list(dict.fromkeys(prefix_index))
-    if len(prefix_rows) == len(prefix_index):
+    real = prefix_index[: len(prefix_index) if real_rows is None else real_rows]
+    if len(set(real)) == len(real):
         return batch
     size = next((s for s in sizes if s >= len(prefix_rows)), len(prefix_rows))
     position = {row: i for i, row in enumerate(prefix_rows)}

@@ -237,6 +237,7 @@ def test_malformed_directories_fail_with_a_clear_error(gqa_dir, tmp_path, damage
         hf_model.load(broken)
 
 
+@pytest.mark.slow  # every press through infer.py is also tests/test_infer.py's, on a trained run; CI time
 def test_infer_cli_runs_every_policy_on_a_hf_checkpoint(gqa_dir, image_path):
     directory = gqa_dir
     proc = subprocess.run(

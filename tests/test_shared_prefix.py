@@ -50,9 +50,9 @@ SHARED_PREFIX_POLICIES = [
 
 CASES = (
     [(policy, "unrolled") for policy in SHARED_PREFIX_POLICIES]
-    + [(p, "scanned") for p in SHARED_PREFIX_POLICIES if p.name in ("h2o", "snapkv", "expected_attention")]
+    + [(p, "scanned") for p in SHARED_PREFIX_POLICIES if p.name in ("h2o", "expected_attention")]
     # The older variant: text rows (the question's) never read the skipped visual rows.
-    + [(p, "text_blind") for p in SHARED_PREFIX_POLICIES if p.name in ("full", "h2o", "snapkv")]
+    + [(p, "text_blind") for p in SHARED_PREFIX_POLICIES if p.name in ("full", "snapkv")]
 )
 
 
@@ -84,5 +84,7 @@ def test_prefixes_are_shared_only_between_rows_with_the_same_image_and_text_befo
     assert "prefix_rows" not in share_prefixes(distinct, 2, (8,))  # nothing to share: the batch as it was
     other_text = {**prompts, "input_ids": prompts["input_ids"].copy()}
     other_text["input_ids"][2, 0] += 1
+    copies = {k: np.concatenate([v[[0, 3]], v[[0, 0]]]) for k, v in prompts.items()}  # two rows, collate's copies
+    assert "prefix_rows" not in share_prefixes(copies, 2, (1, 2, 4), real_rows=2)
     marked = share_prefixes(other_text, 2, (1, 2, 4))
     assert marked["prefix_rows"].tolist() == [0, 2, 3, 0] and marked["prefix_index"].tolist() == [0, 0, 1, 2, 2, 2]

@@ -82,14 +82,15 @@ class EvalSettings:
 
 
 class Answerer:
-    """Generators by (layout, bucket), each warmed up once on its first batch
-    (compiling prefill and decode; `warmup_s` adds up those calls), then timed
-    batch by batch."""
+    """Generators by (layout, bucket), each program warmed up once on its
+    first batch (prefill and decode for each count of shared prefixes;
+    `warmup_s` adds up those calls), then timed batch by batch."""
 
     def __init__(self, loaded: LoadedModel, settings: EvalSettings):
         self.loaded, self.settings = loaded, settings
         self.buckets = length_buckets(loaded.max_text_len)
         self._generators: dict[tuple[ModelConfig, int], Generator] = {}
+        self._warm: set[tuple[ModelConfig, int, int]] = set()
         self.warmup_s = 0.0
         self.rng = jax.random.key(0)  # greedy: unused, but prefill takes one
 
@@ -103,22 +104,27 @@ class Answerer:
         CachePlan.make(cfg, self.policy_for(cfg, bucket), bucket, self.settings.max_new_tokens)
 
     def generator(self, model_cfg: ModelConfig, bucket: int, batch: dict) -> Generator:
+        s, loaded = self.settings, self.loaded
         key = (model_cfg, bucket)
         if key not in self._generators:
-            s, loaded = self.settings, self.loaded
-            generator = model_generator(loaded, model_cfg, self.policy_for(model_cfg, bucket), s.max_new_tokens)
+            self._generators[key] = model_generator(
+                loaded, model_cfg, self.policy_for(model_cfg, bucket), s.max_new_tokens
+            )
+        generator = self._generators[key]
+        program = (*key, len(batch.get("prefix_rows", ())))  # 0: no prefix shared
+        if program not in self._warm:
             start = time.perf_counter()
             jax.block_until_ready(generator(loaded.params, batch, self.rng).tokens)
             self.warmup_s += time.perf_counter() - start
-            self._generators[key] = generator
-        return self._generators[key]
+            self._warm.add(program)
+        return generator
 
     def __call__(self, rows: list[Encoded], bucket: int) -> list[dict]:
         s, loaded = self.settings, self.loaded
         batch = collate(rows, bucket, s.batch_size, loaded.pad_id)
         model_cfg = rows[0].model_cfg
         if s.share_prefix and not model_cfg.fastv.enabled:  # FastV's pruned prefix depends on the question
-            batch = share_prefixes(batch, model_cfg.layout.image_offset, prefill_sizes(s.batch_size))
+            batch = share_prefixes(batch, model_cfg.layout.image_offset, prefill_sizes(s.batch_size), len(rows))
         generator = self.generator(model_cfg, bucket, batch)
         start = time.perf_counter()
         state = jax.block_until_ready(generator.prefill(loaded.params, batch, self.rng))
@@ -131,7 +137,9 @@ class Answerer:
             "kv_slots": cache_slots(state.caches),
             "batch_size": s.batch_size,
             "bucket": bucket,
-            "prefixes": len(batch.get("prefix_rows", batch["input_ids"])),  # prefills of a visual block, padding included
+            "prefixes": len(
+                batch.get("prefix_rows", batch["input_ids"])
+            ),  # prefills of a visual block, padding included
             "prefill_ms": 1000 * prefill_s,
             "decode_ms": 1000 * decode_s,
             "ms_per_answer": 1000 * (prefill_s + decode_s) / len(rows),

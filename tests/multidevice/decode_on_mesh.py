@@ -13,10 +13,14 @@ from skipvision_jax import sharding
 from skipvision_jax.generate import Generator
 from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.nn import SkipVisionVLM
-from skipvision_jax.presses import POLICIES
 from tests.conftest import tiny_batch, tiny_config
 
 MAX_NEW = 6
+
+# The presses tests/test_sharding.py checks: the cache's layouts (full, the
+# skipped segment dropped), an evicting press, an attention-reading one, and
+# one that ranks by position.
+MESH_POLICIES = ("full", "skip_vision", "h2o", "snapkv", "streaming")
 
 
 def main() -> None:
@@ -39,7 +43,7 @@ def main() -> None:
             for path, x in jax.tree_util.tree_leaves_with_path(sharded_params)
         ],
     }
-    for name in POLICIES:
+    for name in MESH_POLICIES:
         policy = KVPolicy.taking(
             name, budget=None if name in ("full", "skip_vision") else 24, sink_tokens=2, recent_window=4, obs_window=3
         )
