@@ -43,32 +43,31 @@ def main():
     parser.add_argument("--policy", default="skip_vision")
     parser.add_argument("--per-image", default=None, help="Questions per image, e.g. 1,8,32: the prefix-sharing study.")
     args = parser.parse_args()
-    if args.per_image:
-        return per_image_study(args)
-
     loaded = load_trained(args.checkpoint)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_llava_eval(os.path.join(tmp, "export"), "val", args.questions, loaded.cfg.data.seed)
-        questions = files.read_questions(exported["questions"])
-        annotations = benchmarks.read_annotations(exported["annotations"], "exact")
-        for repeat in range(args.repeats):
-            for batch_size in batch_sizes:
-                answers_path = os.path.join(tmp, f"answers_{batch_size}_{repeat}.jsonl")
-                settings = EvalSettings(
-                    KVPolicy.of(args.policy), max_new_tokens=4, batch_size=batch_size, progress=False
-                )
-                summary = evaluate_questions(loaded, questions, exported["images"], answers_path, settings)
-                scores = benchmarks.score("exact", files.read_answers(answers_path), annotations)
-                runs.append(
-                    {
-                        "batch_size": batch_size,
-                        "repeat": repeat,
-                        "exact_match": scores["accuracy"],
-                        **{k: summary[k] for k in ("answered", "warmup_s", "answer_s", "questions_per_s")},
-                    }
-                )
+        study = per_image_study if args.per_image else batch_study
+        study(args, loaded, batch_sizes, exported, tmp)
+
+
+def batch_study(args, loaded, batch_sizes: list[int], exported: dict, tmp: str) -> None:
+    questions = files.read_questions(exported["questions"])
+    annotations = benchmarks.read_annotations(exported["annotations"], "exact")
+    runs = []
+    for repeat in range(args.repeats):
+        for batch_size in batch_sizes:
+            path = os.path.join(tmp, f"answers_{batch_size}_{repeat}.jsonl")
+            summary, lines = answer_all(loaded, questions, exported["images"], path, args.policy, batch_size)
+            scores = benchmarks.score("exact", lines, annotations)
+            runs.append(
+                {
+                    "batch_size": batch_size,
+                    "repeat": repeat,
+                    "exact_match": scores["accuracy"],
+                    **{k: summary[k] for k in ("answered", "warmup_s", "answer_s", "questions_per_s")},
+                }
+            )
     median_qps = {b: statistics.median(r["questions_per_s"] for r in runs if r["batch_size"] == b) for b in batch_sizes}
     result = {
         "checkpoint": args.checkpoint,
@@ -82,62 +81,61 @@ def main():
     write_result("eval_throughput", result)
 
 
+def answer_all(loaded, questions, images: str, path: str, policy: str, batch_size: int, share_prefix: bool = True):
+    """eval.py's harness on every question, greedy answers of 4 tokens: its summary and its answer lines."""
+    settings = EvalSettings(
+        KVPolicy.of(policy), max_new_tokens=4, batch_size=batch_size, progress=False, share_prefix=share_prefix
+    )
+    summary = evaluate_questions(loaded, questions, images, path, settings)
+    return summary, files.read_answers(path)
+
+
 def one_image_per(questions: list[files.Question], per_image: int) -> list[files.Question]:
     """Every `per_image` consecutive questions on the first one's image."""
     return [dataclasses.replace(q, image=questions[i - i % per_image].image) for i, q in enumerate(questions)]
 
 
-def per_image_study(args) -> None:
-    loaded = load_trained(args.checkpoint)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+def per_image_study(args, loaded, batch_sizes: list[int], exported: dict, tmp: str) -> None:
+    questions = files.read_questions(exported["questions"])
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        exported = export_llava_eval(os.path.join(tmp, "export"), "val", args.questions, loaded.cfg.data.seed)
-        questions = files.read_questions(exported["questions"])
-        for per_image in (int(k) for k in args.per_image.split(",")):
-            asked = one_image_per(questions, per_image)
-            for batch_size in batch_sizes:
-                measured, timings = {}, {}
-                for repeat in range(args.repeats):
-                    for share in (False, True):
-                        path = os.path.join(tmp, f"answers_{per_image}_{batch_size}_{share}_{repeat}.jsonl")
-                        settings = EvalSettings(
-                            KVPolicy.of(args.policy),
-                            max_new_tokens=4,
-                            batch_size=batch_size,
-                            progress=False,
-                            share_prefix=share,
-                        )
-                        summary = evaluate_questions(loaded, asked, exported["images"], path, settings)
-                        lines = files.read_answers(path)
-                        answers = {a["question_id"]: a["text"] for a in lines}
-                        batches = {a["metadata"]["prefill_ms"]: a["metadata"] for a in lines}.values()
-                        measured.setdefault(share, []).append((summary["questions_per_s"], answers))
-                        timings.setdefault(share, []).extend(batches)
-                qps = {share: statistics.median(q for q, _ in runs) for share, runs in measured.items()}
-                ms = {
-                    (share, key): statistics.median(b[key] for b in batches)
-                    for share, batches in timings.items()
-                    for key in ("prefill_ms", "decode_ms")
+    for per_image in (int(k) for k in args.per_image.split(",")):
+        asked = one_image_per(questions, per_image)
+        for batch_size in batch_sizes:
+            measured, timings = {}, {}
+            for repeat in range(args.repeats):
+                for share in (False, True):
+                    path = os.path.join(tmp, f"answers_{per_image}_{batch_size}_{share}_{repeat}.jsonl")
+                    summary, lines = answer_all(loaded, asked, exported["images"], path, args.policy, batch_size, share)
+                    answers = {a["question_id"]: a["text"] for a in lines}
+                    batches = {
+                        a["metadata"]["prefill_ms"]: a["metadata"] for a in lines
+                    }.values()  # a batch: one timing
+                    measured.setdefault(share, []).append((summary["questions_per_s"], answers))
+                    timings.setdefault(share, []).extend(batches)
+            qps = {share: statistics.median(q for q, _ in runs) for share, runs in measured.items()}
+            ms = {
+                (share, key): statistics.median(b[key] for b in batches)
+                for share, batches in timings.items()
+                for key in ("prefill_ms", "decode_ms")
+            }
+            rows.append(
+                {
+                    "per_image": per_image,
+                    "batch_size": batch_size,
+                    "questions_per_s_unshared": qps[False],
+                    "questions_per_s_shared": qps[True],
+                    "speedup": qps[True] / qps[False],
+                    # Per batch, medians: what sharing can shorten (prefill) and what it cannot (decode).
+                    "prefill_ms_unshared": ms[False, "prefill_ms"],
+                    "prefill_ms_shared": ms[True, "prefill_ms"],
+                    "decode_ms": ms[False, "decode_ms"],
+                    "batch_ms_unshared": 1000 * batch_size / qps[False],
+                    "answers_identical": all(
+                        shared == unshared
+                        for (_, shared), (_, unshared) in zip(measured[True], measured[False], strict=True)
+                    ),
                 }
-                rows.append(
-                    {
-                        "per_image": per_image,
-                        "batch_size": batch_size,
-                        "questions_per_s_unshared": qps[False],
-                        "questions_per_s_shared": qps[True],
-                        "speedup": qps[True] / qps[False],
-                        # Per batch, medians: what sharing can shorten (prefill) and what it cannot (decode).
-                        "prefill_ms_unshared": ms[False, "prefill_ms"],
-                        "prefill_ms_shared": ms[True, "prefill_ms"],
-                        "decode_ms": ms[False, "decode_ms"],
-                        "batch_ms_unshared": 1000 * batch_size / qps[False],
-                        "answers_identical": all(
-                            shared == unshared
-                            for (_, shared), (_, unshared) in zip(measured[True], measured[False], strict=True)
-                        ),
-                    }
-                )
+            )
     result = {"checkpoint": args.checkpoint, "policy": args.policy, "questions": args.questions, "rows": rows}
     write_result("eval_throughput_per_image", result)
 

@@ -45,6 +45,11 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p: must be in (0, 1], got {self.top_p}")
 
+    def per_row(self, rows: int) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
+        """`sample_rows`'s temperature (0: greedy) and top-p, the same for `rows` rows."""
+        temperature = 0.0 if self.greedy else self.temperature
+        return jnp.full(rows, temperature, jnp.float32), jnp.full(rows, self.top_p, jnp.float32)
+
 
 def top_p_cut(logits: Float[Array, "B V"], top_p: float | Float[Array, "B 1"]) -> Float[Array, "B V"]:
     """Nucleus sampling's cut: -inf outside the smallest set of tokens whose
@@ -85,8 +90,7 @@ def sample_rows(
 def sample(logits: Float[Array, "B V"], rng: jax.Array, sampling: Sampling) -> Int[Array, " B"]:
     """`sample_rows` with one setting for every row, each row's key split from `rng`."""
     rows = logits.shape[0]
-    temperature = jnp.full(rows, 0.0 if sampling.greedy else sampling.temperature, jnp.float32)
-    top_p = jnp.full(rows, sampling.top_p, jnp.float32)
+    temperature, top_p = sampling.per_row(rows)
     return sample_rows(logits, jax.random.split(rng, rows), temperature, top_p, sampling.top_k, sampling.greedy)
 
 
@@ -207,9 +211,9 @@ class Generator:
         # prompt length is its count of valid rows.
         prompt_lens = key_valid.sum(axis=1).astype(jnp.int32)
         query_weights = self.policy.query_weights(positions, key_valid, prompt_lens)
-        collections = ["prefill", QUERY_STATES] if self.policy.press.reads_query_states else ["prefill"]
+        mutable = ["prefill", QUERY_STATES] if self.policy.press.reads_query_states else ["prefill"]
         if "prefix_rows" in batch:
-            logits, captured = self._extend_shared_prefixes(params, batch, image, query_weights, collections)
+            logits, captured = self._extend_shared_prefixes(params, batch, image, query_weights, mutable)
         else:
             logits, captured = self.model.apply(
                 {"params": params},
@@ -218,7 +222,7 @@ class Generator:
                 **image,
                 query_weights=query_weights,
                 method=SkipVisionVLM.prefill,
-                mutable=collections,
+                mutable=mutable,
             )
         captured = captured["prefill"]["decoder"]
         cached = key_valid
@@ -250,7 +254,7 @@ class Generator:
             )
         return logits, tuple(caches), prompt_lens
 
-    def _extend_shared_prefixes(self, params, batch: dict, image: dict, query_weights, collections: list[str]):
+    def _extend_shared_prefixes(self, params, batch: dict, image: dict, query_weights, mutable: list[str]):
         """A prefill whose rows share prefixes (`share_prefixes`): each
         distinct prefix (`prefix_rows`, one row holding it) runs once, then
         every row's rest (`prefix_index`: its prefix) runs against it."""
@@ -261,7 +265,7 @@ class Generator:
             batch["input_ids"][prefix_rows, :text_before_image],
             **{name: x[prefix_rows] for name, x in image.items()},
             method=SkipVisionVLM.prefill_prefix,
-            mutable=[*collections, PREFIX_QUERIES],
+            mutable=[*mutable, PREFIX_QUERIES],
         )
         captured = prefix_captured["prefill"]["decoder"]
         prefixes = []
@@ -276,7 +280,7 @@ class Generator:
             tuple(prefixes),
             query_weights,
             method=SkipVisionVLM.extend,
-            mutable=collections,
+            mutable=mutable,
         )
 
     def prefill_rows(
@@ -307,11 +311,8 @@ class Generator:
 
     def _prefill(self, params, batch: dict, rng: jax.Array) -> DecodeState:
         batch_size = batch["input_ids"].shape[0]
-        settings = lambda value: jnp.full(batch_size, value, jnp.float32)
-        temperature = settings(0.0 if self.sampling.greedy else self.sampling.temperature)
-        rows, logits = self.prefill_rows(
-            params, batch, jax.random.split(rng, batch_size), temperature, settings(self.sampling.top_p)
-        )
+        temperature, top_p = self.sampling.per_row(batch_size)
+        rows, logits = self.prefill_rows(params, batch, jax.random.split(rng, batch_size), temperature, top_p)
         tokens = jnp.full((batch_size, self.max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(rows.last_token)
         recorded = None
         if self.record_logits:

@@ -137,9 +137,8 @@ class Answerer:
             "kv_slots": cache_slots(state.caches),
             "batch_size": s.batch_size,
             "bucket": bucket,
-            "prefixes": len(
-                batch.get("prefix_rows", batch["input_ids"])
-            ),  # prefills of a visual block, padding included
+            # prefills of a visual block, padding included
+            "prefixes": len(batch.get("prefix_rows", batch["input_ids"])),
             "prefill_ms": 1000 * prefill_s,
             "decode_ms": 1000 * decode_s,
             "ms_per_answer": 1000 * (prefill_s + decode_s) / len(rows),
