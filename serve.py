@@ -2,7 +2,7 @@
 
     python serve.py --checkpoint DIR | --hf-checkpoint HF_DIR [--host 127.0.0.1] [--port 8000]
         [--max-batch 16] [--max-queue 256] [--max-new-tokens 128] [--kv-policy P]
-        [--kv-budget N | --kv-compression R] [--mesh 1,1,-1] [--model-id NAME]
+        [--kv-budget N | --kv-compression R] [--prefix-cache-mb 1024] [--mesh 1,1,-1] [--model-id NAME]
 
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
       "messages": [{"role": "user", "content": [
@@ -11,8 +11,11 @@
       "max_tokens": 16, "temperature": 0}'
 
 Every program is compiled at start-up (--nowarmup: on first use), never per
-request (GET /health counts compilations). SIGTERM stops taking connections,
-answers the requests in flight and exits 0. See skipvision_jax/serving/.
+request (GET /health counts compilations). Requests with the same image
+share its prefix's forward (the text before the image, the visual block):
+computed once, kept under --prefix-cache-mb (hits, misses, bytes on
+/health). SIGTERM stops taking connections, answers the requests in flight
+and exits 0. See skipvision_jax/serving/.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ flags.DEFINE_integer("max_queue", 256, "Requests waiting for a slot; more are an
 flags.DEFINE_integer("max_new_tokens", 128, "A request's max_tokens at most (and its default); sizes the caches.")
 flags.DEFINE_integer("max_prefill", 8, "Prompts prefilled together.")
 flags.DEFINE_integer("max_kv_settings", 4, "KV settings (policy and budget) served at once, each with its own slots.")
+flags.DEFINE_float(
+    "prefix_cache_mb",
+    1024,
+    "MiB of prompt prefixes (text before the image, visual block) kept on the device for requests with the same "
+    "image; 0: every request prefills its whole prompt.",
+)
 flags.DEFINE_string("kv_policy", "full", f"The default KV policy: {' | '.join(POLICIES)}; requests may name another.")
 cli.define_kv_flags()
 flags.DEFINE_string("model_id", None, "The model's name in the API (default: the checkpoint's directory name).")
@@ -60,7 +69,14 @@ def main() -> None:
         raise ValueError(f"--max-image-pixels: must be >= 1, got {f.max_image_pixels}")
     policy = cli.kv_policies_from_flags((f.kv_policy,))[0]
     settings = ServeSettings(
-        policy, f.max_batch, f.max_queue, f.max_new_tokens, f.max_prefill, f.max_kv_settings, f.warmup
+        policy,
+        f.max_batch,
+        f.max_queue,
+        f.max_new_tokens,
+        f.max_prefill,
+        f.max_kv_settings,
+        f.warmup,
+        f.prefix_cache_mb,
     )
     loaded = cli.load_model_from_flags()
     scheduler = Scheduler(loaded, settings)  # a default KV setting the model cannot serve fails here

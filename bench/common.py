@@ -3,6 +3,7 @@ its measured memory read bandwidth, interleaved timing, and the geometries."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -166,3 +167,10 @@ def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
 def compiled_flops(compiled) -> float:
     cost = compiled.cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def one_image_per(questions: list, per_image: int) -> list:
+    """Every `per_image` consecutive questions (`vqa.files.Question`) on the
+    first one's image: the many questions per image of GQA, POPE, MME; their
+    answers are not the task's, only the load they make counts."""
+    return [dataclasses.replace(q, image=questions[i - i % per_image].image) for i, q in enumerate(questions)]

@@ -2,12 +2,17 @@
 with several questions per image, prefixes shared or not.
 
     python bench/eval_throughput.py --checkpoint runs/default [--questions 1000] [--batch-sizes 1,16] [--repeats 2]
-    python bench/eval_throughput.py --per-image 1,8,32 [--batch-sizes 16]
+    python bench/eval_throughput.py --per-image 1,8,32 [--batch-sizes 16] [--geometry llava]
 
 With `--per-image`, every k consecutive questions of the export ask about
 the first one's image (so their answers are not the task's: only the
 throughput and the equality of the two modes' answers count), and each batch
 size runs with `share_prefix` off and on; `answers_identical` compares them.
+With `--geometry llava` the checkpoint gives only its tokenizer and prompts:
+the weights are random, at LLaVA-1.5's visual geometry (336 px / 14 = 576
+patches, Skip-Vision's 100 kept + 156 merged; a 2-layer width-256 tower, as
+bench/vs_transformers.py scales it) and the CPU benchmark decoder, where the
+image's prefix is most of the prompt, as in the benchmarks.
 
 Exports the embedded validation questions in LLaVA's format, then answers
 them all through `evaluate_questions` (what eval.py runs: grain image
@@ -25,11 +30,17 @@ import os
 import statistics
 import tempfile
 
-from common import write_result
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from common import one_image_per, skip_config, write_result
 
+from skipvision_jax.config import ModelConfig, VisionConfig
+from skipvision_jax.data.images import preprocess
 from skipvision_jax.data.tasks import export_llava_eval
-from skipvision_jax.inference import load_trained
+from skipvision_jax.inference import LoadedModel, load_trained
 from skipvision_jax.kvcache import KVPolicy
+from skipvision_jax.nn import SkipVisionVLM
 from skipvision_jax.vqa import benchmarks, files
 from skipvision_jax.vqa.harness import EvalSettings, evaluate_questions
 
@@ -42,13 +53,40 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--policy", default="skip_vision")
     parser.add_argument("--per-image", default=None, help="Questions per image, e.g. 1,8,32: the prefix-sharing study.")
+    parser.add_argument("--geometry", choices=("checkpoint", "llava"), default="checkpoint")
     args = parser.parse_args()
     loaded = load_trained(args.checkpoint)
+    if args.geometry == "llava":
+        loaded = at_llava_geometry(loaded)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_llava_eval(os.path.join(tmp, "export"), "val", args.questions, loaded.cfg.data.seed)
         study = per_image_study if args.per_image else batch_study
         study(args, loaded, batch_sizes, exported, tmp)
+
+
+def at_llava_geometry(loaded: LoadedModel) -> LoadedModel:
+    """The checkpoint's prompts and tokenizer, random weights at LLaVA-1.5's visual geometry."""
+    tower = VisionConfig(image_size=336, patch_size=14, width=256, depth=2, num_heads=4, mlp_dim=1024)
+    base = skip_config(tower, num_kept=100, merge_to=156)
+    decoder = dataclasses.replace(base.decoder, vocab_size=loaded.model_cfg.decoder.vocab_size)
+
+    def change(model_cfg: ModelConfig) -> ModelConfig:  # the prompt's own image offset
+        return dataclasses.replace(
+            base, decoder=decoder, layout=dataclasses.replace(base.layout, image_offset=model_cfg.layout.image_offset)
+        )
+
+    def encode(image, turns):
+        batch, model_cfg = loaded.encode(image, turns)
+        return {**batch, "pixels": preprocess(image, tower.image_size)[None]}, change(model_cfg)
+
+    cfg = change(loaded.model_cfg)
+    blank = {"input_ids": jnp.ones((1, 8), jnp.int32), "text_mask": jnp.ones((1, 8), bool)}
+    pixels = jnp.zeros((1, tower.image_size, tower.image_size, 3))
+    params = jax.jit(lambda key: nn.unbox(SkipVisionVLM(cfg).init(key, **blank, pixels=pixels))["params"])(
+        jax.random.key(0)
+    )
+    return dataclasses.replace(loaded, model_cfg=cfg, params=params, encode=encode)
 
 
 def batch_study(args, loaded, batch_sizes: list[int], exported: dict, tmp: str) -> None:
@@ -88,11 +126,6 @@ def answer_all(loaded, questions, images: str, path: str, policy: str, batch_siz
     )
     summary = evaluate_questions(loaded, questions, images, path, settings)
     return summary, files.read_answers(path)
-
-
-def one_image_per(questions: list[files.Question], per_image: int) -> list[files.Question]:
-    """Every `per_image` consecutive questions on the first one's image."""
-    return [dataclasses.replace(q, image=questions[i - i % per_image].image) for i, q in enumerate(questions)]
 
 
 def per_image_study(args, loaded, batch_sizes: list[int], exported: dict, tmp: str) -> None:
@@ -136,8 +169,14 @@ def per_image_study(args, loaded, batch_sizes: list[int], exported: dict, tmp: s
                     ),
                 }
             )
-    result = {"checkpoint": args.checkpoint, "policy": args.policy, "questions": args.questions, "rows": rows}
-    write_result("eval_throughput_per_image", result)
+    result = {
+        "checkpoint": args.checkpoint,
+        "geometry": args.geometry,
+        "policy": args.policy,
+        "questions": args.questions,
+        "rows": rows,
+    }
+    write_result("eval_throughput_per_image" + ("_llava" if args.geometry == "llava" else ""), result)
 
 
 if __name__ == "__main__":

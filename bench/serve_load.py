@@ -3,6 +3,7 @@ several concurrencies, against a server it starts on loopback.
 
     python bench/serve_load.py --checkpoint runs/default [--concurrency 1,8,32] [--requests 512]
         [--repeats 2] [--max-batch 32] [--kv-policy skip_vision] [--answers model,16]
+        [--per-image 1] [--prefix-cache-mb 1024] [--name serve_load]
 
 The embedded validation questions (exported in LLaVA's format, images as
 base64 data URLs) are sent greedily by `concurrency` clients at once, each
@@ -10,10 +11,17 @@ sending its next request when the last is answered (closed loop), over
 asyncio with one httpx connection per client (all connected before the
 clock starts). Two loads: answers as the model ends them (two tokens on the
 embedded task), and 16-token answers (vLLM's ignore_eos, as its serving
-benchmark uses), where decoding dominates. The server is warmed at start-up,
-and one untimed pass at the highest concurrency precedes the timed ones.
-Latency is per request, from sending to the whole answer. Prints one JSON
-line and writes bench/results/<device>/serve_load.json.
+benchmark uses), where decoding dominates. With `--per-image K` every K
+consecutive questions ask about the first one's image (benchmarks ask ~8-32
+questions per image), which the server's prefix cache shares (its hits and
+misses are reported; `--prefix-cache-mb 0` turns it off). The server is
+warmed at start-up, and one untimed pass at the highest concurrency precedes
+the timed ones. Requests stream, as vLLM's serving benchmark sends them:
+latency is from sending to the whole answer, time to first token (TTFT) to
+the first text, inter-token latency (ITL) the gaps between later text
+chunks, time per output token (TPOT, vLLM's) each request's time after its
+first text over its later tokens.
+Prints one JSON line and writes bench/results/<device>/<name>.json.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import statistics
 import subprocess
@@ -29,7 +38,7 @@ import tempfile
 import time
 
 import httpx
-from common import write_result
+from common import one_image_per, write_result
 
 from skipvision_jax.data.tasks import export_llava_eval
 from skipvision_jax.vqa import files
@@ -47,6 +56,7 @@ def start_server(args, port: int) -> subprocess.Popen:
         f"--max-new-tokens={args.max_tokens}",
         f"--kv-policy={args.kv_policy}",
         f"--max-queue={max(args.concurrency_levels)}",
+        f"--prefix-cache-mb={args.prefix_cache_mb}",
     ]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 900
@@ -74,9 +84,40 @@ def request_bodies(questions, image_folder: str, max_tokens: int, ignore_eos: bo
                 "max_tokens": max_tokens,
                 "temperature": 0,
                 "ignore_eos": ignore_eos,
+                "stream": True,
+                "stream_options": {"include_usage": True},
             }
         )
     return bodies
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+async def streamed(http: httpx.AsyncClient, body: dict) -> tuple[float, list[float], int]:
+    """One streamed request: (seconds to its first text, each later chunk's
+    gap, answer tokens)."""
+    start = last = time.perf_counter()
+    first, gaps, tokens = None, [], 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if not any(choice["delta"].get("content") for choice in chunk.get("choices", ())):
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now - start
+            else:
+                gaps.append(now - last)
+            last = now
+    return (time.perf_counter() - start if first is None else first), gaps, tokens
 
 
 async def load(url: str, bodies: list[dict], concurrency: int, total: int) -> dict:
@@ -84,7 +125,7 @@ async def load(url: str, bodies: list[dict], concurrency: int, total: int) -> di
     opens its connection first and the clock starts when all have: on a
     shared 2-core box, connecting 32 clients one by one would otherwise land
     in the first requests' latency."""
-    latencies, tokens = [], 0
+    latencies, firsts, gaps, per_token, tokens = [], [], [], [], 0
     next_index, connected, all_connected = 0, 0, asyncio.Event()
 
     async def client():
@@ -99,19 +140,22 @@ async def load(url: str, bodies: list[dict], concurrency: int, total: int) -> di
                 body = bodies[next_index % len(bodies)]
                 next_index += 1
                 start = time.perf_counter()
-                reply = await http.post("/v1/chat/completions", json=body)
+                first, later, answer_tokens = await streamed(http, body)
                 latencies.append(time.perf_counter() - start)
-                reply.raise_for_status()
-                tokens += reply.json()["usage"]["completion_tokens"]
+                firsts.append(first)
+                gaps.extend(later)
+                if answer_tokens > 1:  # vLLM's TPOT: the mean gap after the first token
+                    per_token.append((latencies[-1] - first) / (answer_tokens - 1))
+                tokens += answer_tokens
 
-    busy_before = httpx.get(f"{url}/health").json()["busy_s"]
+    before = httpx.get(f"{url}/health").json()
     clients = asyncio.gather(*(client() for _ in range(concurrency)))
     await all_connected.wait()
     start = time.perf_counter()
     await clients
     wall = time.perf_counter() - start
-    busy = httpx.get(f"{url}/health").json()["busy_s"] - busy_before
-    ordered = sorted(latencies)
+    after = httpx.get(f"{url}/health").json()
+    ms = lambda values, share: 1000 * percentile(values, share) if values else None
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
@@ -119,9 +163,19 @@ async def load(url: str, bodies: list[dict], concurrency: int, total: int) -> di
         "requests_per_s": len(latencies) / wall,
         "tokens_per_s": tokens / wall,
         "answer_tokens_mean": tokens / len(latencies),
-        "latency_p50_ms": 1000 * statistics.median(ordered),
-        "latency_p99_ms": 1000 * ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
-        "device_busy_share": busy / wall,  # the scheduler's device work over the wall time
+        "latency_p50_ms": ms(latencies, 0.5),
+        "latency_p99_ms": ms(latencies, 0.99),
+        "ttft_p50_ms": ms(firsts, 0.5),
+        "ttft_p99_ms": ms(firsts, 0.99),
+        # ITL: gaps between text chunks (None where every answer's text came
+        # in one: past its end an ignore_eos answer adds no text to stream);
+        # TPOT: each request's time after its first text per later token.
+        "itl_p50_ms": ms(gaps, 0.5),
+        "itl_p99_ms": ms(gaps, 0.99),
+        "tpot_p50_ms": ms(per_token, 0.5),
+        "tpot_p99_ms": ms(per_token, 0.99),
+        "device_busy_share": (after["busy_s"] - before["busy_s"]) / wall,  # the scheduler's device work
+        **{key: after.get(key, 0) - before.get(key, 0) for key in ("prefix_hits", "prefix_misses")},
     }
 
 
@@ -142,28 +196,34 @@ def main():
         help="Scenarios: `model` (answers end where the model stops: 2 tokens on the embedded task), "
         "N (vLLM's ignore_eos: N tokens each, a decode-heavy load)",
     )
+    parser.add_argument("--per-image", type=int, default=1, help="Consecutive questions on one image.")
+    parser.add_argument("--prefix-cache-mb", type=float, default=1024, help="The server's; 0: no prefix shared.")
+    parser.add_argument("--name", default="serve_load", help="The results file's name.")
     parser.add_argument("--port", type=int, default=8391)
     args = parser.parse_args()
     args.concurrency_levels = [int(c) for c in args.concurrency.split(",")]
     scenarios = [(a, args.max_tokens, False) if a == "model" else (a, int(a), True) for a in args.answers.split(",")]
     args.max_tokens = max(tokens for _, tokens, _ in scenarios)
 
+    # Every pass asks about images of its own: the prefix cache holds only what this pass put in it.
+    passes = [scenario for scenario in scenarios for _ in range(1 + args.repeats * len(args.concurrency_levels))]
     with tempfile.TemporaryDirectory() as tmp:
-        exported = export_llava_eval(os.path.join(tmp, "export"), "val", args.requests)
-        questions = files.read_questions(exported["questions"])
-        bodies = {
-            name: request_bodies(questions, exported["images"], tokens, ignore_eos)
-            for name, tokens, ignore_eos in scenarios
-        }
+        exported = export_llava_eval(os.path.join(tmp, "export"), "val", args.requests * len(passes))
+        questions = one_image_per(files.read_questions(exported["questions"]), args.per_image)
+        bodies = [
+            request_bodies(questions[i * args.requests : (i + 1) * args.requests], exported["images"], tokens, eos)
+            for i, (_, tokens, eos) in enumerate(passes)
+        ]
+    next_bodies = iter(bodies)
     server = start_server(args, args.port)
     url = f"http://127.0.0.1:{args.port}"
     results = []
     try:
         compiled = httpx.get(f"{url}/health").json()["compilations"]
-        for name, tokens, _ in scenarios:
-            asyncio.run(load(url, bodies[name], max(args.concurrency_levels), args.requests))  # untimed
+        for name, tokens, _ in scenarios:  # in the order `bodies` were made
+            asyncio.run(load(url, next(next_bodies), max(args.concurrency_levels), args.requests))  # untimed
             runs = [
-                {"repeat": repeat, **asyncio.run(load(url, bodies[name], concurrency, args.requests))}
+                {"repeat": repeat, **asyncio.run(load(url, next(next_bodies), concurrency, args.requests))}
                 for repeat in range(args.repeats)
                 for concurrency in args.concurrency_levels
             ]
@@ -185,11 +245,13 @@ def main():
         server.terminate()
         server.wait(60)
     write_result(
-        "serve_load",
+        args.name,
         {
             "checkpoint": args.checkpoint,
             "policy": args.kv_policy,
             "max_batch": args.max_batch,
+            "per_image": args.per_image,
+            "prefix_cache_mb": args.prefix_cache_mb,
             "client": "asyncio + httpx, closed loop, on the same 2 cores as the server",
             "scenarios": results,
             "compilations_after_warmup": compilations,

@@ -193,13 +193,19 @@ class Generator:
         )
 
     def prefill_caches(
-        self, params, batch: dict, buffer_sizes: tuple[int, ...] | None = None
+        self,
+        params,
+        batch: dict,
+        buffer_sizes: tuple[int, ...] | None = None,
+        prefixes: tuple[dict[str, Array], ...] | None = None,
     ) -> tuple[Float[Array, "B V"], tuple[LayerCache, ...], Int[Array, " B"]]:
         """The prompt's forward (traced inside the caller's jit): the logits
         after each row's last prompt token, the caches the policy keeps (one
         per layer group, in buffers of `buffer_sizes` slots where given: a
         server's slots hold prompts of every length), and each row's prompt
-        length."""
+        length. Given `prefixes` (each row's `prefix_captures`, gathered to
+        the rows), or a batch marked by `share_prefixes`, only what follows
+        each row's prefix runs."""
         input_ids, text_mask = batch["input_ids"], batch["text_mask"]
         plan = self.plan(input_ids.shape[1])
         layout = plan.layout
@@ -211,9 +217,24 @@ class Generator:
         # prompt length is its count of valid rows.
         prompt_lens = key_valid.sum(axis=1).astype(jnp.int32)
         query_weights = self.policy.query_weights(positions, key_valid, prompt_lens)
-        mutable = ["prefill", QUERY_STATES] if self.policy.press.reads_query_states else ["prefill"]
-        if "prefix_rows" in batch:
-            logits, captured = self._extend_shared_prefixes(params, batch, image, query_weights, mutable)
+        if prefixes is None and "prefix_rows" in batch:
+            prefix_rows = batch["prefix_rows"]
+            distinct = self.prefix_captures(
+                params,
+                input_ids[prefix_rows, : self.cfg.layout.image_offset],
+                {name: x[prefix_rows] for name, x in image.items()},
+            )
+            prefixes = self.gather_prefixes(distinct, batch["prefix_index"])
+        if prefixes is not None:
+            logits, captured = self.model.apply(
+                {"params": params},
+                input_ids,
+                text_mask,
+                prefixes,
+                query_weights,
+                method=SkipVisionVLM.extend,
+                mutable=self._sown,
+            )
         else:
             logits, captured = self.model.apply(
                 {"params": params},
@@ -222,7 +243,7 @@ class Generator:
                 **image,
                 query_weights=query_weights,
                 method=SkipVisionVLM.prefill,
-                mutable=mutable,
+                mutable=self._sown,
             )
         captured = captured["prefill"]["decoder"]
         cached = key_valid
@@ -254,33 +275,38 @@ class Generator:
             )
         return logits, tuple(caches), prompt_lens
 
-    def _extend_shared_prefixes(self, params, batch: dict, image: dict, query_weights, mutable: list[str]):
-        """A prefill whose rows share prefixes (`share_prefixes`): each
-        distinct prefix (`prefix_rows`, one row holding it) runs once, then
-        every row's rest (`prefix_index`: its prefix) runs against it."""
-        prefix_rows, prefix_index = batch["prefix_rows"], batch["prefix_index"]
-        text_before_image = self.cfg.layout.image_offset
-        _, prefix_captured = self.model.apply(
+    @property
+    def _sown(self) -> list[str]:
+        """The collections a prefill fills: keys, values, scores; the query states where the press reads them."""
+        return ["prefill", QUERY_STATES] if self.policy.press.reads_query_states else ["prefill"]
+
+    def shares_prefixes(self) -> bool:
+        """Whether prompts of this layout can share a prefix's forward (not under FastV, whose pruning reads the question)."""
+        return not self.cfg.fastv.enabled
+
+    def prefix_captures(
+        self, params, prefix_ids: Int[Array, "U P"], image: dict[str, Array]
+    ) -> tuple[dict[str, Array], ...]:
+        """The forward of U distinct prefixes (the text before the image, the
+        visual block; traced inside the caller's jit): per layer group, what
+        `prefill_caches` reads of each to extend it (keys, values, queries;
+        U rows on the group's `rows_axis`)."""
+        _, captured = self.model.apply(
             {"params": params},
-            batch["input_ids"][prefix_rows, :text_before_image],
-            **{name: x[prefix_rows] for name, x in image.items()},
+            prefix_ids,
+            **image,
             method=SkipVisionVLM.prefill_prefix,
-            mutable=[*mutable, PREFIX_QUERIES],
+            mutable=[*self._sown, PREFIX_QUERIES],
         )
-        captured = prefix_captured["prefill"]["decoder"]
-        prefixes = []
-        for group in self.groups():
-            sown = prefill_captures(captured, group)
-            rows_axis = 1 if group.scanned else 0
-            prefixes.append({name: jnp.take(x, prefix_index, axis=rows_axis) for name, x in sown.items()})
-        return self.model.apply(
-            {"params": params},
-            batch["input_ids"],
-            batch["text_mask"],
-            tuple(prefixes),
-            query_weights,
-            method=SkipVisionVLM.extend,
-            mutable=mutable,
+        return tuple(prefill_captures(captured["prefill"]["decoder"], group) for group in self.groups())
+
+    def gather_prefixes(
+        self, captures: tuple[dict[str, Array], ...], index: Int[Array, " B"]
+    ) -> tuple[dict[str, Array], ...]:
+        """`prefix_captures` of U prefixes as B rows, row b holding prefix `index[b]`."""
+        return tuple(
+            {name: jnp.take(x, index, axis=group.rows_axis) for name, x in captured.items()}
+            for group, captured in zip(self.groups(), captures)
         )
 
     def prefill_rows(
@@ -291,11 +317,12 @@ class Generator:
         temperature: Float[Array, " B"],
         top_p: Float[Array, " B"],
         buffer_sizes: tuple[int, ...] | None = None,
+        prefixes: tuple[dict[str, Array], ...] | None = None,
     ) -> tuple[Rows, Float[Array, "B V"]]:
         """The prompts as decode rows, each with its first token drawn under
         its own settings and key (traced inside the caller's jit), and the
-        logits that token was drawn from."""
-        logits, caches, prompt_lens = self.prefill_caches(params, batch, buffer_sizes)
+        logits that token was drawn from (`prefixes`: see `prefill_caches`)."""
+        logits, caches, prompt_lens = self.prefill_caches(params, batch, buffer_sizes, prefixes)
         split = jax.vmap(jax.random.split)(rngs)  # [B, 2]: this draw, and the row's key from here on
         first = sample_rows(logits, split[:, 0], temperature, top_p, self.sampling.top_k, self.greedy)
         return Rows(caches, first, prompt_lens, split[:, 1], temperature, top_p), logits

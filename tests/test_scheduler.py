@@ -20,6 +20,11 @@ STOP = 2
 FIRST_LETTER = 10  # token 10 is "a", 11 "b", ...
 CFG = tiny_config()
 IMAGE = np.zeros((CFG.vision.image_size, CFG.vision.image_size, 3), np.float32)
+PREFIX_BYTES = 1024
+
+
+def shade(pixels: np.ndarray) -> float:
+    return float(pixels[0, 0, 0])
 
 
 def letters(tokens) -> str:
@@ -54,14 +59,25 @@ class FakeEngine:
     prompt answers with its own text ids, then STOP: the answer is the
     question's letters, whatever row or company it has."""
 
-    def __init__(self, policy: KVPolicy, rows: int, log: list, gate: threading.Event):
+    def __init__(self, policy: KVPolicy, rows: int, log: list, gate: threading.Event, prefix_length: int | None):
         self.policy, self.rows, self.log, self.gate = policy, rows, log, gate
+        self._prefix_length = prefix_length
 
     def init_state(self):
         return ((),) * self.rows
 
-    def prefill(self, model_cfg, prompts) -> FakePrefix:
+    def prefix_length(self, model_cfg) -> int | None:
+        return self._prefix_length
+
+    def prefixes(self, model_cfg, prefix_ids: np.ndarray, pixels: np.ndarray) -> list[dict]:
+        """A prefix is its image's shade, in an entry of PREFIX_BYTES."""
+        self.log.append(("prefixes", [shade(p) for p in pixels]))
+        return [{"shade": np.full(PREFIX_BYTES // 4, shade(p), np.float32)} for p in pixels]
+
+    def prefill(self, model_cfg, prompts, prefixes: list[dict] | None = None) -> FakePrefix:
         ids, mask = prompts.batch["input_ids"], prompts.batch["text_mask"]
+        if prefixes is not None:  # each prompt extends its own image's prefix
+            assert [p["shade"][0] for p in prefixes] == [shade(p) for p in prompts.batch["pixels"]]
         answers = [tuple(row[keep].tolist()) + (STOP,) for row, keep in zip(ids, mask)]
         return FakePrefix(np.array([a[0] for a in answers]), tuple(a[1:] for a in answers))
 
@@ -84,7 +100,7 @@ class FakeEngine:
 
 
 class Harness:
-    def __init__(self, **settings):
+    def __init__(self, prefix_length: int | None = None, **settings):
         self.log, self.made = [], []
         self.gate = threading.Event()  # decode steps wait for it
         self.gate.set()
@@ -92,7 +108,7 @@ class Harness:
 
         def engines(policy: KVPolicy) -> FakeEngine:
             self.made.append(str(policy))
-            return FakeEngine(policy, settings.max_batch, self.log, self.gate)
+            return FakeEngine(policy, settings.max_batch, self.log, self.gate, prefix_length)
 
         self.scheduler = Scheduler(LOADED, settings, engines)
 
@@ -100,7 +116,7 @@ class Harness:
         request = Request()
         generation = Generation(
             ids=np.array(tokens_of(question), np.int32),
-            pixels=IMAGE,
+            pixels=fields.pop("pixels", IMAGE),
             model_cfg=CFG,
             policy=policy or self.scheduler.default_policy,
             max_tokens=fields.pop("max_tokens", 16),
@@ -226,3 +242,43 @@ def test_stop_drains_every_accepted_request_then_refuses_new_ones():
         (True, "n"),
     ]
     assert [r.events[-1].finish_reason for r in requests] == ["length", "stop", "length", "stop"]
+
+
+def test_requests_with_one_image_share_its_prefix_cached_least_recently_used_first_out():
+    # Room for two prefixes; the first two letters of a prompt are its text before the image.
+    h = Harness(prefix_length=2, max_batch=4, max_prefill=4, prefix_cache_mb=2 * PREFIX_BYTES / 2**20)
+    image = lambda value: np.full_like(IMAGE, value)
+    first = [h.request(q, pixels=image(v)) for q, v in [("abx", 1), ("aby", 1), ("abz", 2), ("abw", 1)]]
+    h.submit(*first)
+    h.scheduler.start()
+    assert [r.result().text for r in first] == ["abx", "aby", "abz", "abw"]
+    # One batch, one forward per distinct image: the second, third and fourth request of image 1 join its.
+    assert h.log[0] == ("prefixes", [1.0, 2.0])
+    stats = h.scheduler.stats()
+    assert (stats["prefix_hits"], stats["prefix_misses"], stats["prefix_entries"]) == (2, 2, 2)
+    for value, question in [(3, "abq"), (1, "abr"), (1, "cdr")]:  # 3 evicts 1, the least recently used
+        request = h.request(question, pixels=image(value))
+        h.submit(request)
+        assert request.result().text == question
+    h.scheduler.stop()
+    assert [entry for entry in h.log if entry[0] == "prefixes"] == [
+        ("prefixes", [1.0, 2.0]),
+        ("prefixes", [3.0]),
+        ("prefixes", [1.0]),  # evicted, so computed again
+        ("prefixes", [1.0]),  # another text before the image: another prefix
+    ]
+    stats = h.scheduler.stats()
+    assert stats["prefix_evictions"] == 3 and stats["prefix_bytes"] == 2 * PREFIX_BYTES
+    assert (stats["prefix_hits"], stats["prefix_misses"]) == (2, 5)
+
+
+def test_prompts_that_end_in_their_prefix_or_a_cache_of_0_share_nothing():
+    for prefix_length, mb, question in [(2, 1, "ab"), (2, 0, "abc"), (None, 1, "abc")]:
+        h = Harness(prefix_length=prefix_length, prefix_cache_mb=mb)
+        request = h.request(question)
+        h.submit(request)
+        h.scheduler.start()
+        assert request.result().text == question
+        h.scheduler.stop()
+        assert not [entry for entry in h.log if entry[0] == "prefixes"]
+        assert h.scheduler.stats().get("prefix_misses", 0) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import dataclasses
 import glob
 import json
 import os
@@ -33,6 +34,7 @@ from tests.helpers import REPO, VAL_SIZE, free_port
 from tests.hf_tiny import make_hf_llava, write_image
 
 MAX_NEW = 16
+PREFIX_CACHE_MB = 0.02
 
 
 # ---- pure parts ----------------------------------------------------------------------------
@@ -158,8 +160,8 @@ def user_message(image_path: str, question: str) -> list[dict]:
 
 
 def eval_answers(loaded, questions, image_folder, path, policy: KVPolicy | None = None) -> dict:
-    """eval.py's answers (its harness, in this process)."""
-    settings = EvalSettings(policy or KVPolicy.of("full"), MAX_NEW, batch_size=8, progress=False)
+    """eval.py's answers (its harness, in this process), each prompt prefilled whole."""
+    settings = EvalSettings(policy or KVPolicy.of("full"), MAX_NEW, batch_size=8, progress=False, share_prefix=False)
     evaluate_questions(loaded, questions, image_folder, path, settings)
     return {a["question_id"]: a["text"] for a in files.read_answers(path)}
 
@@ -185,6 +187,8 @@ def embedded(trained_workdir):
         "--max-prefill=4",
         f"--max-new-tokens={MAX_NEW}",
         "--max-body-mb=1",
+        # Room for three of this model's prefixes (13 rows, 2 layers: 6.5 KB each), so requests evict.
+        f"--prefix-cache-mb={PREFIX_CACHE_MB}",
     )
 
 
@@ -216,6 +220,32 @@ def test_embedded_answers_equal_eval_one_at_a_time_32_at_once_and_streamed(
     stats = embedded.health()
     assert stats["compilations"] == compiled and stats["slots_busy"] == 0
     assert stats["completed"] >= 2 * VAL_SIZE + 4
+
+
+def test_questions_on_one_image_share_its_prefix_with_eval_answers_in_a_cache_under_its_limit(
+    embedded, trained_workdir, exported, tmp_path
+):
+    questions = files.read_questions(exported["questions"])
+    on_one = [dataclasses.replace(q, image=questions[0].image) for q in questions[:8]]
+    expected = eval_answers(load_trained(trained_workdir), on_one, exported["images"], str(tmp_path / "a.jsonl"))
+    image = lambda q: os.path.join(exported["images"], q.image)
+    before = embedded.health()
+    for q in questions[8:12]:  # four images through a cache with room for three
+        embedded.ask(image(q), q.text)
+    filled = embedded.health()
+    alone = {q.question_id: embedded.ask(image(q), q.text).choices[0].message.content for q in on_one}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = pool.map(lambda q: embedded.ask(image(q), q.text).choices[0].message.content, on_one)
+        together = dict(zip([q.question_id for q in on_one], answers))
+    after = embedded.health()
+    assert alone == expected and together == expected
+    # 16 requests on one image: its prefix computed once at most, every other request a hit.
+    hits, misses = (after[k] - filled[k] for k in ("prefix_hits", "prefix_misses"))
+    assert hits + misses == 16 and misses <= 1
+    assert filled["prefix_evictions"] > before["prefix_evictions"]
+    assert 1 <= after["prefix_entries"] <= 3 and after["prefix_bytes"] <= after["prefix_limit_bytes"]
+    assert after["prefix_limit_bytes"] == int(PREFIX_CACHE_MB * 2**20)
+    assert after["compilations"] == before["compilations"]
 
 
 def test_a_request_names_its_kv_setting_and_decodes_as_eval_under_it(embedded, trained_workdir, exported, tmp_path):

@@ -118,6 +118,45 @@ def test_a_request_decodes_in_a_slot_as_alone(policy, scan):
         np.testing.assert_allclose(np.stack(logits[index]), alone.logits[0, 1:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "policy, scan",
+    [
+        (KVPolicy.of("h2o", budget=24, sink_tokens=2, recent_window=4), True),
+        (KVPolicy.of("snapkv", compression=0.5, obs_window=3), False),
+        (KVPolicy.of("expected_attention", compression=0.5, sink_tokens=2), True),
+    ],
+    ids=lambda c: c.name if isinstance(c, KVPolicy) else f"scan={c}",
+)
+def test_prompts_that_extend_shared_prefixes_decode_as_alone(policy, scan):
+    """What the server runs on a prefix cache hit: two prefixes, computed
+    once each (one program), each extended by two ragged prompts in one prefill."""
+    cfg = dataclasses.replace(tiny_config(), scan_layers=scan)
+    _, params = init_params(tiny_config())
+    if scan:
+        params = stack_layers(params, [(0, 3)])
+    generator = Generator(cfg, policy, MAX_NEW)
+    engine = Engine(generator, 4, BUCKETS, (cfg.vision.image_size,) * 2 + (3,), params)
+    prompts = [_prompt(cfg, n, seed) for seed, n in enumerate((5, 3, 7, 4))]
+    offset = cfg.layout.image_offset
+    for prompt, owner in zip(prompts, (0, 0, 2, 2)):  # two questions on each of two images
+        prompt["pixels"] = prompts[owner]["pixels"]
+        prompt["input_ids"] = np.concatenate([prompts[0]["input_ids"][:, :offset], prompt["input_ids"][:, offset:]], 1)
+    padded = [_padded(p, 8) for p in prompts]
+    batch = {name: np.concatenate([p[name] for p in padded]) for name in padded[0]}
+    made = engine.prefixes(cfg, batch["input_ids"][[0, 2], :offset], batch["pixels"][[0, 2]])
+    settings = np.zeros(4, np.float32), np.ones(4, np.float32), np.zeros(4, np.uint32)
+    driver = Driver(engine)
+    driver.state = engine.insert(
+        engine.prefill(cfg, Prompts(batch, *settings), [made[0], made[0], made[1], made[1]]),
+        driver.state,
+        np.arange(4, dtype=np.int32),
+    )
+    tokens = np.stack([np.asarray(driver.state.last_token)] + [driver.step() for _ in range(MAX_NEW - 1)], axis=1)
+    alone = Generator(cfg, policy, MAX_NEW)
+    for row, prompt in enumerate(padded):
+        assert tokens[row].tolist() == np.asarray(alone(params, prompt).tokens[0]).tolist(), (policy.name, row)
+
+
 def test_the_same_seed_draws_the_same_answer_in_any_slot_and_company():
     cfg = tiny_config()
     _, params = init_params(cfg)
@@ -139,8 +178,11 @@ def test_the_same_seed_draws_the_same_answer_in_any_slot_and_company():
     assert first != np.asarray(greedy.tokens[0]).tolist()  # temperature 1 samples
 
 
-def test_warm_compiles_every_program_once(compile_counter):
-    """On a mesh, as the server runs: the state each program leaves is the one every program was compiled for."""
+@pytest.mark.parametrize("shared_prefixes", [False, True], ids=["whole", "shared_prefixes"])
+def test_warm_compiles_every_program_once(compile_counter, shared_prefixes):
+    """On a mesh, as the server runs: the state each program leaves is the
+    one every program was compiled for; with shared prefixes, their forward
+    per prefill size and the prefill after them too."""
     cfg = tiny_config()
     _, params = init_params(cfg)
     mesh = sharding.make_mesh(INFERENCE_MESH)
@@ -148,13 +190,20 @@ def test_warm_compiles_every_program_once(compile_counter):
     engine = Engine(generator, 8, BUCKETS, (16, 16, 3), params)
     assert prefill_sizes(8) == (1, 2, 4, 8) and prefill_sizes(6) == (1, 2, 4, 6)
     sizes = prefill_sizes(2)
-    engine.warm(sizes, cfg)
+    engine.warm(sizes, cfg, shared_prefixes)
     slots = Driver(engine)
     warmed = compile_counter.count
-    assert warmed >= len(BUCKETS) * len(sizes) + 1
+    assert warmed >= (2 if shared_prefixes else 1) * len(BUCKETS) * len(sizes) + 1
+    offset = engine.prefix_length(cfg) if shared_prefixes else None
     for bucket in BUCKETS:
         for size in sizes:
-            slots.insert(cfg, engine.dummy_prompts(bucket, size), np.full(size, 8))
+            prompts = engine.dummy_prompts(bucket, size)
+            if shared_prefixes:
+                made = engine.prefixes(cfg, prompts.batch["input_ids"][:, :offset], prompts.batch["pixels"])
+                rows = engine.prefill(cfg, prompts, made)
+            else:
+                rows = engine.prefill(cfg, prompts)
+            slots.state = engine.insert(rows, slots.state, np.full(size, 8))
             slots.step()
     assert compile_counter.count == warmed
 

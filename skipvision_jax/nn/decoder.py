@@ -236,6 +236,11 @@ class LayerGroup:
     def name(self) -> str:
         return f"layers_{self.start}_{self.end}" if self.scanned else f"layer_{self.start}"
 
+    @property
+    def rows_axis(self) -> int:
+        """The batch rows' axis in this group's caches and captures (after the layers axis when scanned)."""
+        return 1 if self.scanned else 0
+
 
 def layer_groups(num_layers: int, skip_layers: range, scan_layers: bool) -> list[LayerGroup]:
     """The decoder's layers in up to three contiguous segments (plain,

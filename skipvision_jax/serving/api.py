@@ -6,7 +6,7 @@
                                 kv_budget, kv_compression choose the request's KV setting,
                                 ignore_eos (vLLM's) runs an answer to max_tokens
     GET  /v1/models             the one model served
-    GET  /health                scheduler counters, compilations included
+    GET  /health                scheduler counters: compilations, prefix cache hits/misses/bytes
 
 Bad requests get OpenAI's error JSON with a 4xx status and change nothing.
 Every field is checked for its type and range as OpenAI's API does (strict

@@ -20,6 +20,7 @@ buffer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -47,10 +48,13 @@ class Prompts:
     seeds: np.ndarray  # [P] uint32: each request's PRNG seed
 
 
+# One prompt prefix's captures, per layer group (`Generator.prefix_captures`, one row).
+Prefix = tuple[dict[str, Array], ...]
+
+
 def _write_rows(old: Array, new: Array, rows: Int[Array, " P"], group: LayerGroup) -> Array:
-    if group.scanned:  # [layers, R, ...]
-        return old.at[:, rows].set(new, mode="drop")
-    return old.at[rows].set(new, mode="drop")
+    at = (slice(None),) * group.rows_axis + (rows,)
+    return old.at[at].set(new, mode="drop")
 
 
 class Engine:
@@ -68,7 +72,8 @@ class Engine:
         plans = [generator.plan(bucket) for bucket in buckets]  # raises on a policy a bucket cannot take
         self.groups = generator.groups()
         self.buffer_sizes = tuple(max(plan.group(g.start, g.end)[2] for plan in plans) for g in self.groups)
-        self._prefills: dict[ModelConfig, object] = {}
+        self._prefills: dict[tuple[ModelConfig, bool], object] = {}  # by layout and whether prefixes are given
+        self._prefix_programs: dict[ModelConfig, object] = {}
         self._insert = jax.jit(self._insert_fn, donate_argnums=1)
         self._generate = jax.jit(self._generate_fn, donate_argnums=1)
 
@@ -108,7 +113,7 @@ class Engine:
 
         def rows_wide(leaf, group: LayerGroup):
             shape = list(leaf.shape)
-            shape[1 if group.scanned else 0] = self.num_rows
+            shape[group.rows_axis] = self.num_rows
             return jnp.zeros(shape, leaf.dtype)
 
         caches = tuple(jax.tree.map(lambda x, g=g: rows_wide(x, g), c) for g, c in zip(self.groups, shapes))
@@ -140,12 +145,25 @@ class Engine:
             rows(state.top_p),
         )
 
-    def _prefill_fn(self, generator: Generator, params, prompts: Prompts) -> Rows:
+    def _prefill_fn(self, generator: Generator, params, prompts: Prompts, prefixes: tuple[Prefix, ...] | None) -> Rows:
         rngs = jax.vmap(jax.random.key)(prompts.seeds)
+        if prefixes is not None:  # one per prompt: stacked into rows
+            prefixes = tuple(
+                {name: jnp.concatenate([p[i][name] for p in prefixes], axis=g.rows_axis) for name in prefixes[0][i]}
+                for i, g in enumerate(self.groups)
+            )
         rows, _ = generator.prefill_rows(
-            params, prompts.batch, rngs, prompts.temperature, prompts.top_p, self.buffer_sizes
+            params, prompts.batch, rngs, prompts.temperature, prompts.top_p, self.buffer_sizes, prefixes
         )
         return rows
+
+    def _prefixes_fn(self, generator: Generator, params, prefix_ids, pixels) -> tuple[Prefix, ...]:
+        captured = generator.prefix_captures(params, prefix_ids, {"pixels": pixels})
+        one = lambda u: tuple(
+            {name: jax.lax.slice_in_dim(x, u, u + 1, axis=g.rows_axis) for name, x in c.items()}
+            for g, c in zip(self.groups, captured)
+        )
+        return tuple(one(u) for u in range(prefix_ids.shape[0]))
 
     def _insert_fn(self, prefix: Rows, state: Rows, rows: Int[Array, " P"]) -> Rows:
         caches = tuple(
@@ -160,15 +178,32 @@ class Engine:
         state, token, _ = self.generator.step(params, state)
         return self._constrained(state), token
 
-    def prefill(self, model_cfg: ModelConfig, prompts: Prompts) -> Rows:
-        """The prompts' caches and first tokens (`model_cfg`: their layout)."""
+    def prefill(self, model_cfg: ModelConfig, prompts: Prompts, prefixes: list[Prefix] | None = None) -> Rows:
+        """The prompts' caches and first tokens (`model_cfg`: their layout);
+        with `prefixes` (each prompt's, from `prefixes`), only what follows them runs."""
         generator = self._generator_for(model_cfg)
-        if generator.cfg not in self._prefills:
-            self._prefills[generator.cfg] = jax.jit(
-                lambda params, prompts: self._prefill_fn(generator, params, prompts)
-            )
+        shared = prefixes is not None
+        if (generator.cfg, shared) not in self._prefills:
+            self._prefills[generator.cfg, shared] = jax.jit(functools.partial(self._prefill_fn, generator))
         with self.generator.mesh_context():
-            return self._prefills[generator.cfg](self.params, prompts)
+            return self._prefills[generator.cfg, shared](
+                self.params, prompts, None if prefixes is None else tuple(prefixes)
+            )
+
+    def prefix_length(self, model_cfg: ModelConfig) -> int | None:
+        """The text ids before the image, which a shared prefix holds with
+        it; None where prompts of this layout share no prefix."""
+        generator = self._generator_for(model_cfg)
+        return generator.cfg.layout.image_offset if generator.shares_prefixes() else None
+
+    def prefixes(self, model_cfg: ModelConfig, prefix_ids: np.ndarray, pixels: np.ndarray) -> list[Prefix]:
+        """The forward of U prefixes (`prefix_ids` [U, prefix_length], their
+        images' `pixels`), each its own `Prefix` to extend later."""
+        generator = self._generator_for(model_cfg)
+        if generator.cfg not in self._prefix_programs:
+            self._prefix_programs[generator.cfg] = jax.jit(functools.partial(self._prefixes_fn, generator))
+        with self.generator.mesh_context():
+            return list(self._prefix_programs[generator.cfg](self.params, prefix_ids, pixels))
 
     def insert(self, prefix: Rows, state: Rows, rows: np.ndarray) -> Rows:
         """`state` with the prefix's prompts in `rows` (`num_rows`: written nowhere); donates `state`."""
@@ -181,15 +216,21 @@ class Engine:
             state, token = self._generate(self.params, state)
         return state, np.asarray(token)
 
-    def warm(self, sizes: tuple[int, ...], model_cfg: ModelConfig) -> None:
+    def warm(self, sizes: tuple[int, ...], model_cfg: ModelConfig, shared_prefixes: bool = False) -> None:
         """Compiles every program requests of `model_cfg`'s layout will run:
-        prefill per bucket and prefill size, insert per size, generate."""
+        prefill per bucket and prefill size (after shared prefixes, and the
+        prefixes per size, where the scheduler shares them), insert per size,
+        generate."""
         state = self.init_state()
-        for bucket in self.buckets:
-            for size in sizes:
-                state = self.insert(
-                    self.prefill(model_cfg, self.dummy_prompts(bucket, size)), state, np.full(size, self.num_rows)
-                )
+        prefix_length = self.prefix_length(model_cfg) if shared_prefixes else None
+        for size in sizes:
+            if prefix_length is not None:
+                blank = self.dummy_prompts(self.buckets[0], size).batch
+                prefixes = self.prefixes(model_cfg, blank["input_ids"][:, :prefix_length], blank["pixels"])
+            for bucket in self.buckets:
+                prompts = self.dummy_prompts(bucket, size)
+                rows = self.prefill(model_cfg, prompts, None if prefix_length is None else prefixes)
+                state = self.insert(rows, state, np.full(size, self.num_rows))
         self.generate(state)
 
 

@@ -32,6 +32,7 @@ from skipvision_jax.data.llava import Turn
 from skipvision_jax.inference import LoadedModel
 from skipvision_jax.kvcache import CachePlan, KVPolicy
 from skipvision_jax.serving.engine import Engine, Prompts, model_engines
+from skipvision_jax.serving.prefix_cache import PrefixCache, prefix_key
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,14 @@ class ServeSettings:
     max_prefill: int = 8  # prompts prefilled together
     max_kv_settings: int = 4  # engines held at once (each holds max_batch rows of caches)
     warmup: bool = True  # compile the default setting's programs at start-up
+    prefix_cache_mb: float = 1024  # prompt prefixes (text before the image, visual block) kept; 0: none shared
 
     def __post_init__(self):
         for field in ("max_batch", "max_queue", "max_new_tokens", "max_prefill", "max_kv_settings"):
             if getattr(self, field) < 1:
                 raise ValueError(f"--{field.replace('_', '-')}: must be >= 1, got {getattr(self, field)}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"--prefix-cache-mb: must be >= 0, got {self.prefix_cache_mb}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +124,7 @@ class Scheduler:
         self.sizes = prefill_sizes(min(settings.max_prefill, settings.max_batch))
         self._make_engine = engines or model_engines(loaded, settings.max_batch, settings.max_new_tokens, self.buckets)
         self.compilations = CompileCounter()
+        self.prefix_cache = PrefixCache(int(settings.prefix_cache_mb * 2**20)) if settings.prefix_cache_mb else None
         self._engines: dict[KVPolicy, Engine] = {}
         self._states: dict[KVPolicy, object] = {}
         self._rows: dict[KVPolicy, list[Generation | None]] = {}  # which request holds each row, per KV setting
@@ -182,6 +187,7 @@ class Scheduler:
                 "compilations": self.compilations.count,
                 "kv_settings": [str(p) for p in self._rows],
                 "busy_s": self.busy_s,
+                **(self.prefix_cache.stats() if self.prefix_cache else {}),
                 **self.counts,
             }
 
@@ -189,7 +195,7 @@ class Scheduler:
 
     def start(self) -> None:
         if self.settings.warmup:
-            self._engine(self.settings.policy).warm(self.sizes, self._usual_layout())
+            self._engine(self.settings.policy).warm(self.sizes, self._usual_layout(), self.prefix_cache is not None)
         self._thread.start()
 
     def _usual_layout(self) -> ModelConfig:
@@ -272,11 +278,32 @@ class Scheduler:
             np.array([g.top_p for g in generations] + [1.0] * pad, np.float32),
             np.array([g.seed for g in generations] + [0] * pad, np.uint32),
         )
-        prefix = engine.prefill(model_cfg, prompts)
+        prefixes = self._shared_prefixes(policy, engine, model_cfg, generations)
+        prefilled = engine.prefill(model_cfg, prompts, None if prefixes is None else prefixes + [prefixes[0]] * pad)
         rows = np.array([row for row, _ in group] + [self.settings.max_batch] * pad, np.int32)
-        self._states[policy] = engine.insert(prefix, self._states[policy], rows)
-        for (row, generation), token in zip(group, np.asarray(prefix.last_token)):
+        self._states[policy] = engine.insert(prefilled, self._states[policy], rows)
+        for (row, generation), token in zip(group, np.asarray(prefilled.last_token)):
             self._accept(policy, row, generation, int(token))
+
+    def _shared_prefixes(self, policy, engine: Engine, model_cfg, generations: list[Generation]) -> list | None:
+        """Each request's prefix forward: from the cache, or computed once for
+        every request of the batch that shares it (and cached); None where
+        the prompts share none (no cache, FastV, a prompt that ends in its prefix)."""
+        length = engine.prefix_length(model_cfg) if self.prefix_cache else None
+        if length is None or any(len(g.ids) <= length for g in generations):
+            return None
+        keys = [prefix_key((policy, model_cfg), g.pixels, g.ids[:length]) for g in generations]
+        found, missing = self.prefix_cache.lookup(keys)
+        if missing:
+            holders = [generations[keys.index(key)] for key in missing]
+            holders += [holders[0]] * (next(s for s in self.sizes if s >= len(holders)) - len(holders))
+            made = engine.prefixes(
+                model_cfg, np.stack([g.ids[:length] for g in holders]), np.stack([g.pixels for g in holders])
+            )
+            for key, prefix in zip(missing, made):
+                found[key] = prefix
+                self.prefix_cache.put(key, prefix)
+        return [found[key] for key in keys]
 
     def _advance(self, policy: KVPolicy) -> None:
         self._states[policy], tokens = self._engines[policy].generate(self._states[policy])
