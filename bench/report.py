@@ -363,7 +363,7 @@ def section(folder: str, draw: bool) -> list[str]:
     device = os.path.basename(folder)
     lines = [f"### {device}", ""]
     rows = embedded_task_rows(folder)
-    kv, decode, skip_ffn, vs_hf, throughput, per_image, tradeoff, serving = (
+    kv, decode, skip_ffn, vs_hf, throughput, tradeoff = (
         load(folder, f)
         for f in (
             "kv_agreement.json",
@@ -371,11 +371,19 @@ def section(folder: str, draw: bool) -> list[str]:
             "skip_ffn.json",
             "vs_transformers.json",
             "eval_throughput.json",
-            "eval_throughput_per_image.json",
             "tradeoff.json",
-            "serve_load.json",
         )
     )
+    per_image = [
+        study
+        for study in (load(folder, f"eval_throughput_per_image{geometry}.json") for geometry in ("", "_llava"))
+        if study
+    ]
+    serving = [
+        study
+        for study in (load(folder, f"serve_load{n}.json") for n in ("", "_per_image", "_per_image_unshared"))
+        if study
+    ]
     if draw:
         plot_quality_cost(folder, rows, kv)
         plot_tradeoff(folder, tradeoff)
@@ -491,6 +499,8 @@ def section(folder: str, draw: bool) -> list[str]:
             if k.startswith(("prefill_speedup", "decode_tokens_per_s_ratio"))
         ]
         lines += ["", "Ratios (theirs / ours time): " + "; ".join(ratios) + ".", ""]
+        if vs_hf.get("presses", {}).get("rows"):
+            lines += press_race_lines(vs_hf["presses"])
     if throughput:
         lines += [
             f"**eval.py throughput** (`python bench/eval_throughput.py --checkpoint {throughput['checkpoint']}`, {throughput['questions']} exported val questions, `{throughput['policy']}`; compilation apart; target: the largest batch >= 5x the questions/s of batch 1):",
@@ -516,54 +526,109 @@ def section(folder: str, draw: bool) -> list[str]:
                 f"Median questions/s, largest over smallest batch: {throughput['speedup_largest_over_smallest']:.2f}x.",
             ]
         lines.append("")
-    if per_image:
-        lines += [
-            f"**eval.py with several questions per image** (`python bench/eval_throughput.py --checkpoint {per_image['checkpoint']} --per-image ...`, {per_image['questions']} exported val questions, every k consecutive ones on one image, `{per_image['policy']}`; medians; targets: 4x at 32 per image, 2.5x at 8):",
-            "",
-        ]
-        lines += markdown_table(
-            [
-                "questions per image",
-                "batch",
-                "questions/s, unshared",
-                "questions/s, shared",
-                "shared / unshared",
-                "same answers",
-                "prefill ms / batch, unshared -> shared",
-                "decode ms / batch",
-                "wall ms / batch, unshared",
-            ],
-            [
-                [
-                    str(r["per_image"]),
-                    str(r["batch_size"]),
-                    f"{r['questions_per_s_unshared']:.1f}",
-                    f"{r['questions_per_s_shared']:.1f}",
-                    f"{r['speedup']:.2f}x",
-                    str(r["answers_identical"]),
-                    f"{r['prefill_ms_unshared']:.1f} -> {r['prefill_ms_shared']:.1f}",
-                    f"{r['decode_ms']:.1f}",
-                    f"{r['batch_ms_unshared']:.1f}",
-                ]
-                for r in per_image["rows"]
-            ],
-        )
-        lines.append("")
-    if serving:
-        lines += serving_lines(serving)
+    for study in per_image:
+        lines += per_image_lines(study)
+    for load_study in serving:
+        lines += serving_lines(load_study)
     lines += [f"![{os.path.basename(p)}](bench/results/{device}/{os.path.basename(p)})" for p in figures]
     return lines + [""]
 
 
-def serving_lines(serving: dict) -> list[str]:
+def press_race_lines(presses: dict) -> list[str]:
     lines = [
-        f"**serve.py under load** (`python bench/serve_load.py --checkpoint {serving['checkpoint']}`, `{serving['policy']}`, "
-        f"--max-batch {serving['max_batch']}, greedy; {serving['client']}; device busy: the scheduler's device work "
-        "over the wall time; target: concurrency 32 >= 4x the requests/s of one at a time):",
+        f"**KV presses against transformers + kvpress** (the same command: each press at compression "
+        f"{presses['compression']}, ours against `generate` inside kvpress's press context, same knobs; targets: "
+        ">= 2x decode tokens/s, prefill >= 1x):",
+        "",
+    ]
+    rows = []
+    for r in presses["rows"]:
+        if "same_tokens" not in r:
+            rows.append([r["press"], "failed: " + str(r.get("ours_error") or r.get("hf_eager_error")), "", "", "", ""])
+            continue
+        rows.append(
+            [
+                r["press"],
+                f"{r['ours_prefill_ms']:.1f} / {r['hf_eager_prefill_ms']:.1f}",
+                f"{r['prefill_speedup']:.2f}x",
+                f"{r['ours_decode_ms_per_token']:.2f} / {r['hf_eager_decode_ms_per_token']:.2f}",
+                f"{r['decode_tokens_per_s_ratio']:.2f}x",
+                str(r["same_tokens"]),
+            ]
+        )
+    header = ["press", "prefill ms, ours / kvpress", "prefill speedup", "decode ms / token, ours / kvpress"]
+    lines += markdown_table(header + ["decode tokens/s ratio", "same greedy tokens"], rows)
+    return lines + [""]
+
+
+def per_image_lines(study: dict) -> list[str]:
+    llava = study.get("geometry") == "llava"
+    where = (
+        "random weights at LLaVA-1.5's visual geometry (576 patches, 100 kept + 156 merged, tower 2 x 256) and the CPU "
+        "benchmark decoder, the checkpoint's prompts"
+        if llava
+        else "the trained embedded-task model (a 15-token prefix of a ~30-token prompt)"
+    )
+    command = f"python bench/eval_throughput.py --checkpoint {study['checkpoint']} --per-image ..." + (
+        " --geometry llava" if llava else ""
+    )
+    lines = [
+        f"**eval.py with several questions per image, {where}** (`{command}`, {study['questions']} exported val "
+        f"questions, every k consecutive ones on one image, `{study['policy']}`; medians; targets: 4x at 32 per "
+        "image, 2.5x at 8):",
         "",
     ]
     lines += markdown_table(
-        ["answers", "concurrency", "run", "requests/s", "answer tokens/s", "p50 ms", "p99 ms", "device busy"],
+        [
+            "questions per image",
+            "batch",
+            "questions/s, unshared",
+            "questions/s, shared",
+            "shared / unshared",
+            "same answers",
+            "prefill ms / batch, unshared -> shared",
+            "decode ms / batch",
+            "wall ms / batch, unshared",
+        ],
+        [
+            [
+                str(r["per_image"]),
+                str(r["batch_size"]),
+                f"{r['questions_per_s_unshared']:.1f}",
+                f"{r['questions_per_s_shared']:.1f}",
+                f"{r['speedup']:.2f}x",
+                str(r["answers_identical"]),
+                f"{r['prefill_ms_unshared']:.1f} -> {r['prefill_ms_shared']:.1f}",
+                f"{r['decode_ms']:.1f}",
+                f"{r['batch_ms_unshared']:.1f}",
+            ]
+            for r in study["rows"]
+        ],
+    )
+    return lines + [""]
+
+
+def serving_lines(serving: dict) -> list[str]:
+    per_image = serving.get("per_image", 1)
+    flags = (
+        f" --per-image {per_image} --prefix-cache-mb {serving['prefix_cache_mb']:g}"
+        if "prefix_cache_mb" in serving
+        else ""
+    )
+    ms = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.1f}"
+    lines = [
+        f"**serve.py under load, {per_image} question(s) per image** (`python bench/serve_load.py --checkpoint "
+        f"{serving['checkpoint']}{flags}`, `{serving['policy']}`, --max-batch {serving['max_batch']}, greedy; "
+        f"{serving['client']}; device busy: the scheduler's device work over the wall time; TTFT: time to the "
+        "first text, TPOT: time per later token, vLLM's (ITL, the gaps between streamed chunks, has no samples "
+        "where each answer's text is one chunk); prefix hits / misses: the server's cache; target: concurrency 32 "
+        ">= 4x the requests/s of one at a time):",
+        "",
+    ]
+    header = ["answers", "concurrency", "run", "requests/s", "answer tokens/s", "p50 ms", "p99 ms"]
+    header += ["TTFT p50 / p99 ms", "TPOT p50 / p99 ms", "ITL p50 / p99 ms", "prefix hits / misses", "device busy"]
+    lines += markdown_table(
+        header,
         [
             [
                 scenario["answers"],
@@ -573,6 +638,10 @@ def serving_lines(serving: dict) -> list[str]:
                 f"{r['tokens_per_s']:.1f}",
                 f"{r['latency_p50_ms']:.1f}",
                 f"{r['latency_p99_ms']:.1f}",
+                f"{ms(r, 'ttft_p50_ms')} / {ms(r, 'ttft_p99_ms')}",
+                f"{ms(r, 'tpot_p50_ms')} / {ms(r, 'tpot_p99_ms')}",
+                f"{ms(r, 'itl_p50_ms')} / {ms(r, 'itl_p99_ms')}",
+                f"{r.get('prefix_hits', '-')} / {r.get('prefix_misses', '-')}",
                 pct(r["device_busy_share"]),
             ]
             for scenario in serving["scenarios"]

@@ -12,10 +12,17 @@ fp32, `--new-tokens` greedy tokens with no stop token:
     hf_eager      model.generate(do_sample=False), dynamic cache
     hf_static     the same with cache_implementation="static"
 
-Prefill = one forward over the prompt with the image; decode per token =
-(time for N tokens - time for 1 token) / (N - 1).
+transformers runs its default attention (sdpa). Then the KV presses race
+(`--presses`, at `--compression` 0.5): ours under each press against
+transformers' `generate` inside kvpress's press context (`with press(model)`,
+kvpress's way for any model; the press compresses the whole prompt at
+prefill, as ours does), with the same knobs (SnapKV's window 64 and kernel 5,
+4 sink tokens).
 
-    python bench/vs_transformers.py [--new-tokens 16] [--repeats 3]
+Prefill = one forward over the prompt with the image (and the press's
+compression); decode per token = (time for N tokens - time for 1 token) / (N - 1).
+
+    python bench/vs_transformers.py [--new-tokens 16] [--repeats 3] [--presses snapkv,streaming,knorm]
 
 Prints one JSON line; writes bench/results/<device>/vs_transformers.json.
 """
@@ -36,6 +43,21 @@ import numpy as np
 PROMPT_TEXT = 32  # text tokens around the image
 IMAGE_OFFSET = 5
 HF_RUNNERS = ("hf_eager", "hf_static", "hf_compile")
+# Each press's knobs, ours and kvpress's the same (kvpress's SnapKV defaults).
+PRESS_KNOBS = {"snapkv": {"obs_window": 64, "pool_kernel": 5}, "streaming": {"sink_tokens": 4}, "knorm": {}}
+
+
+def kvpress_press(name: str, compression: float):
+    from kvpress import KnormPress, SnapKVPress, StreamingLLMPress
+
+    knobs = PRESS_KNOBS[name]
+    return {
+        "snapkv": lambda: SnapKVPress(
+            compression, window_size=knobs.get("obs_window"), kernel_size=knobs.get("pool_kernel")
+        ),
+        "streaming": lambda: StreamingLLMPress(compression, n_sink=knobs.get("sink_tokens")),
+        "knorm": lambda: KnormPress(compression),
+    }[name]()
 
 
 def build_checkpoint(directory: str) -> None:
@@ -96,7 +118,7 @@ def timed(fn, repeats: int) -> float:
     return 1000 * float(np.median(times))
 
 
-def worker_ours(directory: str, new_tokens: int, repeats: int, dtype: str) -> dict:
+def worker_ours(directory: str, new_tokens: int, repeats: int, dtype: str, press: str, compression: float) -> dict:
     import jax
 
     from skipvision_jax.generate import Generator
@@ -107,8 +129,11 @@ def worker_ours(directory: str, new_tokens: int, repeats: int, dtype: str) -> di
     ids, pixels = prompt(hf.model_cfg.vision.num_features, hf.image_token_id)
     batch, cfg = hf_model.from_hf_inputs(hf, ids[0], pixels)
     rng = jax.random.key(0)
-    one = Generator(cfg, KVPolicy.of("full"), 1)
-    many = Generator(cfg, KVPolicy.of("full"), new_tokens)
+    policy = (
+        KVPolicy.of("full") if press == "full" else KVPolicy.of(press, compression=compression, **PRESS_KNOBS[press])
+    )
+    one = Generator(cfg, policy, 1)
+    many = Generator(cfg, policy, new_tokens)
     prefill_ms = timed(lambda: jax.block_until_ready(one.prefill(hf.params, batch, rng).tokens), repeats)
     t1 = timed(lambda: jax.block_until_ready(one(hf.params, batch, rng).tokens), repeats)
     tn = timed(lambda: jax.block_until_ready(many(hf.params, batch, rng).tokens), repeats)
@@ -124,9 +149,14 @@ def worker_ours(directory: str, new_tokens: int, repeats: int, dtype: str) -> di
     }
 
 
-def worker_hf(directory: str, new_tokens: int, repeats: int, kind: str, dtype_name: str) -> dict:
+def worker_hf(
+    directory: str, new_tokens: int, repeats: int, kind: str, dtype_name: str, press: str, compression: float
+) -> dict:
     """hf_eager: dynamic cache; hf_static: static cache; hf_compile: static
-    cache with the forward under torch.compile (transformers' recipe)."""
+    cache with the forward under torch.compile (transformers' recipe); under a
+    press (dynamic cache), inside kvpress's context."""
+    import contextlib
+
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -146,9 +176,10 @@ def worker_hf(directory: str, new_tokens: int, repeats: int, kind: str, dtype_na
     }
     extra = {"cache_implementation": "static"} if kind != "hf_eager" else {}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    pressed = contextlib.nullcontext if press == "full" else lambda: kvpress_press(press, compression)(model)
 
     def generate(n):
-        with torch.inference_mode():
+        with torch.inference_mode(), pressed():
             return model.generate(
                 **inputs,
                 max_new_tokens=n,
@@ -159,9 +190,15 @@ def worker_hf(directory: str, new_tokens: int, repeats: int, kind: str, dtype_na
                 **extra,
             )
 
-    with torch.inference_mode():
-        # logits of the last position only, as generate's own prefill computes
-        prefill_ms = timed(lambda: (model(**inputs, use_cache=True, logits_to_keep=1), sync()), repeats)
+    def prefill():
+        from transformers import DynamicCache
+
+        with torch.inference_mode(), pressed():
+            # logits of the last position only, as generate's own prefill computes
+            model(**inputs, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        sync()
+
+    prefill_ms = timed(prefill, repeats)
     t1 = timed(lambda: (generate(1), sync()), repeats)
     tn = timed(lambda: (generate(new_tokens), sync()), repeats)
     tokens = generate(new_tokens)[0, ids.shape[1] :].tolist()
@@ -172,10 +209,11 @@ def worker_hf(directory: str, new_tokens: int, repeats: int, kind: str, dtype_na
         "tokens": tokens,
         "peak_rss_bytes": peak_rss_bytes(),
         "torch_threads": torch.get_num_threads(),
+        "attn_implementation": model.config._attn_implementation,
     }
 
 
-def run_worker(kind: str, directory: str, args, dtype: str) -> dict:
+def run_worker(kind: str, directory: str, args, dtype: str, press: str = "full") -> dict:
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -189,6 +227,10 @@ def run_worker(kind: str, directory: str, args, dtype: str) -> dict:
         str(args.repeats),
         "--dtype",
         dtype,
+        "--press",
+        press,
+        "--compression",
+        str(args.compression),
     ]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -204,20 +246,33 @@ def main():
     parser.add_argument("--runners", default="ours,hf_eager,hf_static", help=f"ours and some of {HF_RUNNERS}")
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--presses", default="snapkv,streaming,knorm", help=f"KV presses raced, of {tuple(PRESS_KNOBS)}"
+    )
+    parser.add_argument("--compression", type=float, default=0.5)
+    parser.add_argument("--press", default="full", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "ours":
-        print(json.dumps(worker_ours(args.dir, args.new_tokens, args.repeats, args.dtype)))
+        print(
+            json.dumps(worker_ours(args.dir, args.new_tokens, args.repeats, args.dtype, args.press, args.compression))
+        )
         return
     if args.worker:
-        print(json.dumps(worker_hf(args.dir, args.new_tokens, args.repeats, args.worker, args.dtype)))
+        row = worker_hf(args.dir, args.new_tokens, args.repeats, args.worker, args.dtype, args.press, args.compression)
+        print(json.dumps(row))
         return
 
     from common import DECODER, DTYPE, write_result
 
     runners = args.runners.split(",")
+    presses = [p for p in args.presses.split(",") if p]
     with tempfile.TemporaryDirectory() as directory:
         build_checkpoint(directory)
         rows = {kind: run_worker(kind, directory, args, DTYPE) for kind in runners}
+        raced = {
+            press: {kind: run_worker(kind, directory, args, DTYPE, press) for kind in ("ours", "hf_eager")}
+            for press in presses
+        }
     ours = rows["ours"]
     d = DECODER
     result = {
@@ -239,6 +294,15 @@ def main():
         row["same_tokens_as_ours"] = row["tokens"] == ours["tokens"]
         result[f"prefill_speedup_vs_{kind}"] = row["prefill_ms"] / ours["prefill_ms"]
         result[f"decode_tokens_per_s_ratio_vs_{kind}"] = row["decode_ms_per_token"] / ours["decode_ms_per_token"]
+    result["presses"] = {"compression": args.compression, "knobs": {p: PRESS_KNOBS[p] for p in presses}, "rows": []}
+    for press, pair in raced.items():
+        row = {"press": press, **{f"{kind}_{k}": v for kind, r in pair.items() for k, v in r.items()}}
+        if not any("error" in r for r in pair.values()):
+            ours_p, theirs = pair["ours"], pair["hf_eager"]
+            row["same_tokens"] = ours_p["tokens"] == theirs["tokens"]
+            row["prefill_speedup"] = theirs["prefill_ms"] / ours_p["prefill_ms"]
+            row["decode_tokens_per_s_ratio"] = theirs["decode_ms_per_token"] / ours_p["decode_ms_per_token"]
+        result["presses"]["rows"].append(row)
     write_result("vs_transformers", result)
 
 

@@ -216,7 +216,7 @@ class Generator:
         # Real tokens are contiguous from 0 (text is right-padded), so a row's
         # prompt length is its count of valid rows.
         prompt_lens = key_valid.sum(axis=1).astype(jnp.int32)
-        query_weights = self.policy.query_weights(positions, key_valid, prompt_lens)
+        scored = self.policy.scored_queries(positions, key_valid, prompt_lens)
         if prefixes is None and "prefix_rows" in batch:
             prefix_rows = batch["prefix_rows"]
             distinct = self.prefix_captures(
@@ -231,7 +231,7 @@ class Generator:
                 input_ids,
                 text_mask,
                 prefixes,
-                query_weights,
+                scored,
                 method=SkipVisionVLM.extend,
                 mutable=self._sown,
             )
@@ -241,7 +241,7 @@ class Generator:
                 input_ids,
                 text_mask,
                 **image,
-                query_weights=query_weights,
+                scored=scored,
                 method=SkipVisionVLM.prefill,
                 mutable=self._sown,
             )

@@ -33,7 +33,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.partition import SequenceLayout
-from skipvision_jax.presses import FullPress, Press, PromptKeys, press_named, press_taking
+from skipvision_jax.presses import FullPress, Press, PromptKeys, ScoredQueries, press_named, press_taking
 from skipvision_jax.sharding import CACHE_KV, CACHE_SLOTS, constrain
 
 _PROTECTED = 1e30  # priority of tokens a press never drops
@@ -115,12 +115,12 @@ class KVPolicy:
             return self.press.protected_slots() + 1
         return self.press.least_prompt_room() + max_new_tokens
 
-    def query_weights(
+    def scored_queries(
         self, positions: Int[Array, "B L"], key_valid: Bool[Array, "B L"], prompt_lens: Int[Array, " B"]
-    ) -> Float[Array, "B L"] | None:
+    ) -> ScoredQueries | None:
         """Which prompt queries' attention the press reads, or None."""
-        queries = self.press.queries(positions, key_valid, prompt_lens)
-        return None if queries is None else queries.astype(jnp.float32)
+        reads = self.press.queries(positions, key_valid, prompt_lens)
+        return None if reads is None else ScoredQueries.of(reads, prompt_lens, self.press.query_window())
 
     def resolve_budget(self, prompt_len: int, skipped: int, max_new_tokens: int) -> int:
         """The buffer size for a padded prompt of `prompt_len` rows in budget

@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import ClassVar
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -63,6 +64,38 @@ class PromptKeys:
 
     def newest(self, window: int) -> Bool[Array, "B L"]:
         return newest(self.positions, self.prompt_lens, window)
+
+
+@flax.struct.dataclass
+class ScoredQueries:
+    """The prompt queries whose attention a press reads, with their weights:
+    all L rows of each prompt (`index` None, `weights` [B, L]), or W rows
+    (`index` [B, W]), so that a press that reads a few queries (SnapKV's
+    window, TOVA's last) costs the prefill W rows of attention, not L."""
+
+    weights: Float[Array, "B W"]
+    index: Int[Array, "B W"] | None = None
+
+    @classmethod
+    def of(cls, reads: Bool[Array, "B L"], prompt_lens: Int[Array, " B"], window: int | None) -> ScoredQueries:
+        """`reads` (a press's `queries`), as the `window` last rows of each
+        prompt where the press reads no others."""
+        length = reads.shape[1]
+        if window is None or window >= length:
+            return cls(reads.astype(jnp.float32))
+        start = prompt_lens[:, None] - window + jnp.arange(window)  # [B, W]
+        index = jnp.clip(start, 0, length - 1)
+        # A prompt shorter than the window: the rows before its start count once (clipped copies weigh 0).
+        weights = jnp.take_along_axis(reads, index, axis=1) & (start >= 0)
+        return cls(weights.astype(jnp.float32), index.astype(jnp.int32))
+
+    def taking(self, keep: Int[Array, "B M"]) -> ScoredQueries:
+        """The same queries among the rows FastV keeps (`keep`, sorted): a dropped row weighs nothing."""
+        if self.index is None:
+            return ScoredQueries(jnp.take_along_axis(self.weights, keep, axis=1))
+        at = jnp.clip(jax.vmap(jnp.searchsorted)(keep, self.index), 0, keep.shape[1] - 1)
+        kept = jnp.take_along_axis(keep, at, axis=1) == self.index
+        return ScoredQueries(jnp.where(kept, self.weights, 0.0), at.astype(jnp.int32))
 
 
 def newest(positions: Int[Array, "B L"], prompt_lens: Int[Array, " B"], window: int) -> Bool[Array, "B L"]:
@@ -106,6 +139,10 @@ class Press:
     def queries(
         self, positions: Int[Array, "B L"], key_valid: Bool[Array, "B L"], prompt_lens: Int[Array, " B"]
     ) -> Bool[Array, "B L"] | None:
+        return None
+
+    def query_window(self) -> int | None:
+        """How many of each prompt's last queries `queries` reads at most; None: any."""
         return None
 
     def fixed_prompt_keys(self, prompt_len: int, skipped: int) -> int | None:
@@ -224,6 +261,9 @@ class SnapKVPress(Press):
     def queries(self, positions, key_valid, prompt_lens):
         return key_valid & newest(positions, prompt_lens, self.obs_window)
 
+    def query_window(self):
+        return self.obs_window
+
     def least_prompt_room(self):
         return self.obs_window
 
@@ -313,6 +353,9 @@ class TOVAPress(Press):
 
     def queries(self, positions, key_valid, prompt_lens):
         return positions == prompt_lens[:, None] - 1
+
+    def query_window(self):
+        return 1
 
     def eviction_rank(self, pos, score, new_pos):
         return -score

@@ -257,7 +257,14 @@ def test_evicting_policies_keep_the_slots_and_logits_of_a_numpy_reference(policy
 
 
 @pytest.mark.parametrize(
-    "policy", [KVPolicy.of("full"), KVPolicy.of("h2o", budget=12, sink_tokens=2, recent_window=4)], ids=lambda p: p.name
+    "policy",
+    [
+        KVPolicy.of("full"),
+        KVPolicy.of("h2o", budget=12, sink_tokens=2, recent_window=4),
+        # A window longer than a row's text: it reaches into visual rows FastV may drop.
+        KVPolicy.of("snapkv", budget=16, obs_window=10),
+    ],
+    ids=lambda p: p.name,
 )
 def test_fastv_prunes_the_visual_rows_the_last_prompt_token_attends_least(policy):
     """FastV after layer 1 of 3, 5 of the 16 visual rows kept: layers 1 and 2

@@ -69,6 +69,16 @@ def attention_probs(
     return jax.nn.softmax(logits, axis=-1)
 
 
+def received_attention(
+    q: Float[Array, "B T H Dh"],
+    k: Float[Array, "B S KV Dh"],
+    mask: Bool[Array, "B 1 T S"],
+    weights: Float[Array, "B T"],
+) -> Float[Array, "B H S"]:
+    """The attention each key receives from the queries, each weighted, per query head."""
+    return jnp.einsum("bhts,bt->bhs", attention_probs(q, k, mask), weights)
+
+
 class Attention(nn.Module):
     width: int
     num_heads: int

@@ -17,6 +17,7 @@ from skipvision_jax.nn.attention import (
     attend,
     attend_cache,
     attention_probs,
+    received_attention,
 )
 from skipvision_jax.nn.layers import RMSNorm, SwiGLU, dense
 from skipvision_jax.partition import (
@@ -25,6 +26,7 @@ from skipvision_jax.partition import (
     positional_partition,
     topk_partition,
 )
+from skipvision_jax.presses import ScoredQueries
 from skipvision_jax.sharding import HIDDEN_ACTIVATION, constrain
 
 # Collections a prefill makes mutable to ask the blocks for more in "prefill"
@@ -78,12 +80,12 @@ class DecoderBlock(nn.Module):
         h: Float[Array, "B L D"],
         positions: Int[Array, "B L"],
         mask: Bool[Array, "B 1 L L"],
-        query_weights: Float[Array, "B L"] | None = None,
+        scored: ScoredQueries | None = None,
     ) -> Float[Array, "B L D"]:
         q, k, v, query_states = self.attn.project_with_states(self.attn_norm(h), positions)
         if self.is_mutable_collection("prefill"):
             # Prefill for decoding: hand the keys and values (RoPE applied) to the
-            # KV cache, and the attention each key received from the weighted
+            # KV cache, and the attention each key received from the scored
             # queries, per query head, but only for the policies that rank by it.
             self.sow("prefill", "k", k)
             self.sow("prefill", "v", v)
@@ -91,9 +93,12 @@ class DecoderBlock(nn.Module):
                 self.sow("prefill", "query_states", query_states)
             if self.is_mutable_collection(PREFIX_QUERIES):
                 self.sow("prefill", "q", q)
-            if query_weights is not None:
-                probs = attention_probs(q, k, mask)  # [B, H, L, L]
-                self.sow("prefill", "key_scores", jnp.einsum("bhts,bt->bhs", probs, query_weights))
+            if scored is not None:
+                rows_q, rows_mask = q, mask
+                if scored.index is not None:  # only the rows the press reads
+                    rows_q = jnp.take_along_axis(q, scored.index[:, :, None, None], axis=1)
+                    rows_mask = jnp.take_along_axis(mask, scored.index[:, None, :, None], axis=2)
+                self.sow("prefill", "key_scores", received_attention(rows_q, k, rows_mask, scored.weights))
         h = h + self.attn.output(attend(q, k, v, mask))
         if self.layout is None:
             return h + self.ffn(h)
@@ -110,7 +115,7 @@ class DecoderBlock(nn.Module):
         positions: Int[Array, "B T"],
         mask: Bool[Array, "B 1 T L"],
         prefix: dict[str, Array],
-        query_weights: Float[Array, "B L"] | None = None,
+        scored: ScoredQueries | None = None,
     ) -> Float[Array, "B T D"]:
         """The prompt's rows after a shared prefix (text rows: the FFN runs on
         all), attending over the prefix's keys and values and their own; what
@@ -124,17 +129,20 @@ class DecoderBlock(nn.Module):
         self.sow("prefill", "v", values)
         if self.is_mutable_collection(QUERY_STATES):
             self.sow("prefill", "query_states", jnp.concatenate([prefix["query_states"], query_states], axis=1))
-        if query_weights is not None:
-            # Attention received from the weighted queries: the prefix's own
-            # (causal among its rows, all real), then the rest's.
-            length = prefix["k"].shape[1]
-            prefix_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-            received = jnp.einsum(
-                "bhts,bt->bhs", attention_probs(prefix["q"], prefix["k"], prefix_mask), query_weights[:, :length]
+        if scored is not None:
+            # Attention received from the scored queries, each a prefix row
+            # (causal among the prefix's rows, all real) or one of the rest's.
+            length, total = prefix["k"].shape[1], keys.shape[1]
+            index = scored.index
+            if index is None:
+                index = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), scored.weights.shape)
+            rows_q = jnp.take_along_axis(
+                jnp.concatenate([prefix["q"], q.astype(prefix["q"].dtype)], axis=1), index[:, :, None, None], axis=1
             )
-            received = jnp.pad(received, [(0, 0), (0, 0), (0, h.shape[1])])
-            received += jnp.einsum("bhts,bt->bhs", attention_probs(q, keys, mask), query_weights[:, length:])
-            self.sow("prefill", "key_scores", received)
+            own_rows = jnp.take_along_axis(mask[:, 0], jnp.clip(index - length, 0)[:, :, None], axis=1)
+            prefix_rows = jnp.arange(total)[None, None] <= index[:, :, None]
+            rows_mask = jnp.where((index < length)[:, :, None], prefix_rows, own_rows)[:, None]
+            self.sow("prefill", "key_scores", received_attention(rows_q, keys, rows_mask, scored.weights))
         h = h + self.attn.output(attend(q, keys, values, mask))
         return h + self.ffn(h)
 
@@ -184,10 +192,10 @@ class _ScanStep(nn.Module):
     remat: str | None
 
     @nn.compact
-    def __call__(self, h, positions, mask, query_weights):
+    def __call__(self, h, positions, mask, scored):
         block_cls = remat_block(self.remat, scanned=True)
         block = block_cls(self.cfg, self.layout, self.partition_kind, self.dtype, name="block")
-        return constrain(block(h, positions, mask, query_weights), HIDDEN_ACTIVATION), None
+        return constrain(block(h, positions, mask, scored), HIDDEN_ACTIVATION), None
 
 
 class _ScanDecodeStep(nn.Module):
@@ -216,9 +224,9 @@ class _ScanExtendStep(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, h, positions, mask, query_weights, prefix):
+    def __call__(self, h, positions, mask, scored, prefix):
         block = DecoderBlock(self.cfg, None, dtype=self.dtype, name="block")
-        return constrain(block.extend(h, positions, mask, prefix, query_weights), HIDDEN_ACTIVATION), None
+        return constrain(block.extend(h, positions, mask, prefix, scored), HIDDEN_ACTIVATION), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +329,7 @@ class DecoderStack(nn.Module):
         h: Float[Array, "B L D"],
         positions: Int[Array, "B L"],
         mask: Bool[Array, "B 1 L L"] | None = None,
-        query_weights: Float[Array, "B L"] | None = None,
+        scored: ScoredQueries | None = None,
         fastv_query: Int[Array, " B"] | None = None,
         caches: tuple[LayerCache, ...] | None = None,
         policy: KVPolicy | None = None,
@@ -330,20 +338,20 @@ class DecoderStack(nn.Module):
         if caches is not None:
             return self._decode(h, positions, caches, policy)
         if prefixes is not None:
-            return self._extend(h, positions, mask, query_weights, prefixes)
+            return self._extend(h, positions, mask, scored, prefixes)
         for group in self.groups():
             layout = self.layout if group.skip else None
             if group.scanned:
                 h, _ = scan_group(_ScanStep, group, num_broadcast=3)(
                     self.cfg, layout, self.partition_kind, self.dtype, self.remat, name=group.name
-                )(h, positions, mask, query_weights)
+                )(h, positions, mask, scored)
                 continue
             block = remat_block(self.remat, scanned=False)(
                 self.cfg, layout, self.partition_kind, self.dtype, name=group.name
             )
             prune_after = fastv_query is not None and self.fastv.enabled and group.start == self.fastv.layer - 1
             scores = block.attention_received(h, positions, mask, fastv_query) if prune_after else None
-            h = constrain(block(h, positions, mask, query_weights), HIDDEN_ACTIVATION)
+            h = constrain(block(h, positions, mask, scored), HIDDEN_ACTIVATION)
             if prune_after:
                 keep = fastv_keep_index(self.layout.for_length(h.shape[1]), scores, self.fastv.keep)
                 if self.is_mutable_collection("prefill"):
@@ -353,20 +361,20 @@ class DecoderStack(nn.Module):
                 mask = jnp.take_along_axis(
                     jnp.take_along_axis(mask, keep[:, None, :, None], axis=2), keep[:, None, None, :], axis=3
                 )
-                query_weights = None if query_weights is None else jnp.take_along_axis(query_weights, keep, axis=1)
+                scored = None if scored is None else scored.taking(keep)
         return h
 
-    def _extend(self, h, positions, mask, query_weights, prefixes: tuple[dict[str, Array], ...]):
+    def _extend(self, h, positions, mask, scored, prefixes: tuple[dict[str, Array], ...]):
         """The rows after a shared prefix through every layer, against the
         prefix's captures (one per layer group, scanned groups stacked)."""
         for group, prefix in zip(self.groups(), prefixes, strict=True):
             if group.scanned:
                 h, _ = scan_group(_ScanExtendStep, group, num_broadcast=3, num_scanned=1)(
                     self.cfg, self.dtype, name=group.name
-                )(h, positions, mask, query_weights, prefix)
+                )(h, positions, mask, scored, prefix)
             else:
                 block = DecoderBlock(self.cfg, None, dtype=self.dtype, name=group.name)
-                h = constrain(block.extend(h, positions, mask, prefix, query_weights), HIDDEN_ACTIVATION)
+                h = constrain(block.extend(h, positions, mask, prefix, scored), HIDDEN_ACTIVATION)
         return h
 
     def _decode(

@@ -14,6 +14,7 @@ from skipvision_jax.nn.layers import RMSNorm, default_kernel_init, dense, logica
 from skipvision_jax.nn.projector import VisualTokens
 from skipvision_jax.nn.vision import VisionTower
 from skipvision_jax.partition import SequenceLayout, in_range, kept_first_order
+from skipvision_jax.presses import ScoredQueries
 from skipvision_jax.sharding import HIDDEN_ACTIVATION, constrain, logits_axes
 
 
@@ -90,7 +91,7 @@ class SkipVisionVLM(nn.Module):
         return constrain(logits.astype(jnp.float32), logits_axes(logits.ndim))
 
     def hidden_states(
-        self, input_ids, text_mask, pixels, vision_features, extra_mask=None, query_weights=None, fastv_query=None
+        self, input_ids, text_mask, pixels, vision_features, extra_mask=None, scored=None, fastv_query=None
     ):
         """Final hidden states [B, M, D] (before the norm; M = L unless FastV pruned) and key_valid [B, L]."""
         if (pixels is None) == (vision_features is None):
@@ -107,7 +108,7 @@ class SkipVisionVLM(nn.Module):
             mask = mask & self.layout(input_ids.shape[1]).text_sees_skipped_mask()[None, None]
         if extra_mask is not None:
             mask = mask & extra_mask[:, None]
-        return self.decoder(h, positions, mask, query_weights, fastv_query), key_valid
+        return self.decoder(h, positions, mask, scored, fastv_query), key_valid
 
     def __call__(
         self,
@@ -158,7 +159,7 @@ class SkipVisionVLM(nn.Module):
         input_ids: Int[Array, "B T"],
         text_mask: Bool[Array, "B T"],
         prefixes: tuple[dict[str, Array], ...],
-        query_weights: Float[Array, "B L"] | None = None,
+        scored: ScoredQueries | None = None,
     ) -> Float[Array, "B V"]:
         """The rest of each prompt after its shared prefix (`prefill_prefix`'s
         captures gathered to the rows), as a full `prefill` computes it: the
@@ -174,11 +175,11 @@ class SkipVisionVLM(nn.Module):
         own = jnp.tril(jnp.ones((length, length), bool))[None] & rest_mask[:, None, :]  # [B, T, T]
         seen = jnp.broadcast_to(prefix_keys[None, None], (rest_ids.shape[0], length, start))
         mask = jnp.concatenate([seen, own], axis=2)[:, None]  # [B, 1, T, L]
-        h = self.decoder(self.embed(rest_ids), positions, mask, query_weights, prefixes=prefixes)
+        h = self.decoder(self.embed(rest_ids), positions, mask, scored, prefixes=prefixes)
         last = rest_mask.sum(axis=1) - 1
         return self.logits(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])
 
-    def prefill(self, input_ids, text_mask, pixels=None, vision_features=None, query_weights=None):
+    def prefill(self, input_ids, text_mask, pixels=None, vision_features=None, scored=None):
         """Prompt forward for decoding (Skip-FFN path, as trained). Apply with
         mutable=["prefill"] to collect each layer's keys, values and key scores.
 
@@ -189,9 +190,7 @@ class SkipVisionVLM(nn.Module):
         layout = self.layout(input_ids.shape[1])
         last_text = text_mask.sum(axis=1) - 1  # [B]
         fastv_query = jnp.asarray(layout.text_positions())[last_text] if self.cfg.fastv.enabled else None
-        h, _ = self.hidden_states(
-            input_ids, text_mask, pixels, vision_features, query_weights=query_weights, fastv_query=fastv_query
-        )
+        h, _ = self.hidden_states(input_ids, text_mask, pixels, vision_features, scored=scored, fastv_query=fastv_query)
         if self.cfg.fastv.enabled:
             layout = layout.pruned(self.cfg.fastv.keep)
         last = jnp.asarray(layout.text_positions())[last_text]
