@@ -381,7 +381,16 @@ def section(folder: str, draw: bool) -> list[str]:
     ]
     serving = [
         study
-        for study in (load(folder, f"serve_load{n}.json") for n in ("", "_per_image", "_per_image_unshared"))
+        for study in (
+            load(folder, f"serve_load{n}.json")
+            for n in (
+                "",
+                "_per_image",
+                "_per_image_unshared",
+                "_per_image_llava",
+                "_per_image_llava_unshared",
+            )
+        )
         if study
     ]
     if draw:
@@ -616,9 +625,13 @@ def serving_lines(serving: dict) -> list[str]:
         else ""
     )
     ms = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.1f}"
+    model, what = f"--checkpoint {serving['checkpoint']}", "the embedded-task model"
+    if serving.get("geometry") == "llava":
+        model = "--geometry llava --max-tokens 2 --answers model"
+        what = "a random transformers LLaVA at bench/vs_transformers.py's geometry (576 image tokens, decoder 512 x 8)"
     lines = [
-        f"**serve.py under load, {per_image} question(s) per image** (`python bench/serve_load.py --checkpoint "
-        f"{serving['checkpoint']}{flags}`, `{serving['policy']}`, --max-batch {serving['max_batch']}, greedy; "
+        f"**serve.py under load, {what}, {per_image} question(s) per image** (`python bench/serve_load.py "
+        f"{model}{flags}`, `{serving['policy']}`, --max-batch {serving['max_batch']}, greedy; "
         f"{serving['client']}; device busy: the scheduler's device work over the wall time; TTFT: time to the "
         "first text, TPOT: time per later token, vLLM's (ITL, the gaps between streamed chunks, has no samples "
         "where each answer's text is one chunk); prefix hits / misses: the server's cache; target: concurrency 32 "

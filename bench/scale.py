@@ -100,9 +100,13 @@ def main():
     from skipvision_jax.flops import train_step_flops, vision_forward_flops
     from skipvision_jax.generate import Generator
     from skipvision_jax.kvcache import KVPolicy
+    from skipvision_jax.nn import attention
     from skipvision_jax.nn.shapes import abstract_params
     from skipvision_jax.train.state import build_state_plan
     from skipvision_jax.train.step import make_train_step
+
+    # The programs sized here run on accelerators: whole-sequence attention, not the CPU's query blocks.
+    attention.CPU_QUERY_BLOCK = None
 
     cfg = load_config(args.config)
     mesh_sizes = dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))

@@ -50,7 +50,7 @@ def start_server(args, port: int) -> subprocess.Popen:
     command = [
         sys.executable,
         os.path.join(REPO, "serve.py"),
-        f"--checkpoint={args.checkpoint}",
+        f"--hf-checkpoint={args.hf_checkpoint}" if args.hf_checkpoint else f"--checkpoint={args.checkpoint}",
         f"--port={port}",
         f"--max-batch={args.max_batch}",
         f"--max-new-tokens={args.max_tokens}",
@@ -199,6 +199,12 @@ def main():
     parser.add_argument("--per-image", type=int, default=1, help="Consecutive questions on one image.")
     parser.add_argument("--prefix-cache-mb", type=float, default=1024, help="The server's; 0: no prefix shared.")
     parser.add_argument("--name", default="serve_load", help="The results file's name.")
+    parser.add_argument(
+        "--geometry",
+        choices=("checkpoint", "llava"),
+        default="checkpoint",
+        help="llava: serve a random transformers LLaVA at bench/vs_transformers.py's geometry (576 image tokens)",
+    )
     parser.add_argument("--port", type=int, default=8391)
     args = parser.parse_args()
     args.concurrency_levels = [int(c) for c in args.concurrency.split(",")]
@@ -215,6 +221,13 @@ def main():
             for i, (_, tokens, eos) in enumerate(passes)
         ]
     next_bodies = iter(bodies)
+    model_dir = tempfile.TemporaryDirectory()
+    args.hf_checkpoint = None
+    if args.geometry == "llava":
+        from vs_transformers import build_checkpoint
+
+        build_checkpoint(model_dir.name, with_processor=True)
+        args.hf_checkpoint = model_dir.name
     server = start_server(args, args.port)
     url = f"http://127.0.0.1:{args.port}"
     results = []
@@ -244,10 +257,12 @@ def main():
     finally:
         server.terminate()
         server.wait(60)
+        model_dir.cleanup()
     write_result(
         args.name,
         {
             "checkpoint": args.checkpoint,
+            "geometry": args.geometry,
             "policy": args.kv_policy,
             "max_batch": args.max_batch,
             "per_image": args.per_image,

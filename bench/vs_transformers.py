@@ -60,7 +60,10 @@ def kvpress_press(name: str, compression: float):
     }[name]()
 
 
-def build_checkpoint(directory: str) -> None:
+def build_checkpoint(directory: str, with_processor: bool = False) -> None:
+    """A random LLaVA at the geometry above; `with_processor`: with a word-level
+    tokenizer, CLIP's image processor and a chat template too (tests/hf_tiny.py's),
+    a directory serve.py and eval.py take (--hf-checkpoint)."""
     import torch
     from common import DECODER
     from transformers import (
@@ -89,11 +92,29 @@ def build_checkpoint(directory: str) -> None:
         image_size=336,
         patch_size=14,
     )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=DECODER.vocab_size - 1, vision_feature_layer=-2
-    )
+    image_token = DECODER.vocab_size - 1
+    if with_processor:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        from tests.hf_tiny import CHAT_TEMPLATE, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        image_token = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token, vision_feature_layer=-2)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
+    if with_processor:
+        size = {"shortest_edge": vision.image_size}
+        crop = {"height": vision.image_size, "width": vision.image_size}
+        LlavaProcessor(
+            image_processor=CLIPImageProcessor(size=size, crop_size=crop),
+            tokenizer=tokenizer,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy="default",
+            chat_template=CHAT_TEMPLATE,
+            num_additional_image_tokens=1,
+        ).save_pretrained(directory)
 
 
 def prompt(image_tokens: int, image_token: int) -> tuple[np.ndarray, np.ndarray]:

@@ -94,12 +94,14 @@ class DecoderBlock(nn.Module):
             if self.is_mutable_collection(PREFIX_QUERIES):
                 self.sow("prefill", "q", q)
             if scored is not None:
-                rows_q, rows_mask = q, mask
-                if scored.index is not None:  # only the rows the press reads
+                if scored.index is None:  # every row, causal
+                    received = received_attention(q, k, mask, scored.weights, causal_offset=0)
+                else:  # only the rows the press reads
                     rows_q = jnp.take_along_axis(q, scored.index[:, :, None, None], axis=1)
                     rows_mask = jnp.take_along_axis(mask, scored.index[:, None, :, None], axis=2)
-                self.sow("prefill", "key_scores", received_attention(rows_q, k, rows_mask, scored.weights))
-        h = h + self.attn.output(attend(q, k, v, mask))
+                    received = received_attention(rows_q, k, rows_mask, scored.weights)
+                self.sow("prefill", "key_scores", received)
+        h = h + self.attn.output(attend(q, k, v, mask, causal_offset=0))
         if self.layout is None:
             return h + self.ffn(h)
         partition = self.partition(h)
@@ -143,7 +145,7 @@ class DecoderBlock(nn.Module):
             prefix_rows = jnp.arange(total)[None, None] <= index[:, :, None]
             rows_mask = jnp.where((index < length)[:, :, None], prefix_rows, own_rows)[:, None]
             self.sow("prefill", "key_scores", received_attention(rows_q, keys, rows_mask, scored.weights))
-        h = h + self.attn.output(attend(q, keys, values, mask))
+        h = h + self.attn.output(attend(q, keys, values, mask, causal_offset=prefix["k"].shape[1]))
         return h + self.ffn(h)
 
     def attention_received(
