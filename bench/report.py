@@ -488,7 +488,7 @@ def section(folder: str, draw: bool) -> list[str]:
         lines.append("")
     if vs_hf and "ours" in vs_hf and "error" not in vs_hf["ours"]:
         lines += [
-            "**Against transformers** (`python bench/vs_transformers.py`, same imported weights, batch 1, fp32; targets: >= 2x prefill speed, >= 1.5x decode tokens/s against eager `generate`):",
+            "**Against transformers** (`python bench/vs_transformers.py`, same imported weights, batch 1, fp32, transformers' default sdpa attention; `hf_eager`: `generate` with its dynamic cache, `hf_static`: with a static cache; targets: >= 2x prefill speed, >= 1.5x decode tokens/s against `hf_eager`):",
             "",
             "| runner | prefill ms | decode ms / token | peak RSS MiB | same greedy tokens |",
             "| --- | --- | --- | --- | --- |",
