@@ -388,6 +388,13 @@ class ModelConfig:
             )
 
     @property
+    def shares_prefixes(self) -> bool:
+        """Whether prompts on one image can share their prefix's forward (the
+        text before the image, the visual block): not under FastV, whose
+        pruning of the visual rows reads the question."""
+        return not self.fastv.enabled
+
+    @property
     def visual_length(self) -> int:
         """Rows of the visual block: kept, skipped and the summary tokens."""
         return self.layout.num_kept + self.num_skipped + 2 * int(self.layout.summary_tokens)

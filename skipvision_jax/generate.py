@@ -280,10 +280,6 @@ class Generator:
         """The collections a prefill fills: keys, values, scores; the query states where the press reads them."""
         return ["prefill", QUERY_STATES] if self.policy.press.reads_query_states else ["prefill"]
 
-    def shares_prefixes(self) -> bool:
-        """Whether prompts of this layout can share a prefix's forward (not under FastV, whose pruning reads the question)."""
-        return not self.cfg.fastv.enabled
-
     def prefix_captures(
         self, params, prefix_ids: Int[Array, "U P"], image: dict[str, Array]
     ) -> tuple[dict[str, Array], ...]:

@@ -150,7 +150,7 @@ class SkipVisionVLM(nn.Module):
         image and prefix text; under causal attention they do not depend on
         what follows). Apply with mutable=["prefill", PREFIX_QUERIES] to
         collect each layer's keys, values and queries for `extend`."""
-        if self.cfg.fastv.enabled:
+        if not self.cfg.shares_prefixes:
             raise ValueError("fastv: a pruned prefix depends on the question; prefixes are not shared under FastV")
         self.hidden_states(prefix_ids, jnp.ones(prefix_ids.shape, bool), pixels, vision_features)
 

@@ -194,7 +194,7 @@ class Engine:
         """The text ids before the image, which a shared prefix holds with
         it; None where prompts of this layout share no prefix."""
         generator = self._generator_for(model_cfg)
-        return generator.cfg.layout.image_offset if generator.shares_prefixes() else None
+        return generator.cfg.layout.image_offset if generator.cfg.shares_prefixes else None
 
     def prefixes(self, model_cfg: ModelConfig, prefix_ids: np.ndarray, pixels: np.ndarray) -> list[Prefix]:
         """The forward of U prefixes (`prefix_ids` [U, prefix_length], their

@@ -269,7 +269,7 @@ class Scheduler:
 
     def _prefill(self, policy, model_cfg, bucket, group: list[tuple[int, Generation]]) -> None:
         engine = self._engine(policy)
-        size = next(s for s in self.sizes if s >= len(group))
+        size = bucket_for(len(group), self.sizes)
         generations = [g for _, g in group]
         pad = size - len(group)
         prompts = Prompts(
@@ -296,7 +296,7 @@ class Scheduler:
         found, missing = self.prefix_cache.lookup(keys)
         if missing:
             holders = [generations[keys.index(key)] for key in missing]
-            holders += [holders[0]] * (next(s for s in self.sizes if s >= len(holders)) - len(holders))
+            holders += [holders[0]] * (bucket_for(len(holders), self.sizes) - len(holders))
             made = engine.prefixes(
                 model_cfg, np.stack([g.ids[:length] for g in holders]), np.stack([g.pixels for g in holders])
             )

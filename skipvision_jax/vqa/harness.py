@@ -123,7 +123,7 @@ class Answerer:
         s, loaded = self.settings, self.loaded
         batch = collate(rows, bucket, s.batch_size, loaded.pad_id)
         model_cfg = rows[0].model_cfg
-        if s.share_prefix and not model_cfg.fastv.enabled:  # FastV's pruned prefix depends on the question
+        if s.share_prefix and model_cfg.shares_prefixes:
             batch = share_prefixes(batch, model_cfg.layout.image_offset, prefill_sizes(s.batch_size), len(rows))
         generator = self.generator(model_cfg, bucket, batch)
         start = time.perf_counter()
