@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = restore_run(args.checkpoint, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
         vision_tower = (run.cfg.get("init") or {}).get("vision_tower", "")
-        export(run.params, run.model_cfg, run.cfg.data, vision_tower, args.out, args.format)
+        export(run.params, run.model_cfg, run.text, vision_tower, args.out, args.format)
     except (ValueError, CheckpointError) as err:  # HFCheckpointError is a ValueError
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Every benchmark on one GPU (H100 / H200) in under 8 minutes, at the GPU
+# Every benchmark on one GPU (H100 / H200): the real-size step first (at most 15
+# minutes, its timeout), then the others in under 8 minutes, at the GPU
 # geometry (bench/common.py: decoder width 2048, 16 layers, 16 / 4 heads,
 # FFN 5632, bf16 compute, fp32 master weights; LLaVA-1.5's 576 visual tokens):
 #
 #     bash bench/gpu.sh              # on the GPU machine
 #     bash bench/gpu.sh --dry-run    # the same steps at toy sizes on the CPU
 #
+# 0. LLaVA-1.5-7B at full size in bf16 (bench/real_size.py): load, prefill and
+#    decode against the HBM roofline, Skip-FFN's realized saving (the dry run: 2 layers)
 # 1. train step full / merge / skip at batch 16: time, MFU, realized vs ideal saving
 # 2. prefill and per-token decode of every KV policy at batch 1, 16 and 64,
 #    against the memory roof measured in the same run (a device-to-device copy)
@@ -36,13 +39,14 @@ if [ "${1:-}" = "--dry-run" ]; then
   # and compiled transformers runners are the same code with other arguments.
   export BENCH_GEOMETRY=toy JAX_PLATFORMS=cpu
   export BENCH_RESULTS="${OUT:-$(mktemp -d)}/results"
-  steps=1 repeats=1 gib=0.05 batch=4 large_batches="4" hf_runners=ours,hf_eager limit=120
+  steps=1 repeats=1 gib=0.05 batch=4 large_batches="4" hf_runners=ours,hf_eager limit=120 real_layers=2
 else
   export BENCH_GEOMETRY=gpu XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
   [ -n "${OUT:-}" ] && export BENCH_RESULTS="$OUT/results"
-  steps=10 repeats=5 gib=1 batch=16 large_batches="16 64" hf_runners=ours,hf_eager,hf_static,hf_compile limit=150
+  steps=10 repeats=5 gib=1 batch=16 large_batches="16 64" hf_runners=ours,hf_eager,hf_static,hf_compile limit=150 real_layers=0
 fi
 
+run timeout 900 python bench/real_size.py --models llava15_7b --no-peer --layers "$real_layers" --scratch "$(mktemp -d)"
 run timeout "$limit" python bench/skip_ffn.py --batch "$batch" --steps "$steps"
 name=decode  # the first is the one bench/report.py tabulates
 for b in $large_batches; do

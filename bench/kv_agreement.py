@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import write_result
 
+from skipvision_jax.data.tasks import generated_task
 from skipvision_jax.generate import Generator
 from skipvision_jax.inference import load_trained
 from skipvision_jax.kvcache import CachePlan, KVPolicy
@@ -21,14 +22,20 @@ from skipvision_jax.kvcache import CachePlan, KVPolicy
 MAX_NEW = 2  # one answer word and <eos>
 
 
+def val_source(loaded):
+    """The run's validation split (a generated task's)."""
+    data = loaded.cfg.data
+    return generated_task(data.kind)("val", data.val_size, data.seed, data.text_len)
+
+
 def val_prompts(loaded, count: int, prompt_len: int):
-    source = loaded.data.val_source
+    source = val_source(loaded)
     ids = np.zeros((count, prompt_len), np.int32)
     mask = np.zeros((count, prompt_len), bool)
     pixels, answers = [], []
     for i in range(count):
         _, _, question, answer, _ = source.sample(i)
-        prompt = loaded.data.encode_prompt(question)
+        prompt = loaded.text.prompt_ids(question)
         ids[i, : len(prompt)], mask[i, : len(prompt)] = prompt, True
         pixels.append(source[i]["pixels"])
         answers.append(answer)
@@ -36,7 +43,7 @@ def val_prompts(loaded, count: int, prompt_len: int):
 
 
 def run_policy(loaded, policy: KVPolicy, prompts: dict, batch_size: int) -> np.ndarray:
-    generator = Generator(loaded.model_cfg, policy, MAX_NEW, stop_ids=loaded.data.stop_ids, pad_id=loaded.data.pad_id)
+    generator = Generator(loaded.model_cfg, policy, MAX_NEW, stop_ids=loaded.stop_ids, pad_id=loaded.pad_id)
     out = []
     for start in range(0, len(prompts["input_ids"]), batch_size):
         batch = {k: jnp.asarray(v[start : start + batch_size]) for k, v in prompts.items()}
@@ -57,14 +64,14 @@ def main():
 
     loaded = load_trained(args.checkpoint)
     prompt_len = loaded.cfg.data.text_len - MAX_NEW
-    prompts, answers = val_prompts(loaded, min(args.questions, len(loaded.data.val_source)), prompt_len)
+    prompts, answers = val_prompts(loaded, min(args.questions, loaded.cfg.data.val_size), prompt_len)
     knobs = dict(sink_tokens=args.sink_tokens, recent_window=args.recent_window, obs_window=args.obs_window)
     base = KVPolicy.of("full")
     full_slots = CachePlan.make(loaded.model_cfg, base, prompt_len, MAX_NEW).buffer_size
     reference = run_policy(loaded, base, prompts, args.batch)
 
     def score(tokens):
-        texts = [loaded.data.decode(t.tolist()) for t in tokens]
+        texts = [loaded.decode(t.tolist()) for t in tokens]
         return {
             "agreement_with_full": float(np.mean(np.all(tokens == reference, axis=1))),
             "exact_match": float(np.mean([t == a for t, a in zip(texts, answers)])),

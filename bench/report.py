@@ -1,4 +1,4 @@
-"""Figures and the README's results section, regenerated from bench/results/.
+"""Figures and the tables of the docs' results page, regenerated from bench/results/.
 
 For each device folder in bench/results/ it draws, from whichever results
 are there:
@@ -11,11 +11,12 @@ are there:
                          forward FLOPs per variant, with the Pareto front, and
                          against KV slots per policy on the skip model
 
-and rewrites the block between `<!-- results:begin -->` and
-`<!-- results:end -->` in README.md. No number in that block is typed by hand.
+into docs/results/<device>/, and rewrites the block between
+`<!-- results:begin -->` and `<!-- results:end -->` of docs/results.md. No
+number in that block is typed by hand.
 
-    python bench/report.py            # figures + README block
-    python bench/report.py --check    # CI: is the README block up to date?
+    python bench/report.py            # figures + the results page's block
+    python bench/report.py --check    # CI: is that block up to date?
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +33,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)  # configs/ is not an installed package
 
 from configs.default import get_config  # noqa: E402
-from skipvision_jax.config import model_config_from_dict  # noqa: E402
+from skipvision_jax.data.synthetic import SyntheticVQA  # noqa: E402
+from skipvision_jax.experiment import sizing_model_config  # noqa: E402
 from skipvision_jax.flops import forward_flops  # noqa: E402
 
 
@@ -100,11 +103,11 @@ def embedded_task_rows(folder: str) -> list[dict]:
         if not metrics:
             continue
         evals = [m for m in metrics if "val_exact_match" in m]
-        model = get_config().model.to_dict()
+        experiment = get_config()
         for section, values in overrides.items():
-            model[section].update(values)
-        cfg = model_config_from_dict(model)
-        flops = sum(forward_flops(cfg, get_config().data.text_len, 1).values())
+            experiment.model[section].update(values)
+        cfg = sizing_model_config(experiment)
+        flops = sum(forward_flops(cfg, SyntheticVQA.text_len, 1).values())
         rows.append(
             {
                 "name": name,
@@ -124,9 +127,15 @@ def embedded_task_rows(folder: str) -> list[dict]:
     return rows
 
 
+def figure_folder(folder: str) -> str:
+    """Where a device's figures go: beside the results page, which shows them."""
+    return os.path.join(REPO, "docs", "results", os.path.basename(folder))
+
+
 def save_figure(fig, folder: str, name: str) -> None:
     fig.tight_layout()
-    fig.savefig(os.path.join(folder, name), dpi=100)
+    os.makedirs(figure_folder(folder), exist_ok=True)
+    fig.savefig(os.path.join(figure_folder(folder), name), dpi=100)
     pyplot().close(fig)
 
 
@@ -398,7 +407,7 @@ def section(folder: str, draw: bool) -> list[str]:
         plot_tradeoff(folder, tradeoff)
         plot_decode(folder, decode)
         plot_shares(folder, skip_ffn)
-    figures = sorted(glob.glob(os.path.join(folder, "*.png")))
+    figures = sorted(glob.glob(os.path.join(figure_folder(folder), "*.png")))
     if rows:
         lines += [
             "**Embedded task** (`train_*.metrics.jsonl`), validation exact match:",
@@ -539,7 +548,174 @@ def section(folder: str, draw: bool) -> list[str]:
         lines += per_image_lines(study)
     for load_study in serving:
         lines += serving_lines(load_study)
-    lines += [f"![{os.path.basename(p)}](bench/results/{device}/{os.path.basename(p)})" for p in figures]
+    seeds, easy_vqa, real_size = (
+        load(folder, f) for f in ("default_seeds.json", "easy_vqa_study.json", "real_size.json")
+    )
+    if seeds:
+        lines += default_seeds_lines(seeds)
+    if easy_vqa:
+        lines += easy_vqa_lines(easy_vqa)
+    if real_size:
+        lines += real_size_lines(real_size)
+    lines += [f"![{os.path.basename(p)}](results/{device}/{os.path.basename(p)})" for p in figures]
+    return lines + [""]
+
+
+SEED_KINDS = ("colour", "shape", "count", "position")
+
+
+def default_seeds_lines(seeds: dict) -> list[str]:
+    """The main job over seeds x XLA threads (bench/default_seeds.py)."""
+    runs = seeds["runs"]
+    lines = [
+        "#### The main job over seeds and threads",
+        "",
+        "`python bench/default_seeds.py` (`python train.py --workdir RUN --config.train.seed=S --config.data.seed=S`,"
+        " 4,000 steps; one thread: two runs side by side, one per core; two threads: alone), validation exact match:",
+        "",
+    ]
+    lines += markdown_table(
+        ["seed", "XLA threads", "all", *SEED_KINDS, "wall s"],
+        [
+            [str(r["seed"]), str(r["threads"]), pct(r["all"]), *(pct(r[k]) for k in SEED_KINDS), f"{r['wall_s']:.0f}"]
+            for r in runs
+        ],
+    )
+    lines += [""]
+    lines += markdown_table(
+        ["over the runs", "all", *SEED_KINDS, "wall s"],
+        [
+            [
+                name,
+                *(pct(f([r[k] for r in runs])) for k in ("all", *SEED_KINDS)),
+                f"{f([r['wall_s'] for r in runs]):.0f}",
+            ]
+            for name, f in (("minimum", min), ("median", statistics.median))
+        ],
+    )
+    two = [r["wall_s"] for r in runs if r["threads"] == 2]
+    lines += [
+        "",
+        f"Worst run's worst kind: {pct(seeds['worst_kind'])}. Two-thread wall times {min(two):.0f}-{max(two):.0f} s.",
+        "",
+    ]
+    return lines
+
+
+def easy_vqa_lines(study: dict) -> list[str]:
+    """The study on easy-VQA's test split (bench/easy_vqa_study.py)."""
+    variants = study["variants"]
+    types = sorted({t for v in variants.values() for t in v["by_type"]})
+    lines = [
+        "#### easy-VQA",
+        "",
+        f"`python bench/easy_vqa_study.py` ({study['data']}, {next(iter(variants.values()))['questions']} questions,"
+        " greedy; every variant trained with configs/easy_vqa.py's seed, steps and data), exact match:",
+        "",
+    ]
+    lines += markdown_table(
+        ["variant", "all", *types, "forward GFLOPs / question", "training s", "steps"],
+        [
+            [
+                name,
+                pct(v["test_exact_match"]),
+                *(pct(v["by_type"].get(t, float("nan"))) for t in types),
+                f"{v['forward_gflops']:.3f}",
+                f"{v['train_s']:.0f}",
+                str(v["steps"]),
+            ]
+            for name, v in variants.items()
+        ],
+    )
+    return lines + [""]
+
+
+def real_size_lines(real: dict) -> list[str]:
+    """LLaVA-1.5-7B and LLaMA-3-8B + CLIP-L/336 at full size (bench/real_size.py)."""
+    lines = [
+        "#### Real size",
+        "",
+        f"`python bench/real_size.py` (random bf16 weights, {real['layers']} decoder layers, prefill of 576 visual + 64"
+        " text tokens, 32 decoded tokens; every time one run after compiling):",
+        "",
+    ]
+    rows = []
+    for name, row in real["models"].items():
+        ours, back = row["ours_hf_layout"], row["ours_llava_layout"]
+        for layout, load_row in (("transformers'", ours), ("LLaVA's", back)):
+            rows.append(
+                [
+                    name,
+                    layout,
+                    f"{load_row['param_bytes'] / 1e9:.2f}",
+                    f"{load_row['load_s']:.0f}",
+                    f"{load_row['load_gb_s']:.2f} / {load_row['read_gb_s']:.2f}",
+                    f"{load_row['peak_rss_after_load_gb']:.1f} / {load_row['rss_limit_gb']:.1f}",
+                ]
+            )
+    lines += markdown_table(
+        ["model", "layout read", "param GB (bf16)", "load s", "load / file read GB/s", "peak RSS / limit GB"], rows
+    )
+    lines += [""]
+    rows = []
+    for name, row in real["models"].items():
+        ours = row["ours_hf_layout"]
+        for r in ours["plain"]:
+            rows.append(
+                [
+                    name,
+                    "ours",
+                    str(r["batch"]),
+                    f"{r['prefill_ms'] / 1000:.1f}",
+                    f"{r['decode_ms_per_token']:.0f}",
+                    f"{r['roofline_ms_per_token']:.0f}",
+                    f"{r['over_roofline']:.2f}",
+                ]
+            )
+        if "transformers" in row:
+            peer = row["transformers"]
+            rows.append(
+                [
+                    name,
+                    "transformers bf16",
+                    "1",
+                    f"{peer['prefill_ms'] / 1000:.1f}",
+                    f"{peer['decode_ms_per_token']:.0f}",
+                    "",
+                    "",
+                ]
+            )
+    lines += markdown_table(
+        ["model", "", "batch", "prefill s", "decode ms / token", "memory roofline ms / token", "over the roofline"],
+        rows,
+    )
+    lines += [""]
+    rows = []
+    for name, row in real["models"].items():
+        skip, cache = row["ours_hf_layout"]["skip"], row["ours_hf_layout"]["cache_bytes"]
+        rows.append(
+            [
+                name,
+                f"{skip['plain_prefill_flops'] / 1e12:.2f} / {skip['prefill_flops'] / 1e12:.2f}",
+                f"{skip['prefill_ms'] / 1000:.1f}",
+                pct(skip["flop_ideal_saving"]),
+                pct(skip["realized_saving"]),
+                pct(skip["realized_share"]),
+                " / ".join(f"{cache[k] / 1e6:.0f}" for k in ("full", "skip_vision", "snapkv@0.5")),
+            ]
+        )
+    lines += markdown_table(
+        [
+            "model",
+            "prefill TFLOPs plain / skip",
+            "skip prefill s (batch 1)",
+            "FLOP-ideal saving",
+            "realized",
+            "share realized",
+            "cache MB full / skip_vision / snapkv@0.5",
+        ],
+        rows,
+    )
     return lines + [""]
 
 
@@ -733,7 +909,7 @@ def main():
     parser.add_argument(
         "--check",
         action="store_true",
-        help="draw nothing, write nothing; exit 1 if README.md's block differs from the results",
+        help="draw nothing, write nothing; exit 1 if docs/results.md's block differs from the results",
     )
     args = parser.parse_args()
     scale_folder = os.path.join(HERE, "results", "scale")
@@ -743,19 +919,19 @@ def main():
         block += section(folder, draw=not args.check)
     block += scale_section(scale_folder)
     block.append(END)
-    readme_path = os.path.join(REPO, "README.md")
-    readme = open(readme_path).read()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"error: README.md has no {BEGIN} ... {END} block")
-    start, end = readme.index(BEGIN), readme.index(END) + len(END)
-    updated = readme[:start] + "\n".join(block) + readme[end:]
+    page_path = os.path.join(REPO, "docs", "results.md")
+    page = open(page_path).read()
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"error: docs/results.md has no {BEGIN} ... {END} block")
+    start, end = page.index(BEGIN), page.index(END) + len(END)
+    updated = page[:start] + "\n".join(block) + page[end:]
     if args.check:
-        if updated != readme:
-            raise SystemExit("error: README.md's results block is out of date; run python bench/report.py")
+        if updated != page:
+            raise SystemExit("error: docs/results.md's block is out of date; run python bench/report.py")
         return
-    with open(readme_path, "w") as f:
+    with open(page_path, "w") as f:
         f.write(updated)
-    print(json.dumps({"devices": [os.path.basename(f) for f in folders], "readme_lines": len(block)}))
+    print(json.dumps({"devices": [os.path.basename(f) for f in folders], "page_lines": len(block)}))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def main():
     import jax.numpy as jnp
 
     from skipvision_jax import sharding
-    from skipvision_jax.config import LayoutConfig, SkipConfig, model_config_from_dict
+    from skipvision_jax.config import LayoutConfig, SkipConfig
+    from skipvision_jax.experiment import sizing_model_config
     from skipvision_jax.flops import train_step_flops, vision_forward_flops
     from skipvision_jax.generate import Generator
     from skipvision_jax.kvcache import KVPolicy
@@ -114,7 +115,7 @@ def main():
     rules = sharding.logical_rules(cfg.mesh)
     batch = args.batch or args.devices
     text_len = cfg.data.text_len
-    skip_cfg = model_config_from_dict(cfg.model.to_dict())
+    skip_cfg = sizing_model_config(cfg)
     full_cfg = dataclasses.replace(
         skip_cfg,
         layout=LayoutConfig.plain(skip_cfg.vision.num_features, skip_cfg.layout.image_offset),

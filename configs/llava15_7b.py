@@ -50,10 +50,10 @@ CLIP_VIT_L_336 = {
 }
 
 
-# stage -> (what trains, peak lr, global batch, steps: one epoch of LLaVA's data)
+# stage -> (what trains, peak lr, global batch, steps: one epoch of LLaVA's data, template)
 STAGES = {
-    "stage1": ("projector", 1e-3, 256, 558_128 // 256),
-    "stage2": ("projector+decoder", 2e-5, 128, 665_298 // 128),
+    "stage1": ("projector", 1e-3, 256, 558_128 // 256, "plain"),
+    "stage2": ("projector+decoder", 2e-5, 128, 665_298 // 128, "vicuna_v1"),
 }
 
 
@@ -63,8 +63,9 @@ def with_stage(cfg: ConfigDict, stage: str) -> ConfigDict:
         return cfg
     if stage not in STAGES:
         raise ValueError(f"config stage: unknown {stage!r}, expected one of {tuple(STAGES)} (configs/x.py:stage1)")
-    trainable, lr, batch, steps = STAGES[stage]
+    trainable, lr, batch, steps, template = STAGES[stage]
     cfg.model.scan_layers = False
+    cfg.data.template = template
     cfg.optimizer.update({"trainable": trainable, "lr": lr, "warmup_steps": int(0.03 * steps), "weight_decay": 0.0})
     cfg.train.update({"batch_size": batch, "steps": steps})
     return cfg
@@ -75,7 +76,7 @@ def get_config(stage: str = "") -> ConfigDict:
     cfg.model.vision.update(CLIP_VIT_L_336)
     # The official LLaVA setting: the 100 kept tokens by CLS attention (clip_encoder.py's use_zip),
     # the rest merged by RandomBipartiteSoftMatching (llava_arch_index_q_tome.py:535), one `ada` pool.
-    cfg.model.layout.update({"image_offset": 35, **OFFICIAL_LLAVA_LAYOUT})
+    cfg.model.layout.update(OFFICIAL_LLAVA_LAYOUT)
     cfg.model.decoder.update(
         {"vocab_size": 32000, "width": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 32, "mlp_dim": 11008}
     )

@@ -9,7 +9,9 @@ fp32 master weights and optimizer state, scanned layers, remat; stage 2.
     python bench/scale.py --config configs/skipvision_llama3_8b.py --devices 8 --mesh 1,8,1
 
 LLaVA's two stages from LLaMA-3-8B-Instruct and the CLIP tower as they ship:
-`configs/skipvision_llama3_8b.py:stage1` and `:stage2`, as in configs/llava15_7b.py.
+`configs/skipvision_llama3_8b.py:stage1` and `:stage2`, as in configs/llava15_7b.py,
+in the official code's templates: `llama3_plain` for stage 1 (its
+`--version llama3-plain`), `llama3` otherwise (`--version llama3`).
 """
 
 from ml_collections import ConfigDict
@@ -21,9 +23,7 @@ def get_config(stage: str = "") -> ConfigDict:
     cfg = llava15_7b.get_config(stage)
     cfg.model.vision.update({"image_size": 448, "pooled_grids": (4, 16)})
     # The coarse tokens are kept by position (the CLS ranking is the 576-token setting's).
-    cfg.model.layout.update(
-        {"image_offset": 35, "num_kept": 272, "select": "first", "merge_to": 256, "summary_tokens": True}
-    )
+    cfg.model.layout.update({"num_kept": 272, "select": "first", "merge_to": 256, "summary_tokens": True})
     cfg.model.decoder.update(
         {
             "vocab_size": 128256,
@@ -35,4 +35,5 @@ def get_config(stage: str = "") -> ConfigDict:
             "rope_theta": 500000.0,
         }
     )
+    cfg.data.template = "llama3_plain" if stage == "stage1" else "llama3"
     return cfg

@@ -21,8 +21,12 @@ def powers_of_two(limit: int, smallest: int = 1) -> tuple[int, ...]:
     return tuple(sizes) + (limit,)
 
 
-def length_buckets(max_text_len: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
-    """The text lengths prompts are padded to."""
+def length_buckets(max_text_len: int, shortest_prompt: int = 1) -> tuple[int, ...]:
+    """The text lengths prompts are padded to: powers of two from the first
+    that holds the shortest possible prompt, closed by `max_text_len`."""
+    smallest = SMALLEST_BUCKET
+    while smallest < shortest_prompt:
+        smallest *= 2
     return powers_of_two(max_text_len, smallest)
 
 

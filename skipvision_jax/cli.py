@@ -13,7 +13,8 @@ from typing import NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
-from skipvision_jax import sharding
+from skipvision_jax import compilation, sharding
+from skipvision_jax.config import FLOAT_DTYPES
 from skipvision_jax.errors import one_line
 from skipvision_jax.kvcache import KVPolicy
 from skipvision_jax.presses import press_class, press_named
@@ -72,6 +73,14 @@ def quiet_library_logs() -> None:
     logging.getLogger("skipvision_jax").setLevel(logging.INFO)
 
 
+flags.DEFINE_string(
+    "compilation_cache",
+    compilation.default_cache_dir(),
+    f"JAX's persistent compilation cache: programs compiled once are read back on the next run; '' turns it off"
+    f" (default: ${compilation.CACHE_ENV}, else the user's cache directory).",
+)
+
+
 def define_distributed_flags() -> None:
     """Multi-host start-up (see README, "Several hosts")."""
     flags.DEFINE_string("coordinator", None, "host:port of process 0, for jax.distributed.initialize.")
@@ -94,6 +103,18 @@ def define_model_flags() -> None:
         "visual_kept", -1, "With --hf-checkpoint: visual tokens that stay in the cache under skip_vision (-1: all)."
     )
     flags.DEFINE_string("mesh", "1,1,-1", "Devices on the data,fsdp,tensor mesh axes (-1: the rest).")
+    flags.DEFINE_string(
+        "dtype",
+        "auto",
+        "auto | float32 | bfloat16: what the weights are held and computed in (auto: the checkpoint's own, as"
+        " transformers' dtype='auto'; a train.py run: its own param_dtype and compute dtype).",
+    )
+    flags.DEFINE_string(
+        "conv_mode",
+        None,
+        "Prompt in this template (plain | vicuna_v1 | llama3 | llama3_plain) instead of the run's, as LLaVA's eval"
+        " scripts' --conv-mode; with --hf-checkpoint, instead of the processor's chat template.",
+    )
 
 
 def check_model_flags() -> dict[str, int]:
@@ -110,7 +131,11 @@ def load_model_from_flags():
 
     mesh = check_model_flags()
     f = flags.FLAGS
-    return load_trained(f.checkpoint, mesh) if f.checkpoint else load_hf(f.hf_checkpoint, mesh, f.visual_kept)
+    if f.dtype not in ("auto", *FLOAT_DTYPES):
+        raise ValueError(f"--dtype: unknown {f.dtype!r}, expected auto or one of {FLOAT_DTYPES}")
+    if f.checkpoint:
+        return load_trained(f.checkpoint, mesh, f.conv_mode, f.dtype)
+    return load_hf(f.hf_checkpoint, mesh, f.visual_kept, f.conv_mode, f.dtype)
 
 
 def define_kv_flags() -> None:
@@ -186,6 +211,7 @@ def run(main: Callable[[], None], expected_errors: tuple[type[BaseException], ..
         if len(argv) > 1:
             fail(f"unexpected arguments {argv[1:]}", code=2)
         quiet_library_logs()
+        compilation.enable_persistent_cache(flags.FLAGS.compilation_cache)
         try:
             f = flags.FLAGS
             if "coordinator" in f:  # commands that run on several hosts define the distributed flags

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 PARTITION_KINDS = ("positional", "topk")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+FLOAT_DTYPES = ("float32", "bfloat16")  # compute
+PARAM_DTYPES = (*FLOAT_DTYPES, "float16")  # weights: also as fp16 checkpoints (LLaVA-1.5's) ship
 SELECT_STRATEGIES = ("patch", "full")
 POS_EMBED_INITS = ("sincos2d", "normal")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
@@ -312,7 +313,11 @@ class ModelConfig:
     skip: SkipConfig = dataclasses.field(default_factory=SkipConfig)
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
     fastv: FastVConfig = dataclasses.field(default_factory=FastVConfig)
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute
+    # What the weights are held in. Training keeps float32 master weights
+    # (mixed precision: `dtype` bfloat16 computes over them); inference holds a
+    # checkpoint in its own dtype (the loaders' default, transformers' "auto").
+    param_dtype: str = "float32"
     remat: bool = False
     # What the rematerialized decoder blocks keep for the backward pass: a
     # `jax.checkpoint_policies` name ("nothing_saveable" recomputes the whole
@@ -363,7 +368,12 @@ class ModelConfig:
             "skip.text_sees_skipped",
             "False needs summary tokens (layout.summary_tokens): nothing would carry the skipped rows to the text",
         )
-        _require(self.dtype in COMPUTE_DTYPES, "dtype", f"unknown {self.dtype!r}, expected one of {COMPUTE_DTYPES}")
+        _require(self.dtype in FLOAT_DTYPES, "dtype", f"unknown {self.dtype!r}, expected one of {FLOAT_DTYPES}")
+        _require(
+            self.param_dtype in PARAM_DTYPES,
+            "param_dtype",
+            f"unknown {self.param_dtype!r}, expected one of {PARAM_DTYPES}",
+        )
         n = self.decoder.num_layers
         _require(self.skip.layer_start <= n, "skip.layer_start", f"{self.skip.layer_start} exceeds num_layers {n}")
         _require(
@@ -466,7 +476,8 @@ def validate_experiment(cfg: Mapping[str, Any]) -> None:
         {
             "train_size": integer(*positive),
             "val_size": integer(*non_negative),
-            "text_len": integer(lambda v: v >= 2, ">= 2"),
+            "text_len": integer(lambda v: v == 0 or v >= 2, ">= 2 or 0 (from the data)"),
+            "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
         },
     )
     _check_numbers(

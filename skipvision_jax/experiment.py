@@ -4,6 +4,7 @@ config), and the config an earlier run was trained with."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -11,7 +12,7 @@ import os
 import ml_collections
 
 from skipvision_jax.config import ModelConfig, model_config_from_dict
-from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.data.pipeline import text_format
 from skipvision_jax.errors import CheckpointError
 from skipvision_jax.interop import hf_llava, llava_layout
 from skipvision_jax.interop.parts import given_parts, model_config_from_parts
@@ -49,7 +50,13 @@ def base_model_config(cfg) -> ModelConfig:
         imported = hf_llava.model_config_from_hf(hf_config, dtype=ours.dtype)
     vision = dataclasses.replace(imported.vision, pooled_grids=ours.vision.pooled_grids)
     return dataclasses.replace(
-        imported, layout=ours.layout, skip=ours.skip, vision=vision, remat=ours.remat, remat_policy=ours.remat_policy
+        imported,
+        layout=ours.layout,
+        skip=ours.skip,
+        vision=vision,
+        param_dtype=ours.param_dtype,  # a run trains in its own (float32 master weights by default)
+        remat=ours.remat,
+        remat_policy=ours.remat_policy,
     )
 
 
@@ -58,17 +65,84 @@ def model_image_size(cfg) -> int:
     return base_model_config(cfg).vision.image_size
 
 
-def build_model_config(cfg, data: DataSpec) -> ModelConfig:
+def with_data_settings(cfg, text) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with what follows from its text format (`data.text_format`)
+    filled in where the config leaves it None: `model.layout.image_offset` (the
+    template's tokens before the image) and `model.decoder.vocab_size` (the
+    tokenizer's). An explicit value that cannot be right is a one-line error."""
+    cfg = copy.deepcopy(cfg)
+    layout, decoder = cfg.model.layout, cfg.model.decoder
+    if layout.image_offset is None:
+        layout.image_offset = text.image_offset
+    elif layout.image_offset != text.image_offset:
+        raise ValueError(
+            f"model.layout.image_offset: {layout.image_offset}, but the data puts the image after {text.image_offset} text tokens"
+            " (leave it unset to take it from the data)"
+        )
+    if decoder.vocab_size is None:
+        decoder.vocab_size = text.vocab_size
+    elif decoder.vocab_size < text.vocab_size:
+        raise ValueError(
+            f"model.decoder.vocab_size: {decoder.vocab_size} is smaller than the tokenizer's {text.vocab_size}"
+            " (leave it unset to take it from the tokenizer)"
+        )
+    return cfg
+
+
+def build_model_config(cfg, text) -> ModelConfig:
+    """The model config of `cfg` (its data settings filled in, `with_data_settings`)
+    for a text format: the image sits where that format puts it (a run's own,
+    or another template's at evaluation), and a model that starts from other
+    weights must still hold the tokenizer's vocabulary."""
     model_cfg = base_model_config(cfg)
-    if model_cfg.layout.image_offset != data.image_offset:
+    if model_cfg.decoder.vocab_size < text.vocab_size:
         raise ValueError(
-            f"model.layout.image_offset: {model_cfg.layout.image_offset}, but the data puts the image after {data.image_offset} text tokens"
+            f"model.decoder.vocab_size: {model_cfg.decoder.vocab_size} is smaller than the tokenizer's {text.vocab_size}"
         )
-    if model_cfg.decoder.vocab_size < data.vocab_size:
-        raise ValueError(
-            f"model.decoder.vocab_size: {model_cfg.decoder.vocab_size} is smaller than the tokenizer's {data.vocab_size}"
-        )
-    return model_cfg
+    return dataclasses.replace(model_cfg, layout=dataclasses.replace(model_cfg.layout, image_offset=text.image_offset))
+
+
+# Where a LLaVA-format config leaves them to a tokenizer it does not have at
+# hand, sizing without data (bench/scale.py) takes LLaVA-1.5's: 35 tokens of
+# vicuna_v1 prompt before the image in LLaMA's tokenizer, and its 32,000 tokens.
+STAND_IN_TEXT = {"image_offset": 35, "vocab_size": 32000}
+
+
+def sizing_model_config(cfg) -> ModelConfig:
+    """The model config of `cfg` without training it: what follows from the
+    data comes from the generated task, or from `data.tokenizer` where that
+    file exists, else from `STAND_IN_TEXT`. For sizing programs and counting
+    FLOPs; a run derives its own (`with_data_settings`)."""
+    data = cfg.data
+    if data.kind != "llava" or (data.get("tokenizer") and os.path.exists(data.tokenizer)):
+        return base_model_config(with_data_settings(cfg, text_format(data)))
+    cfg = copy.deepcopy(cfg)
+    layout, decoder = cfg.model.layout, cfg.model.decoder
+    layout.image_offset = STAND_IN_TEXT["image_offset"] if layout.image_offset is None else layout.image_offset
+    decoder.vocab_size = STAND_IN_TEXT["vocab_size"] if decoder.vocab_size is None else decoder.vocab_size
+    return base_model_config(cfg)
+
+
+RUN_TOKENIZER = "tokenizer.json"  # a run's own copy, beside its config.json
+
+
+def run_text_format(workdir: str, cfg, template: str | None = None):
+    """The text format a run trained with, from its workdir alone (its
+    config.json and its copy of the tokenizer); `template` overrides the
+    run's (eval's --conv-mode)."""
+    data_cfg = copy.deepcopy(cfg.data)
+    if template is not None:
+        if data_cfg.kind != "llava":
+            raise ValueError(
+                f"--conv-mode: the {data_cfg.kind} task has one prompt format; it applies to LLaVA-format runs"
+            )
+        data_cfg.template = template
+    if data_cfg.kind != "llava":
+        return text_format(data_cfg)
+    tokenizer = os.path.join(workdir, RUN_TOKENIZER)
+    if not os.path.exists(tokenizer):
+        raise CheckpointError(f"{workdir}: no {RUN_TOKENIZER} (train.py keeps the run's tokenizer there)")
+    return text_format(data_cfg, tokenizer)
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -7,16 +7,18 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
 from skipvision_jax import sharding
+from skipvision_jax.batching import length_buckets
 from skipvision_jax.config import LayoutConfig, ModelConfig
 from skipvision_jax.data.images import load_image, preprocess
 from skipvision_jax.data.llava import Turn
-from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.data.templates import ConversationCodec, template_named
 from skipvision_jax.generate import Generator, Sampling
 from skipvision_jax.kvcache import KVPolicy, cache_bytes, cache_slots
 from skipvision_jax.train.restore import restore_run
@@ -41,20 +43,31 @@ class LoadedModel:
     encode: Callable[[Image.Image, Sequence[Turn]], tuple[dict, ModelConfig]]
     max_text_len: int  # text tokens a prompt may have
     cfg: ml_collections.ConfigDict | None = None  # train.py's config (trained models)
-    data: DataSpec | None = None
+    text: object | None = None  # their text format (`data.pipeline.text_format`)
+
+    def length_buckets(self) -> tuple[int, ...]:
+        """The text lengths its prompts are padded to (eval.py's and the server's):
+        the smallest holds the text before the image and one token more."""
+        return length_buckets(self.max_text_len, self.model_cfg.layout.image_offset + 1)
 
     def make_batch(self, image_path: str, question: str) -> tuple[dict, ModelConfig]:
         """One question about an image file (eval.py's and infer.py's prompt)."""
         return self.encode(load_image(image_path), [Turn("user", question)])
 
 
-def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
+def load_trained(workdir: str, mesh_cfg=None, template: str | None = None, dtype: str = "auto") -> LoadedModel:
     """The params of the newest good checkpoint in a train.py workdir, restored
     onto a mesh (`mesh_cfg`: data/fsdp/tensor sizes; default: every device on
-    `tensor`), whatever mesh trained them."""
+    `tensor`), whatever mesh trained them; prompts in the run's template, or
+    in `template` (eval's --conv-mode). `dtype` other than "auto" (the run's own
+    param and compute dtypes) holds and computes in it: restored as saved,
+    then cast a weight at a time."""
     mesh = sharding.make_mesh(mesh_cfg or INFERENCE_MESH)
-    run = restore_run(workdir, mesh)
-    cfg, data, model_cfg, params = run.cfg, run.data, run.model_cfg, run.params
+    run = restore_run(workdir, mesh, template=template)
+    cfg, text, model_cfg, params = run.cfg, run.text, run.model_cfg, run.params
+    if dtype != "auto":
+        model_cfg = dataclasses.replace(model_cfg, dtype=dtype, param_dtype=dtype)
+        params = cast_in_place(params, dtype)
     rules = sharding.logical_rules(cfg.get("mesh"))
 
     max_text_len = cfg.data.text_len - 1  # room for one answer token at least
@@ -64,7 +77,7 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
             raise ValueError("prompt: this model's prompt format takes one user message (with the image)")
         if not turns[0].text.strip():
             raise ValueError("prompt: empty")
-        ids = data.encode_prompt(turns[0].text)
+        ids = text.prompt_ids(turns[0].text)
         if len(ids) > max_text_len:
             raise ValueError(
                 f"prompt: {len(ids)} tokens exceed the model's text length ({max_text_len} + 1 answer token at least)"
@@ -77,14 +90,31 @@ def load_trained(workdir: str, mesh_cfg=None) -> LoadedModel:
         }, model_cfg
 
     return LoadedModel(
-        model_cfg, params, mesh, rules, data.stop_ids, data.pad_id, data.decode, encode, max_text_len, cfg, data
+        model_cfg, params, mesh, rules, text.stop_ids, text.pad_id, text.decode, encode, max_text_len, cfg, text
     )
 
 
-def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel:
+def cast_in_place(params: dict, dtype: str) -> dict:
+    """`params` (nested dicts of arrays) with their floating weights cast to
+    `dtype` one at a time, in place: each old weight is freed as its cast is
+    made, so a second copy of the model never exists."""
+    for key, value in params.items():
+        if isinstance(value, dict):
+            cast_in_place(value, dtype)
+        elif jnp.issubdtype(value.dtype, jnp.floating):
+            params[key] = value.astype(dtype)
+    return params
+
+
+def load_hf(
+    directory: str, mesh_cfg=None, visual_kept: int = -1, template: str | None = None, dtype: str = "auto"
+) -> LoadedModel:
     """A Hugging Face LLaVA directory. `visual_kept` >= 0 keeps only the first
     that many visual tokens in the cache under `skip_vision` (the rest form the
-    skipped segment; the prefill itself stays exactly transformers')."""
+    skipped segment; the prefill itself stays exactly transformers'). Prompts
+    come from the directory's chat template, or from `template` (LLaVA's
+    --conv-mode: its text tokenized as LLaVA's eval scripts do). `dtype`:
+    see `hf_model.load` (auto: the checkpoint's own)."""
     from skipvision_jax.interop import hf_llava, hf_model
 
     mesh = sharding.make_mesh(mesh_cfg or INFERENCE_MESH)
@@ -93,29 +123,37 @@ def load_hf(directory: str, mesh_cfg=None, visual_kept: int = -1) -> LoadedModel
     if visual_kept >= 0:
         num_visual = hf_llava.model_config_from_hf(hf_config).vision.num_features
         layout = LayoutConfig(num_kept=min(visual_kept, num_visual), merge_to=None, summary_tokens=False)
-    hf = hf_model.load(directory, mesh, layout=layout)
+    hf = hf_model.load(directory, mesh, dtype=dtype, layout=layout)
     if hf.processor is None:
         raise hf_llava.HFCheckpointError(f"{directory}: no tokenizer/processor files, cannot encode a prompt")
     tokenizer = hf.processor.tokenizer
+    max_text_len = hf_model.max_positions(hf) - hf.model_cfg.vision.num_features
+    codec = None if template is None else ConversationCodec(tokenizer.backend_tokenizer, template_named(template))
 
     def encode(image: Image.Image, turns: Sequence[Turn]) -> tuple[dict, ModelConfig]:
         if not any(turn.text.strip() for turn in turns if turn.role == "user"):
             raise ValueError("prompt: empty")
-        return hf_model.encode(hf, image, turns)
+        if codec is None:
+            return hf_model.encode(hf, image, turns)
+        if [turn.role for turn in turns] != ["user"]:
+            raise ValueError("prompt: --conv-mode takes one user message (with the image)")
+        ids = codec.prompt_ids(turns[0].text)
+        if len(ids) > max_text_len:
+            raise ValueError(f"prompt: {len(ids)} tokens exceed the model's text length ({max_text_len})")
+        pixels = hf.processor.image_processor(image, return_tensors="np")["pixel_values"]
+        layout = dataclasses.replace(hf.model_cfg.layout, image_offset=codec.image_offset)
+        batch = {
+            "input_ids": np.asarray([ids], np.int32),
+            "text_mask": np.ones((1, len(ids)), bool),
+            "pixels": pixels.transpose(0, 2, 3, 1).astype(np.float32),  # NCHW -> NHWC
+        }
+        return batch, dataclasses.replace(hf.model_cfg, layout=layout)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-    max_text_len = hf_model.max_positions(hf) - hf.model_cfg.vision.num_features
+    stop_ids = hf_model.stop_ids(hf) if codec is None else codec.stop_ids
     return LoadedModel(
-        hf.model_cfg,
-        hf.params,
-        mesh,
-        sharding.DEFAULT_RULES,
-        hf_model.stop_ids(hf),
-        pad_id,
-        decode,
-        encode,
-        max_text_len,
+        hf.model_cfg, hf.params, mesh, sharding.DEFAULT_RULES, stop_ids, pad_id, decode, encode, max_text_len
     )
 
 

@@ -10,6 +10,9 @@ import os
 # programs in less optimized machine code (test_train + test_generate: 8.5 ->
 # 5.8 min on 2 cores). Set before anything imports JAX.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# The command lines' persistent compilation cache is off in the tests and the
+# processes they start: they count compilations; tests/test_compilation_cache.py turns it on.
+os.environ["SKIPVISION_JAX_COMPILATION_CACHE"] = ""
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402

@@ -10,8 +10,8 @@ import jax
 
 from configs.default import get_config
 from skipvision_jax import sharding
-from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.experiment import build_model_config, model_image_size
+from skipvision_jax.data.pipeline import text_format
+from skipvision_jax.experiment import build_model_config, with_data_settings
 from skipvision_jax.train.checkpoint import Checkpointer
 from skipvision_jax.train.state import build_state_plan
 
@@ -67,9 +67,10 @@ def read_metrics(workdir):
 
 def state_plan(cfg):
     """(model, optimizer, sharding.ShardedInit) on one device."""
-    data = DataSpec(cfg.data, model_image_size(cfg))
+    text = text_format(cfg.data)
+    cfg = with_data_settings(cfg, text)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    return build_state_plan(cfg, build_model_config(cfg, data), mesh, sharding.DEFAULT_RULES)
+    return build_state_plan(cfg, build_model_config(cfg, text), mesh, sharding.DEFAULT_RULES)
 
 
 def restore_params(workdir, cfg):

@@ -133,12 +133,11 @@ def make_hf_llava(directory: str, variant: str = "gqa", seed: int = 0):
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        **{"vocab_size": len(tokenizer), **spec["text"]},  # a variant may give the full vocabulary
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
-        **spec["text"],
     )
     vision = CLIPVisionConfig(projection_dim=16, **spec["vision"])
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id, **spec["llava"])

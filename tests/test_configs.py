@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from skipvision_jax.config import model_config_from_dict, validate_experiment
+from skipvision_jax.config import validate_experiment
+from skipvision_jax.experiment import sizing_model_config
 from skipvision_jax.nn.shapes import abstract_params
 from tests.helpers import REPO, subprocess_env
 
@@ -39,12 +40,12 @@ def load(spec: str):
 
 def param_counts(cfg) -> dict[str, int]:
     validate_experiment(cfg)
-    params = abstract_params(model_config_from_dict(cfg.model.to_dict()), None)
+    params = abstract_params(sizing_model_config(cfg), None)
     return {part: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree)) for part, tree in params.items()}
 
 
 def test_every_config_file_is_covered():
-    assert {"default", "detail", *PAPER} <= set(CONFIGS)
+    assert {"default", "detail", "easy_vqa", *PAPER} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("spec", CONFIGS + STAGED)
@@ -77,6 +78,9 @@ def test_paper_configs_have_llava_stages(name):
         128,
     )
     assert not stage1.model.scan_layers and not stage2.model.scan_layers  # the parts load into unrolled layers
+    # The references' templates: LLaVA's scripts' --version plain / v1, the official code's llama3-plain / llama3.
+    templates = {"llava15_7b": ("plain", "vicuna_v1"), "skipvision_llama3_8b": ("llama3_plain", "llama3")}[name]
+    assert (stage1.data.template, stage2.data.template) == templates
     with pytest.raises(ValueError, match="stage3"):
         load(f"{name}:stage3")
 

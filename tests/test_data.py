@@ -11,7 +11,7 @@ from PIL import Image
 
 from skipvision_jax.data.images import CLIP_MEAN, CLIP_STD, pad_to_square, preprocess
 from skipvision_jax.data.llava import BadRecord, LlavaSource, LlavaTransform
-from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.data.pipeline import DataSpec, text_format
 from skipvision_jax.data.synthetic import COLOURS, KINDS, SyntheticVQA, chance_accuracy
 
 
@@ -35,13 +35,16 @@ def test_synthetic_task_is_deterministic_with_enough_kinds_and_answers():
 
 @pytest.fixture
 def tokenizer_path(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A LLaMA-style BPE tokenizer (data/bpe.py) learnt on the conversations below in LLaVA's v1 template."""
+    from skipvision_jax.data.bpe import train_llama_style
+    from skipvision_jax.data.templates import TEMPLATES
 
-    words = "<unk> <s> </s> a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed polite answers to 's questions USER : ASSISTANT what is in image ? cat dog red".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = [
+        TEMPLATES["vicuna_v1"].render(["<image>\nwhat is in the image ?", answer]).text
+        for answer in ("a cat", "a dog", "red", "what is it ?")
+    ]
     path = str(tmp_path / "tokenizer.json")
-    tok.save(path)
+    train_llama_style(texts * 20, vocab_size=400).save(path)
     return path
 
 
@@ -82,7 +85,10 @@ def _llava_cfg(json_path, image_dir, tokenizer, on_bad_record="skip"):
             "val_json_path": json_path,
             "image_dir": image_dir,
             "tokenizer": tokenizer,
-            "text_len": 64,
+            "template": "vicuna_v1",
+            "text_len": 0,
+            "val_size": 100,
+            "val_fraction": 0.0,
             "on_bad_record": on_bad_record,
             "seed": 0,
         }
@@ -90,7 +96,8 @@ def _llava_cfg(json_path, image_dir, tokenizer, on_bad_record="skip"):
 
 
 def test_bad_records_are_counted_and_skipped(llava_dir, tokenizer_path):
-    spec = DataSpec(_llava_cfg(*llava_dir, tokenizer_path), image_size=8)
+    cfg = _llava_cfg(*llava_dir, tokenizer_path)
+    spec = DataSpec(cfg, text_format(cfg), image_size=8)
     assert len(spec.train_source) == 4 and "malformed" in spec.train_source.skipped[0]
     batches = list(spec.val_batches(global_batch=2))
     assert spec.skipped_records == 3  # malformed at build, missing + corrupt image at load
@@ -107,7 +114,8 @@ def test_bad_image_raises_with_record_id_in_strict_mode(llava_dir, tokenizer_pat
     records = [r for r in json.load(open(json_path)) if r["id"] in ("good-1", record_id)]
     strict_path = json_path.replace("data.json", f"{record_id}.json")
     json.dump(records, open(strict_path, "w"))
-    spec = DataSpec(_llava_cfg(strict_path, image_dir, tokenizer_path, "raise"), image_size=8)
+    cfg = _llava_cfg(strict_path, image_dir, tokenizer_path, "raise")
+    spec = DataSpec(cfg, text_format(cfg), image_size=8)
     with pytest.raises(BadRecord, match=f"record {record_id}: "):
         list(spec.val_batches(global_batch=2))
 
@@ -118,18 +126,41 @@ def test_malformed_record_raises_in_strict_mode(llava_dir):
 
 
 def test_llava_transform_masks_answers_and_fixes_the_image_offset(llava_dir, tokenizer_path):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer_path)
+    cfg = _llava_cfg(*llava_dir, tokenizer_path)
+    codec = text_format(cfg)
     source = LlavaSource(llava_dir[0])
-    transform = LlavaTransform(tok, llava_dir[1], image_size=8, text_len=64)
+    transform = LlavaTransform(codec, llava_dir[1], image_size=8, text_len=256)
     examples = [transform(source[i]) for i in (0, 3)]
+    tok = codec.tokenizer
     for example in examples:
         assert example["input_ids"][0] == tok.token_to_id("<s>")
-        decoded_prefix = tok.decode(example["input_ids"][: transform.image_offset].tolist())
-        assert decoded_prefix.endswith("USER :")
+        decoded_prefix = tok.decode(example["input_ids"][: codec.image_offset].tolist())
+        assert decoded_prefix.endswith("the user's questions. USER: ")  # LLaVA's text before <image>
     answers = [tok.decode(e["input_ids"][e["loss_mask"]].tolist(), skip_special_tokens=False) for e in examples]
-    assert answers[0] == "a cat </s>" and answers[1] == "red </s> a dog </s>"
+    assert answers[0] == "a cat</s>" and answers[1] == "red</s> a dog</s>"
+
+
+def test_text_length_is_measured_and_longer_conversations_are_cut_and_counted(llava_dir, tokenizer_path):
+    cfg = _llava_cfg(*llava_dir, tokenizer_path)
+    codec = text_format(cfg)
+    longest = max(len(codec.example([t["value"] for t in r["conversations"]])[0]) for r in LlavaSource(cfg.json_path))
+    assert DataSpec(cfg, codec, image_size=8).text_len == longest
+    cfg.text_len = longest - 1
+    spec = DataSpec(cfg, codec, image_size=8)
+    assert spec.truncated_at_start == 1
+    batches = list(spec.val_batches(global_batch=2))
+    assert spec.truncated_records == 1 and all(b["input_ids"].shape[1] == longest - 1 for b in batches)
+
+
+def test_validation_is_held_back_from_the_training_file(llava_dir, tokenizer_path):
+    cfg = _llava_cfg(*llava_dir, tokenizer_path)
+    cfg.val_json_path, cfg.val_fraction, cfg.val_size = "", 0.5, 100
+    spec = DataSpec(cfg, text_format(cfg), image_size=8)
+    train_ids = {r["id"] for r in spec.train_source.records}
+    val_ids = {r["id"] for r in spec.val_source.records}
+    assert len(val_ids) == 2 and len(train_ids) == 2 and not train_ids & val_ids
+    again = DataSpec(cfg, text_format(cfg), image_size=8)
+    assert {r["id"] for r in again.val_source.records} == val_ids  # the same records on a rerun
 
 
 def test_pad_to_square_and_clip_normalization():
@@ -148,9 +179,8 @@ def test_missing_json_is_a_clear_error(tmp_path):
 
 
 def test_each_epoch_is_a_fresh_permutation_and_process_rows_rebuild_the_global_batch():
-    spec = DataSpec(
-        ConfigDict({"kind": "synthetic", "seed": 0, "train_size": 16, "val_size": 4, "text_len": 16}), image_size=32
-    )
+    cfg = ConfigDict({"kind": "synthetic", "seed": 0, "train_size": 16, "val_size": 4, "text_len": 16})
+    spec = DataSpec(cfg, text_format(cfg), image_size=32)
     key = lambda batch: [bytes(p.tobytes()) for p in batch["pixels"]]
     iterator = spec.train_iterator(global_batch=4, seed=0)
     epochs = [[k for _ in range(4) for k in key(next(iterator))] for _ in range(2)]

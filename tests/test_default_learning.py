@@ -1,11 +1,14 @@
-"""The README's main job (`python train.py --workdir runs/default`) keeps its pace.
+"""The README's main job (`python train.py --workdir runs/default`) learns
+every question kind, whatever the seed or the machine's float rounding.
 
-The embedded task's position question is learnt late and is sensitive to what
-the default trains: a change to the data order, the question mix, the
-initialization, the model or the schedule moves it (issue 28). The cheap
-guard runs the default's first 100 steps on the default's own schedule and
-checks the validation loss against the figure recorded here; the slow one
-runs the whole default and checks every question kind."""
+The guard runs the default's first 1,000 steps (on its own 4,000-step
+schedule) for two seeds and asks every kind to be well past chance. Measured
+with the default, on one XLA thread (docs/training.md has the whole runs):
+colour, shape and count at 94-100% by step 1,000 and position at 70-75%
+(chance: 50%, the two named objects). Under the earlier N(0, 0.02) weights,
+which this guard was checked against (it fails there), step 1,000 stood at
+colour 59%, shape 37-53% and position 51-52%. The whole job, five seeds,
+is the slow test."""
 
 from __future__ import annotations
 
@@ -14,37 +17,33 @@ import pytest
 from configs.default import get_config
 from skipvision_jax.train.loop import train_and_evaluate
 
-# After the default's first 100 steps (its 200-step warm-up and its cosine over
-# train.steps), recorded on this project's 2-core CPU with jax 0.10.2: the
-# training loss at step 100 and the validation loss. Runs agree bitwise across
-# commits that do not change what the default trains; another machine's XLA
-# rounded the earlier default's step-100 loss differently by 3e-7 relative.
-# Deliberate changes moved the training loss by: question mix back to uniform
-# +12.3%, ToMe's merge +0.39%, one shared summary pool -0.0064%; lr halved moved
-# the validation loss by +34%. The bands sit between.
-RECORDED_TRAIN_LOSS_AT_100 = 1.0211721658706665
-RECORDED_VAL_LOSS_AT_100 = 1.140392077445984
-TRAIN_LOSS_BAND = 2e-5  # relative
-VAL_LOSS_BAND = 0.03  # relative
+GUARD_STEPS = 1000
+# Floors after GUARD_STEPS: between the default's 94-100% / 70-75% and the old initialization's.
+FLOORS = {"colour": 0.75, "shape": 0.75, "count": 0.75, "position": 0.62}
 
 
-def default_config(**train):
+def default_config(seed: int, **train):
     cfg = get_config()
     cfg.optimizer.decay_steps = cfg.train.steps  # the full run's schedule, stopped early
+    cfg.train.seed = cfg.data.seed = seed
     cfg.train.update(train)
     return cfg
 
 
-def test_default_learns_at_its_recorded_pace(tmp_path):
-    last = train_and_evaluate(
-        default_config(steps=100, eval_every=100, log_every=100, checkpoint_every=100), str(tmp_path)
-    )
-    assert last["loss"] == pytest.approx(RECORDED_TRAIN_LOSS_AT_100, rel=TRAIN_LOSS_BAND), last
-    assert last["val_loss"] == pytest.approx(RECORDED_VAL_LOSS_AT_100, rel=VAL_LOSS_BAND), last
+def per_kind(last: dict) -> dict[str, float]:
+    return {k.removeprefix("val_exact_match_"): v for k, v in last.items() if k.startswith("val_exact_match_") and "chance" not in k}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_kind_is_well_past_chance_after_a_quarter_of_the_run(tmp_path, seed):
+    steps = dict(steps=GUARD_STEPS, eval_every=GUARD_STEPS, log_every=GUARD_STEPS, checkpoint_every=GUARD_STEPS)
+    kinds = per_kind(train_and_evaluate(default_config(seed, **steps), str(tmp_path)))
+    assert set(kinds) == set(FLOORS)
+    assert all(kinds[kind] >= floor for kind, floor in FLOORS.items()), kinds
 
 
 @pytest.mark.slow
-def test_default_reaches_95_percent_on_every_question_kind(tmp_path):
-    last = train_and_evaluate(default_config(), str(tmp_path))
-    kinds = {key: value for key, value in last.items() if key.startswith("val_exact_match_") and "chance" not in key}
+@pytest.mark.parametrize("seed", range(5))
+def test_the_whole_job_reaches_95_percent_on_every_question_kind(tmp_path, seed):
+    kinds = per_kind(train_and_evaluate(default_config(seed), str(tmp_path)))
     assert len(kinds) == 4 and min(kinds.values()) >= 0.95, kinds

@@ -266,9 +266,6 @@ def test_infer_cli_runs_every_policy_on_a_hf_checkpoint(gqa_dir, image_path):
 
 
 def test_train_cli_fine_tunes_from_a_hf_checkpoint_with_skip_ffn(gqa_dir, tmp_path):
-    from tokenizers import Tokenizer
-
-    from skipvision_jax.data.llava import LlavaTransform
     from tests.helpers import restore_params, tiny_train_config
 
     images = tmp_path / "images"
@@ -288,7 +285,6 @@ def test_train_cli_fine_tunes_from_a_hf_checkpoint_with_skip_ffn(gqa_dir, tmp_pa
         )
     json.dump(records, open(tmp_path / "data.json", "w"))
     tokenizer_path = os.path.join(gqa_dir, "tokenizer.json")
-    offset = LlavaTransform(Tokenizer.from_file(tokenizer_path), str(images), 16, 40).image_offset
     overrides = {
         "init_from_hf": gqa_dir,
         "data.kind": "llava",
@@ -297,7 +293,6 @@ def test_train_cli_fine_tunes_from_a_hf_checkpoint_with_skip_ffn(gqa_dir, tmp_pa
         "data.image_dir": str(images),
         "data.tokenizer": tokenizer_path,
         "data.text_len": 40,
-        "model.layout.image_offset": offset,
         "model.layout.num_kept": 4,
         "model.layout.merge_to": 6,
         "model.layout.summary_tokens": True,

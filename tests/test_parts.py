@@ -16,11 +16,9 @@ import transformers
 from flax import traverse_util
 from PIL import Image
 from safetensors.numpy import load_file, save_file
-from tokenizers import Tokenizer
 
 from export import main as export_main
 from skipvision_jax.config import model_config_from_dict
-from skipvision_jax.data.llava import LlavaTransform
 from skipvision_jax.data.synthetic import WORDS
 from skipvision_jax.data.tasks import export_llava_train
 from skipvision_jax.generate import Generator
@@ -44,7 +42,6 @@ def parts(tmp_path_factory):
 
 def stage_config(parts, trainable: str, lr: float, overrides: dict | None = None, **init):
     tokenizer = f"{parts['language_model']}/tokenizer.json"
-    offset = LlavaTransform(Tokenizer.from_file(tokenizer), parts["images"], 16, 64).image_offset
     return tiny_train_config(
         **{
             **{f"init.{name}": path for name, path in init.items()},
@@ -56,7 +53,6 @@ def stage_config(parts, trainable: str, lr: float, overrides: dict | None = None
             "data.text_len": 64,
             "model.vision.select_layer": -2,  # the tower's second-to-last layer, as LLaVA
             "model.vision.pooled_grids": (),
-            "model.layout.image_offset": offset,
             "model.layout.num_kept": 4,
             "model.layout.merge_to": 6,
             "model.layout.merge_method": "official",

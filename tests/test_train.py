@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from skipvision_jax.data.pipeline import DataSpec
+from skipvision_jax.data.pipeline import DataSpec, text_format
 from skipvision_jax.data.synthetic import SyntheticVQA
-from skipvision_jax.experiment import build_model_config, model_image_size
+from skipvision_jax.experiment import build_model_config, with_data_settings
 from skipvision_jax.train.checkpoint import CheckpointError
 from skipvision_jax.train.loop import TrainingDiverged, train_and_evaluate
 from skipvision_jax.train.step import make_train_step
@@ -158,7 +158,10 @@ def test_bad_config_override_is_a_one_line_error():
         (["--config.optimizer.lr=-1"], "error: optimizer.lr: must be >= 0, got -1.0"),
         (["--config.optimizer.b2=1.0"], "error: optimizer.b2: must be in [0, 1), got 1.0"),
         (["--config.train.eval_batches=0"], "error: train.eval_batches: must be an integer > 0 or -1 (all), got 0"),
-        (["--config.data.text_len=1"], "error: data.text_len: must be an integer >= 2, got 1"),
+        (["--config.data.text_len=1"], "error: data.text_len: must be an integer >= 2 or 0 (from the data), got 1"),
+        # what follows from the data may be given, but not wrong (and nothing is written first)
+        (["--config.model.layout.image_offset=5"], "model.layout.image_offset: 5, but the data puts the image after 1"),
+        (["--config.model.decoder.vocab_size=8"], "model.decoder.vocab_size: 8 is smaller than the tokenizer's 33"),
         (["--config=/nonexistent/exp.py"], "error: --config: no such file /nonexistent/exp.py"),
         (["--config=BROKEN"], "line 1: '(' was never closed"),
     ],
@@ -189,7 +192,7 @@ def _one_step(cfg, batch, grad_accum):
 
 
 def _batch(cfg):
-    data = DataSpec(cfg.data, cfg.model.vision.image_size)
+    data = DataSpec(cfg.data, text_format(cfg.data), cfg.model.vision.image_size)
     return next(data.train_iterator(cfg.train.batch_size, seed=0))
 
 
@@ -200,8 +203,11 @@ def test_gradient_accumulation_matches_the_full_batch_update():
         before, full, m_full = _one_step(cfg, batch, 1)
         _, accumulated, m_acc = _one_step(cfg, batch, 4)
     np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
+    # Adam's first update is about lr * sign(g) (5e-4): a gradient at rounding
+    # level can move its weight by a fraction of that either way, so the
+    # absolute tolerance is a tenth of the learning rate.
     for x, y in zip(jax.tree.leaves(accumulated.params), jax.tree.leaves(full.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)
     assert any(np.any(x != y) for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(before)))
 
 
@@ -227,6 +233,7 @@ def test_trainer_and_interop_plan_the_same_params():
 
     cfg = tiny_train_config()
     _, _, plan = state_plan(cfg)
-    model_cfg = build_model_config(cfg, DataSpec(cfg.data, model_image_size(cfg)))
+    text = text_format(cfg.data)
+    model_cfg = build_model_config(with_data_settings(cfg, text), text)
     shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
     assert shapes(plan.abstract.params) == shapes(abstract_params(model_cfg, None))

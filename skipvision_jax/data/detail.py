@@ -100,6 +100,7 @@ def sample_glyph_question(
 
 class DetailVQA(GeneratedVQA):
     tokenizer = WordTokenizer(WORDS)
+    text_len = 15  # <bos> + the question (7) + the answer (6) + <eos>
     kinds = KINDS
     image_size = IMAGE_SIZE
     sample_scene = staticmethod(sample_glyph_scene)

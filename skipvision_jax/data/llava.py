@@ -13,38 +13,20 @@ either counts and skips it or stops with that one-line message
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from skipvision_jax.data.images import ImageError, load_image, preprocess
+from skipvision_jax.data.templates import IMAGE_TAG, ConversationCodec
 
-IMAGE_TAG = "<image>"
+log = logging.getLogger(__name__)
 
 
 class BadRecord(ValueError):
     """A malformed record, or one whose image is missing or corrupt."""
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """Vicuna-v1 style, as LLaVA-1.5: `{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: ...`."""
-
-    system: str = "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions."
-    user: str = " USER: "
-    assistant: str = " ASSISTANT: "
-
-    def jinja(self, bos: str, eos: str) -> str:
-        """This template as a transformers chat template (messages with
-        `[{"type": "image"}, {"type": "text", ...}]` content), rendering the text
-        `LlavaTransform` tokenizes: `bos` is "" for a tokenizer that adds its own."""
-        text = "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
-        return (
-            f"{bos}{self.system}{{% for message in messages %}}"
-            f"{{% if message['role'] == 'user' %}}{self.user}{text}{self.assistant}"
-            f"{{% elif message['role'] == 'assistant' %}}{text}{eos}{{% endif %}}{{% endfor %}}"
-        )
 
 
 @dataclass(frozen=True)
@@ -81,18 +63,18 @@ class LlavaSource:
     Malformed records are counted in `skipped` (`on_bad_record="skip"`) or stop
     the build with their id (`"raise"`)."""
 
-    def __init__(self, json_path: str, on_bad_record: str = "skip"):
+    def __init__(self, json_path: str, on_bad_record: str = "skip", field: str = "data.json_path"):
         if on_bad_record not in ("skip", "raise"):
             raise ValueError(f"data.on_bad_record: unknown {on_bad_record!r}, expected 'skip' or 'raise'")
         try:
             with open(json_path) as f:
                 records = json.load(f)
         except FileNotFoundError:
-            raise ValueError(f"data.json_path: no such file {json_path}") from None
+            raise ValueError(f"{field}: no such file {json_path}") from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"data.json_path: {json_path} is not valid JSON ({err})") from None
+            raise ValueError(f"{field}: {json_path} is not valid JSON ({err})") from None
         if not isinstance(records, list):
-            raise ValueError(f"data.json_path: {json_path} must hold a JSON list of records")
+            raise ValueError(f"{field}: {json_path} must hold a JSON list of records")
         self.records, self.skipped = [], []
         for index, record in enumerate(records):
             try:
@@ -108,78 +90,58 @@ class LlavaSource:
     def __getitem__(self, index: int) -> dict:
         return self.records[index]
 
+    def held_out(self, count: int, seed: int) -> tuple[LlavaSource, LlavaSource]:
+        """(the rest, `count` records held back): a seeded draw, so a rerun holds back the same ones."""
+        order = np.random.default_rng(seed).permutation(len(self.records))
+        held = set(order[:count].tolist())
+        rest, back = (object.__new__(LlavaSource) for _ in range(2))
+        rest.records = [r for i, r in enumerate(self.records) if i not in held]
+        back.records = [r for i, r in enumerate(self.records) if i in held]
+        rest.skipped, back.skipped = self.skipped, []
+        return rest, back
+
 
 class LlavaTransform:
-    """Raw record -> fixed-shape example: image preprocessed, chat template
-    tokenized (Hugging Face `tokenizers`), loss on the answers, padded to `text_len`.
+    """Raw record -> fixed-shape example: the image preprocessed to the tower's
+    size, the conversation tokenized by the run's template
+    (`templates.ConversationCodec`), loss on the answers, padded (or, past
+    `text_len`, truncated and counted) to `text_len`."""
 
-    The `<image>` tag is moved to the start of the first human turn (as LLaVA
-    does), so the image always follows the same template prefix: its offset is
-    static (`image_offset`), which keeps every Skip-FFN partition static.
-    """
-
-    def __init__(
-        self,
-        tokenizer,
-        image_dir: str,
-        image_size: int,
-        text_len: int,
-        template: ChatTemplate = ChatTemplate(),
-        bos: str = "<s>",
-        eos: str = "</s>",
-    ):
-        self.tokenizer, self.image_dir, self.image_size, self.text_len, self.template = (
-            tokenizer,
-            image_dir,
-            image_size,
-            text_len,
-            template,
-        )
-        self.bos_id, self.eos_id = tokenizer.token_to_id(bos), tokenizer.token_to_id(eos)
-        if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"data.tokenizer: the tokenizer has no {bos!r} or {eos!r} token")
-        self.prefix_ids = [self.bos_id] + self._encode(template.system + template.user)
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    @property
-    def image_offset(self) -> int:
-        return len(self.prefix_ids)
+    def __init__(self, codec: ConversationCodec, image_dir: str, image_size: int, text_len: int):
+        self.codec, self.image_dir, self.image_size, self.text_len = codec, image_dir, image_size, text_len
+        self.truncated = 0
+        self._noted_resize = False
 
     def tokens(self, record: dict) -> tuple[list[int], list[bool]]:
-        """Token ids after the image and their loss mask (True on answers and their eos)."""
-        ids, mask = [], []
-        for i, turn in enumerate(record["conversations"]):
-            text = turn["value"].replace(IMAGE_TAG, "").strip()
-            if i % 2 == 0:
-                piece = self._encode(("\n" if i == 0 else self.template.user) + text + self.template.assistant)
-                ids += piece
-                mask += [False] * len(piece)
-            else:
-                piece = self._encode(text) + [self.eos_id]
-                ids += piece
-                mask += [True] * len(piece)
-        return ids, mask
-
-    def prompt_ids(self, question: str) -> list[int]:
-        """Ids of a one-turn prompt ending where the answer starts (for generation)."""
-        return self.prefix_ids + self._encode("\n" + question.strip() + self.template.assistant)
+        """Token ids (the prefix before the image included) and their loss mask."""
+        try:
+            return self.codec.example([turn["value"] for turn in record["conversations"]])
+        except ValueError as err:
+            raise BadRecord(f"record {record['id']}: {err}") from None
 
     def __call__(self, record: dict) -> dict[str, np.ndarray]:
         rid = record["id"]
         try:
-            pixels = preprocess(load_image(os.path.join(self.image_dir, record["image"])), self.image_size)
+            image = load_image(os.path.join(self.image_dir, record["image"]))
         except ImageError as err:
             raise BadRecord(f"record {rid}: {err}") from None
+        if not self._noted_resize and image.size != (self.image_size, self.image_size):
+            self._noted_resize = True
+            log.info(
+                "images are resized to the tower's %d x %d (record %s is %d x %d)",
+                self.image_size,
+                self.image_size,
+                rid,
+                *image.size,
+            )
         ids, mask = self.tokens(record)
-        ids, mask = self.prefix_ids + ids, [False] * self.image_offset + mask
-        if len(ids) > self.text_len:
-            raise BadRecord(f"record {rid}: {len(ids)} tokens exceed data.text_len {self.text_len}")
+        if len(ids) > self.text_len:  # as LLaVA's tokenizer truncates at model_max_length
+            ids, mask = ids[: self.text_len], mask[: self.text_len]
+            self.truncated += 1
         pad = self.text_len - len(ids)
         return {
-            "pixels": pixels,
-            "input_ids": np.array(ids + [0] * pad, np.int32),
+            "pixels": preprocess(image, self.image_size),
+            "input_ids": np.array(ids + [self.codec.pad_id] * pad, np.int32),
             "text_mask": np.array([True] * len(ids) + [False] * pad),
             "loss_mask": np.array(mask + [False] * pad),
         }

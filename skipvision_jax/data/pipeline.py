@@ -11,6 +11,7 @@ import numpy as np
 from skipvision_jax.data.llava import BadRecord, LlavaSource, LlavaTransform
 from skipvision_jax.data.synthetic import chance_accuracy
 from skipvision_jax.data.tasks import generated_task
+from skipvision_jax.data.templates import DEFAULT_TEMPLATE, ConversationCodec, template_named
 
 log = logging.getLogger(__name__)
 
@@ -33,67 +34,110 @@ class SkipBadRecords:
             return None
 
 
+def conversation_lengths(codec: ConversationCodec, *sources) -> dict[str, int]:
+    """Tokens of every well-formed conversation of `sources` (record id -> length);
+    a conversation the template cannot tokenize is left out (it is skipped when read)."""
+    lengths = {}
+    for source in sources:
+        for record in source or ():
+            try:
+                lengths[record["id"]] = len(codec.example([turn["value"] for turn in record["conversations"]])[0])
+            except ValueError:
+                continue
+    return lengths
+
+
+class TaskFormat:
+    """The generated tasks' text: `<bos> question answer <eos>` in their word
+    tokenizer, the image after `<bos>`. Answers the same questions as
+    `templates.ConversationCodec` does for LLaVA-format runs (the run's text
+    format, all that inference needs)."""
+
+    def __init__(self, task):
+        tok = task.tokenizer
+        self.image_offset, self.vocab_size = task.image_offset, len(tok)
+        self.stop_ids, self.pad_id = (tok.eos_id,), tok.pad_id
+        self.decode = tok.decode
+        self.prompt_ids = lambda text: [tok.bos_id] + tok.encode(text)
+
+
+def text_format(data_cfg, tokenizer_path: str | None = None):
+    """A run's text format: its generated task's, or its tokenizer (a
+    tokenizer.json: `tokenizer_path`, default `data.tokenizer`) under its
+    template (`data.template`)."""
+    if data_cfg.kind in ("synthetic", "detail"):
+        return TaskFormat(generated_task(data_cfg.kind))
+    if data_cfg.kind != "llava":
+        raise ValueError(f"data.kind: unknown {data_cfg.kind!r}, expected 'synthetic', 'detail' or 'llava'")
+    from tokenizers import Tokenizer
+
+    path = tokenizer_path or data_cfg.tokenizer
+    if not path:
+        raise ValueError("data.tokenizer: LLaVA-format data needs a tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as err:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"data.tokenizer: cannot load {path!r} ({err})") from None
+    return ConversationCodec(tokenizer, template_named(data_cfg.get("template", DEFAULT_TEMPLATE)))
+
+
 class DataSpec:
-    """The sources, transform and tokenizer of one experiment's data config (`cfg.data`).
+    """The sources and transform of one experiment's data config (`cfg.data`),
+    in its text format (`text_format`).
 
-    `encode_prompt(text)` gives the text ids of a question (the image goes after
-    the first `image_offset` of them), `decode(ids)` the answer text."""
+    LLaVA-format data validates on `data.val_json_path`, or else on
+    `data.val_size` records (at most `data.val_fraction` of them) held back from
+    `data.json_path`. `text_len` is `data.text_len`, or, when that is 0, the
+    longest conversation's tokens (LLaVA-format) or the task's own length."""
 
-    def __init__(self, data_cfg, image_size: int):
-        self.cfg = data_cfg
+    def __init__(self, data_cfg, text, image_size: int):
+        self.cfg, self.text = data_cfg, text
+        self.truncated_at_start = 0
         if data_cfg.kind in ("synthetic", "detail"):
             task = generated_task(data_cfg.kind)
+            self.text_len = data_cfg.text_len or task.text_len
             self.train_source = task(
-                "train", data_cfg.train_size, data_cfg.seed, data_cfg.text_len, data_cfg.get("train_kind_weights", ())
+                "train", data_cfg.train_size, data_cfg.seed, self.text_len, data_cfg.get("train_kind_weights", ())
             )
-            self.val_source = task("val", data_cfg.val_size, data_cfg.seed, data_cfg.text_len)
+            self.val_source = task("val", data_cfg.val_size, data_cfg.seed, self.text_len)
             self.transform = None
             # A generated example is 0.3 ms of NumPy under the GIL: grain's
             # default 16 reader threads only contend for it (65 ms a batch of
             # 64 against 26 ms read inline, measured on 2 cores).
             self._read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-            self.image_offset = task.image_offset
-            self.vocab_size = len(task.tokenizer)
             self.question_kinds = task.kinds
             self.chance_exact_match = chance_accuracy(self.val_source)
-            tok = task.tokenizer
-            self.encode_prompt = lambda text: [tok.bos_id] + tok.encode(text)
-            self.decode = tok.decode
-            self.stop_ids, self.pad_id = (tok.eos_id,), tok.pad_id
-        elif data_cfg.kind == "llava":
-            from tokenizers import Tokenizer
-
-            try:
-                tokenizer = Tokenizer.from_file(data_cfg.tokenizer)
-            except Exception as err:  # tokenizers raises a bare Exception on a bad file
-                raise ValueError(f"data.tokenizer: cannot load {data_cfg.tokenizer!r} ({err})") from None
-            self.train_source = LlavaSource(data_cfg.json_path, data_cfg.on_bad_record)
-            self.val_source = (
-                LlavaSource(data_cfg.val_json_path, data_cfg.on_bad_record) if data_cfg.val_json_path else None
-            )
-            self.transform = SkipBadRecords(
-                LlavaTransform(tokenizer, data_cfg.image_dir, image_size, data_cfg.text_len),
-                strict=data_cfg.on_bad_record == "raise",
-            )
-            # Decoding image files is I/O and C code: grain's default reader threads overlap it.
-            self._read_options = grain.ReadOptions()
-            self.image_offset = self.transform.transform.image_offset
-            self.vocab_size = tokenizer.get_vocab_size()
-            self.question_kinds = ()
-            self.chance_exact_match = None
-            transform = self.transform.transform
-            self.encode_prompt = transform.prompt_ids
-            self.decode = lambda ids: tokenizer.decode([i for i in ids if i != transform.eos_id])
-            self.stop_ids, self.pad_id = (transform.eos_id,), 0
-            if len(self.train_source) == 0:
-                raise ValueError(f"data.json_path: no usable record in {data_cfg.json_path}")
+            return
+        self.train_source = LlavaSource(data_cfg.json_path, data_cfg.on_bad_record)
+        if data_cfg.val_json_path:
+            self.val_source = LlavaSource(data_cfg.val_json_path, data_cfg.on_bad_record, "data.val_json_path")
         else:
-            raise ValueError(f"data.kind: unknown {data_cfg.kind!r}, expected 'synthetic', 'detail' or 'llava'")
+            held = min(data_cfg.val_size, int(len(self.train_source) * data_cfg.get("val_fraction", 0.0)))
+            self.train_source, self.val_source = self.train_source.held_out(held, data_cfg.seed)
+            self.val_source = self.val_source if held else None
+        if len(self.train_source) == 0:
+            raise ValueError(f"data.json_path: no usable record in {data_cfg.json_path}")
+        lengths = conversation_lengths(text, self.train_source, self.val_source)
+        self.text_len = data_cfg.text_len or max(lengths.values(), default=1)
+        self.truncated_at_start = sum(length > self.text_len for length in lengths.values())
+        self.transform = SkipBadRecords(
+            LlavaTransform(text, data_cfg.image_dir, image_size, self.text_len),
+            strict=data_cfg.on_bad_record == "raise",
+        )
+        # Decoding image files is I/O and C code: grain's default reader threads overlap it.
+        self._read_options = grain.ReadOptions()
+        self.question_kinds = ()
+        self.chance_exact_match = None
 
     @property
     def skipped_records(self) -> int:
         malformed = len(getattr(self.train_source, "skipped", []))
         return malformed + (self.transform.skipped if self.transform else 0)
+
+    @property
+    def truncated_records(self) -> int:
+        """Conversations cut at `text_len` as they were read (LLaVA-format)."""
+        return self.transform.transform.truncated if self.transform else 0
 
     def _mapped(self, dataset: grain.MapDataset) -> grain.MapDataset:
         if self.transform is None:

@@ -143,6 +143,7 @@ class GeneratedVQA:
     kinds: tuple[str, ...]
     image_size: int
     image_offset = 1
+    text_len: int  # the longest example's tokens
 
     def __init__(self, split: str, size: int, seed: int = 0, text_len: int = 16, kind_weights: tuple[float, ...] = ()):
         """`kind_weights`: one weight > 0 per question kind (`kinds`), how often
@@ -203,6 +204,7 @@ class SyntheticVQA(GeneratedVQA):
     tokenizer = WordTokenizer(WORDS)
     kinds = KINDS
     image_size = IMAGE_SIZE
+    text_len = 16  # <bos> + the position question (13) + the answer + <eos>
     sample_scene = staticmethod(sample_scene)
     sample_question = staticmethod(sample_question)
 

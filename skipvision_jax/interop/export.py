@@ -22,22 +22,26 @@ FORMATS = ("hf", "llava")
 IMAGE_TOKEN = "<image>"
 
 
-def run_tokenizer(data_cfg):
-    """The run's tokenizer (`data.tokenizer`, a tokenizer.json) as transformers
-    loads it, with LLaVA's image token and the run's chat template; None for
-    the embedded tasks."""
-    if data_cfg.kind != "llava":
+def run_tokenizer(text):
+    """The run's tokenizer (its text format's: `data.pipeline.text_format`) as
+    transformers loads it, with LLaVA's image token and the run's template as
+    its chat template; None for the embedded tasks."""
+    from skipvision_jax.data.templates import ConversationCodec
+
+    if not isinstance(text, ConversationCodec):
         return None
     from transformers import PreTrainedTokenizerFast
 
-    from skipvision_jax.data.llava import ChatTemplate
-
-    bos, eos = "<s>", "</s>"  # LlavaTransform's
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=data_cfg.tokenizer, bos_token=bos, eos_token=eos)
+    token = text.tokenizer.id_to_token
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=text.tokenizer.__class__.from_str(text.tokenizer.to_str()),
+        bos_token=None if text.bos_id is None else token(text.bos_id),
+        eos_token=token(text.stop_ids[0]),
+        pad_token=token(text.pad_id),
+    )
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    adds_bos = tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
-    tokenizer.chat_template = ChatTemplate().jinja("" if adds_bos else bos, eos)
+    tokenizer.chat_template = text.template.jinja()
     return tokenizer
 
 
@@ -57,14 +61,14 @@ def image_processor(image_size: int):
     )
 
 
-def export(params, model_cfg: ModelConfig, data_cfg, vision_tower: str, out: str, fmt: str) -> None:
-    """Writes `params` of `model_cfg` (a run's, with its `data` config and the
+def export(params, model_cfg: ModelConfig, text, vision_tower: str, out: str, fmt: str) -> None:
+    """Writes `params` of `model_cfg` (a run's, with its text format and the
     tower directory it started from, if any) to `out` in format `fmt`."""
     from skipvision_jax.interop import hf_llava, llava_layout
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: unknown {fmt!r}, expected one of {FORMATS}")
-    tokenizer = run_tokenizer(data_cfg)
+    tokenizer = run_tokenizer(text)
     processor = image_processor(model_cfg.vision.image_size)
     if fmt == "llava":
         llava_layout.save(out, params, model_cfg, vision_tower)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -271,7 +272,9 @@ _EXPORT_PREFIXES = {
 # pretrain-stage `mm_projector.bin` (keys `model.mm_projector.{0,2}.*`, the two
 # Linear layers of `nn.Sequential(Linear, GELU, Linear)`).
 LANGUAGE_MODEL_PREFIXES = (("model.", "text."), ("lm_head.", "lm_head."))
-VISION_TOWER_PREFIXES = (("vision_model.", "vision."),)
+# transformers up to 5.x saved a CLIPVisionModel's keys under `vision_model.`;
+# later releases save them bare (`embeddings.`, `encoder.`, ...).
+VISION_TOWER_PREFIXES = (("vision_model.", "vision."), ("", "vision."))
 PROJECTOR_PREFIXES = (
     ("model.mm_projector.0.", "projector.linear_1."),
     ("model.mm_projector.2.", "projector.linear_2."),
@@ -397,19 +400,48 @@ def _expand_rules(params_paths: set[str]) -> Iterator[tuple[str, str, str]]:
             i += 1
 
 
+# A checkpoint's tensor dtypes (safetensors' names and torch's) -> ours.
+_FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_TORCH_FLOAT_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+
+
 class TensorFiles:
-    """Names -> lazily read tensors of one checkpoint: a directory (single
-    file or sharded safetensors) or one `.safetensors` / PyTorch `.bin` file.
-    Names are normalized to our groups by `prefixes`."""
+    """Names -> tensors of one checkpoint, read one at a time: a directory
+    (single file or sharded safetensors) or one `.safetensors` / PyTorch `.bin`
+    file. Names are normalized to our groups by `prefixes`.
+
+    Host memory stays near one tensor: a safetensors file is opened (and its
+    memory map dropped) per tensor read, so the pages read do not stay in the
+    process; a `.bin` shard stays mapped until `release` (the loader reads
+    shard by shard)."""
 
     def __init__(self, path: str, prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES):
         self.path = path
-        self._files: dict[str, Any] = {}
+        self._torch: dict[str, dict] = {}  # .bin files, memory-mapped by torch
         self.names: dict[str, tuple[str, str]] = {}  # normalized -> (file, original name)
+        self.dtypes: dict[str, str] = {}  # normalized -> the stored dtype's name
         for file in self._checkpoint_files(path):
-            self._files[file] = _torch_state_dict(file) if file.endswith(".bin") else _open_safetensors(file)
-            for name in self._files[file].keys():
-                self.names[normalize_name(name, prefixes)] = (file, name)
+            if file.endswith(".bin"):
+                state = self._torch[file] = _torch_state_dict(file)
+                stored = {name: str(value.dtype) for name, value in state.items()}
+            else:
+                with _open_safetensors(file) as handle:
+                    stored = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+            for name, dtype in stored.items():
+                normalized = normalize_name(name, prefixes)
+                self.names[normalized] = (file, name)
+                self.dtypes[normalized] = _FLOAT_DTYPES.get(dtype) or _TORCH_FLOAT_DTYPES.get(dtype, dtype)
+
+    def floating_dtype(self) -> str:
+        """The dtype the checkpoint's weights are stored in (that of most of its
+        floating-point tensors), as transformers' dtype="auto" reads it."""
+        counts: dict[str, int] = {}
+        for dtype in self.dtypes.values():
+            if dtype in _FLOAT_DTYPES.values():
+                counts[dtype] = counts.get(dtype, 0) + 1
+        if not counts:
+            raise HFCheckpointError(f"{self.path}: no floating-point tensor")
+        return max(counts, key=counts.get)
 
     @staticmethod
     def _checkpoint_files(path: str) -> list[str]:
@@ -438,14 +470,22 @@ class TensorFiles:
         raise HFCheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
 
     def read(self, normalized: str) -> np.ndarray:
+        """One tensor in its stored dtype (bfloat16 as ml_dtypes' numpy type)."""
         file, name = self.names[normalized]
-        handle = self._files[file]
-        if isinstance(handle, dict):  # a PyTorch state dict, memory-mapped: convert this tensor only
-            value = handle[name]
-            return value.float().numpy() if value.is_floating_point() else value.numpy()
+        if file in self._torch:  # a PyTorch state dict, memory-mapped: convert this tensor only
+            value = self._torch[file][name]
+            if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16: reinterpret its bits
+                import torch
+
+                return value.view(torch.int16).numpy().view(jnp.bfloat16)
+            return value.numpy()
         # Read on the host CPU (safetensors' numpy reader has no bfloat16).
-        with jax.default_device(jax.devices("cpu")[0]):
+        with _open_safetensors(file) as handle, jax.default_device(jax.devices("cpu")[0]):
             return np.asarray(handle.get_tensor(name))
+
+    def release(self, file: str) -> None:
+        """Drops a `.bin` shard's memory map once its tensors are read."""
+        self._torch.pop(file, None)
 
 
 def _open_safetensors(path: str):
@@ -479,6 +519,7 @@ def load_params(
     strict: bool = True,
     groups: tuple[str, ...] = HF_GROUPS,
     prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES,
+    keep_unused: bool = False,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Our params (shaped and sharded as `abstract_params`, ShapeDtypeStructs
     with shardings) from a checkpoint (`TensorFiles`: its names normalized by
@@ -492,34 +533,41 @@ def load_params(
     files = directory if isinstance(directory, TensorFiles) else TensorFiles(directory, prefixes)
     directory = files.path
     flat_abstract = traverse_util.flatten_dict(abstract_params, sep="/")
-    loaded, used = {}, set()
-    for hf_name, path, kind in _expand_rules(set(flat_abstract)):
-        if not hf_name.startswith(groups):
-            continue
+    wanted = [rule for rule in _expand_rules(set(flat_abstract)) if rule[0].startswith(groups)]
+    for hf_name, path, _ in wanted:
         if hf_name not in files.names:
             raise HFCheckpointError(f"{directory}: tensor {hf_name!r} (for {path}) is missing")
-        target = flat_abstract[path]
-        value = files.read(hf_name)
-        try:
-            value = _to_ours(value, kind, target.shape).astype(target.dtype)
-        except ValueError as err:
-            raise HFCheckpointError(
-                f"{files.names[hf_name][0]}: tensor {files.names[hf_name][1]} of shape {list(value.shape)} does not fit {path} {list(target.shape)}: {err}"
-            ) from None
-        sharding = getattr(target, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        loaded[path] = jax.make_array_from_callback(target.shape, sharding, lambda index, v=value: v[index])
-        used.add(hf_name)
+    loaded, unused = {}, {}
+    ours = {hf_name: (path, kind) for hf_name, path, kind in wanted}
+    # Shard by shard, so that a .bin shard's map is dropped once its tensors are read.
+    for file in dict.fromkeys(f for f, _ in files.names.values()):
+        for name in [n for n, (f, _) in files.names.items() if f == file]:
+            if name not in ours:  # not run (e.g. tower layers after the feature layer)
+                if keep_unused and not _is_tied_head(name, abstract_params):
+                    unused[files.names[name][1]] = files.read(name)
+                continue
+            path, kind = ours[name]
+            loaded[path] = _placed(files, name, path, kind, flat_abstract[path])
+        files.release(file)
     missing = sorted(set(flat_abstract) - set(loaded))
     if missing and strict:
         raise HFCheckpointError(
             f"{directory}: no tensor for our parameter(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}"
         )
-    unused = {
-        files.names[name][1]: files.read(name)
-        for name in files.names
-        if name not in used and not _is_tied_head(name, abstract_params)
-    }
     return traverse_util.unflatten_dict(loaded, sep="/"), unused
+
+
+def _placed(files: TensorFiles, name: str, path: str, kind: str, target) -> jax.Array:
+    """One checkpoint tensor in our layout and `target`'s dtype, placed in its sharding."""
+    value = files.read(name)
+    try:
+        value = _to_ours(value, kind, target.shape).astype(target.dtype, copy=False)
+    except ValueError as err:
+        raise HFCheckpointError(
+            f"{files.names[name][0]}: tensor {files.names[name][1]} of shape {list(value.shape)} does not fit {path} {list(target.shape)}: {err}"
+        ) from None
+    sharding = getattr(target, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.make_array_from_callback(target.shape, sharding, lambda index: value[index])
 
 
 def _is_tied_head(normalized: str, params: dict) -> bool:
@@ -531,19 +579,62 @@ def export_tensors(
     unused: dict[str, np.ndarray] | None = None,
     names: dict[str, str] = _EXPORT_PREFIXES,
     prefixes: tuple[tuple[str, str], ...] = HF_PREFIXES,
-) -> dict[str, np.ndarray]:
-    """Checkpoint tensors for our params, named by `names` (our group -> the
-    layout's prefix; default transformers' own save layout), plus `unused`
-    (named as `prefixes` reads them) passed through."""
-    flat = {
-        path: np.asarray(jax.device_get(value)) for path, value in traverse_util.flatten_dict(params, sep="/").items()
-    }
-    tensors = {}
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Checkpoint tensors for our params, one at a time (each made from its
+    weight when asked for), named by `names` (our group -> the layout's prefix;
+    default transformers' own save layout), then `unused` (named as `prefixes`
+    reads them) passed through."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    written = set()
     for hf_name, path, kind in _expand_rules(set(flat)):
-        tensors[export_name(hf_name, names)] = np.ascontiguousarray(_to_hf(flat[path], kind))
+        name = export_name(hf_name, names)
+        written.add(name)
+        yield name, np.ascontiguousarray(_to_hf(np.asarray(jax.device_get(flat[path])), kind))
     for name, value in (unused or {}).items():
-        tensors.setdefault(export_name(normalize_name(name, prefixes), names), value)
-    return tensors
+        name = export_name(normalize_name(name, prefixes), names)
+        if name not in written:
+            yield name, value
+
+
+SHARD_BYTES = 2 * 2**30
+
+
+def write_safetensors(
+    directory: str, tensors: Iterable[tuple[str, np.ndarray]], shard_bytes: int = SHARD_BYTES
+) -> None:
+    """`model.safetensors`, or, past `shard_bytes`, shards
+    `model-0000i-of-0000n.safetensors` with transformers' index
+    (`model.safetensors.index.json`): one shard's tensors in memory at a time."""
+    from safetensors.numpy import save_file
+
+    shards: list[tuple[str, list[str]]] = []
+    current: dict[str, np.ndarray] = {}
+    total = in_shard = 0
+
+    def flush() -> None:
+        path = os.path.join(directory, f"shard-{len(shards):05d}.tmp")
+        save_file(current, path, metadata={"format": "pt"})
+        shards.append((path, list(current)))
+        current.clear()
+
+    for name, value in tensors:
+        if current and in_shard + value.nbytes > shard_bytes:
+            flush()
+            in_shard = 0
+        current[name] = value
+        in_shard += value.nbytes
+        total += value.nbytes
+    flush()
+    if len(shards) == 1:
+        os.replace(shards[0][0], os.path.join(directory, "model.safetensors"))
+        return
+    weight_map = {}
+    for i, (path, tensor_names) in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(path, os.path.join(directory, file))
+        weight_map.update(dict.fromkeys(tensor_names, file))
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def identity_tail(cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -562,9 +653,8 @@ def save(
     base_config: dict | None = None,
     unused: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Writes config.json + model.safetensors that transformers loads as LlavaForConditionalGeneration."""
-    from safetensors.numpy import save_file
-
+    """Writes config.json + model.safetensors (sharded past `SHARD_BYTES`)
+    that transformers loads as LlavaForConditionalGeneration."""
     hf = hf_config_from_model(cfg, image_token_id, base_config)
     if unused is None:
         # Only the layers up to the selected one exist here: export a tower of
@@ -573,7 +663,7 @@ def save(
         hf["vision_config"]["num_hidden_layers"] = cfg.vision.layers_used
         hf["vision_feature_layer"] = -1
     os.makedirs(directory, exist_ok=True)
-    save_file(export_tensors(params, unused), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(directory, export_tensors(params, unused))
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
 

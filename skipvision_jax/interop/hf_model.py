@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from skipvision_jax import sharding
-from skipvision_jax.config import LayoutConfig, ModelConfig, SkipConfig
+from skipvision_jax.config import FLOAT_DTYPES, LayoutConfig, ModelConfig, SkipConfig
 from skipvision_jax.data.llava import Turn
 from skipvision_jax.interop import hf_llava, llava_layout
 from skipvision_jax.interop.hf_llava import HFCheckpointError
@@ -71,25 +71,36 @@ def load(
     directory: str,
     mesh: Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
-    dtype: str = "float32",
+    dtype: str = "auto",
     layout: LayoutConfig | None = None,
     skip: SkipConfig | None = None,
 ) -> HFLlava:
     """Reads a LLaVA directory, transformers' layout or LLaVA's own
-    (interop/llava_layout.py); params go straight to their shardings on `mesh`."""
+    (interop/llava_layout.py); params go straight to their shardings on
+    `mesh`, one tensor at a time. `dtype` "auto" holds the weights in the
+    checkpoint's own dtype (transformers' dtype="auto") and computes in it
+    (float16 weights compute in float32); float32 or bfloat16 holds and
+    computes in that."""
     hf_config = hf_llava.read_config(directory)
-    if not llava_layout.is_llava_layout(hf_config):
-        model_cfg = hf_llava.model_config_from_hf(hf_config, layout=layout, skip=skip, dtype=dtype)
-        params, unused = hf_llava.load_params(directory, abstract_params(model_cfg, mesh, rules))
-        return HFLlava(directory, hf_config, model_cfg, params, unused, load_processor(directory))
-    files = hf_llava.TensorFiles(directory, llava_layout.LLAVA_PREFIXES)
-    model_cfg = llava_layout.model_config_from_llava(hf_config, directory, "summary.norm.weight" in files.names, dtype)
-    model_cfg = dataclasses.replace(model_cfg, layout=layout or model_cfg.layout, skip=skip or model_cfg.skip)
+    own_layout = llava_layout.is_llava_layout(hf_config)
+    files = hf_llava.TensorFiles(directory, llava_layout.LLAVA_PREFIXES if own_layout else hf_llava.HF_PREFIXES)
+    param_dtype = files.floating_dtype() if dtype == "auto" else dtype
+    compute = param_dtype if param_dtype in FLOAT_DTYPES else "float32"
+    if own_layout:
+        model_cfg = llava_layout.model_config_from_llava(hf_config, directory, "summary.norm.weight" in files.names)
+        model_cfg = dataclasses.replace(model_cfg, layout=layout or model_cfg.layout, skip=skip or model_cfg.skip)
+        groups = llava_layout.LLAVA_GROUPS
+    else:
+        model_cfg = hf_llava.model_config_from_hf(hf_config, layout=layout, skip=skip)
+        groups = hf_llava.HF_GROUPS
+    model_cfg = dataclasses.replace(model_cfg, dtype=compute, param_dtype=param_dtype)
     params, unused = hf_llava.load_params(
-        files, abstract_params(model_cfg, mesh, rules), groups=llava_layout.LLAVA_GROUPS
+        files, abstract_params(model_cfg, mesh, rules), groups=groups, keep_unused=True
     )
-    processor = load_llava_layout_processor(directory, hf_config, model_cfg)
-    if processor is not None:
+    processor = (
+        load_llava_layout_processor(directory, hf_config, model_cfg) if own_layout else load_processor(directory)
+    )
+    if own_layout and processor is not None:
         hf_config = {**hf_config, "image_token_index": processor.tokenizer.convert_tokens_to_ids("<image>")}
     return HFLlava(directory, hf_config, model_cfg, params, unused, processor)
 

@@ -93,14 +93,11 @@ def llava_config_from_model(cfg: ModelConfig, vision_tower: str = "") -> dict:
 
 
 def save(directory: str, params: dict, cfg: ModelConfig, vision_tower: str = "") -> None:
-    """Writes config.json + model.safetensors in LLaVA's layout. The tower
+    """Writes config.json + model.safetensors (sharded past `hf_llava.SHARD_BYTES`) in LLaVA's layout. The tower
     holds the layers up to the selected one (what LLaVA's features read)."""
-    from safetensors.numpy import save_file
-
     config = llava_config_from_model(cfg, vision_tower)
     os.makedirs(directory, exist_ok=True)
-    tensors = hf_llava.export_tensors(params, names=LLAVA_NAMES)
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    hf_llava.write_safetensors(directory, hf_llava.export_tensors(params, names=LLAVA_NAMES))
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 

@@ -121,3 +121,21 @@ def merge_tokens(x: Float[Array, "B N D"], target: int, method: str = "official"
     if method == "tome":
         return tome_merge(x, target)[0]
     raise ValueError(f"layout.merge_method: unknown {method!r}, expected one of {MERGE_METHODS}")
+
+
+def merge_weights(x: Float[Array, "B N D"], target: int, method: str = "official") -> Float[Array, "B M N"]:
+    """The averaging matrix `merge_tokens` applies to `x`: output token m is
+    sum_n W[m, n] x[n], W's row m the weights of the group merged into m. The
+    partners are chosen from `x` without gradient, so W is the merge's
+    derivative in `x`, read off one linearized pass per block of D inputs
+    (input n's tangent is the unit vector n, placed in its block). For the
+    pictures of what the model keeps (skipvision_jax/visualize.py)."""
+    batch, num_tokens, width = x.shape
+    _, linear = jax.linearize(lambda v: merge_tokens(v, target, method), x.astype(jnp.float32))
+    blocks = []
+    for start in range(0, num_tokens, width):
+        size = min(width, num_tokens - start)
+        tangent = jnp.zeros((batch, num_tokens, width), jnp.float32)
+        tangent = tangent.at[:, start : start + size, :size].set(jnp.eye(size))
+        blocks.append(linear(tangent)[..., :size])  # [B, M, size]
+    return jnp.concatenate(blocks, axis=-1)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from skipvision_jax.batching import bucket_for, collate, length_buckets, prefill_sizes
+from skipvision_jax.batching import bucket_for, collate, prefill_sizes
 from skipvision_jax.compilation import CompileCounter
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.llava import Turn
@@ -120,7 +120,7 @@ class Scheduler:
         """`engines` makes the engine of a KV setting (default: the model's,
         `model_engines`)."""
         self.loaded, self.settings = loaded, settings
-        self.buckets = length_buckets(loaded.max_text_len)
+        self.buckets = loaded.length_buckets()
         self.sizes = prefill_sizes(min(settings.max_prefill, settings.max_batch))
         self._make_engine = engines or model_engines(loaded, settings.max_batch, settings.max_new_tokens, self.buckets)
         self.compilations = CompileCounter()

@@ -17,8 +17,8 @@ from tensorboardX import SummaryWriter
 
 from skipvision_jax import sharding
 from skipvision_jax.config import validate_experiment
-from skipvision_jax.data.pipeline import DataSpec
-from skipvision_jax.experiment import build_model_config, model_image_size
+from skipvision_jax.data.pipeline import DataSpec, text_format
+from skipvision_jax.experiment import RUN_TOKENIZER, build_model_config, model_image_size, with_data_settings
 from skipvision_jax.train.checkpoint import Checkpointer
 from skipvision_jax.train.restore import initial_params
 from skipvision_jax.train.state import build_state_plan
@@ -131,28 +131,56 @@ def describe_params(params, mesh) -> dict[str, int]:
     return {"param_bytes": total, "param_bytes_per_device": on_device}
 
 
+def keep_run_files(cfg, workdir: str) -> None:
+    """Writes what evaluation, serving and export read instead of the training
+    data: the config with its derived settings (`config.json`) and a copy of
+    the tokenizer (LLaVA-format runs). A resumed run keeps its tokenizer."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return
+    if cfg.data.kind == "llava":
+        kept = os.path.join(workdir, RUN_TOKENIZER)
+        with open(cfg.data.tokenizer, "rb") as f:
+            given = f.read()
+        if os.path.exists(kept):
+            with open(kept, "rb") as f:
+                if f.read() != given:
+                    raise ValueError(f"data.tokenizer: {cfg.data.tokenizer} differs from the run's own {kept}")
+        else:
+            with open(kept, "wb") as f:
+                f.write(given)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json(indent=2))
+
+
 def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
     """Trains `cfg` in `workdir`, resuming from its newest good checkpoint.
     Returns the last logged metrics."""
     validate_experiment(cfg)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:  # infer.py rebuilds the model and tokenizer from it
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json(indent=2))
-    # ---- mesh
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.logical_rules(cfg.mesh)
-    rows = sharding.process_rows(mesh, cfg.train.batch_size)
-    # ---- input
-    data = DataSpec(cfg.data, model_image_size(cfg))
+    # ---- input (what follows from the data fills the config before anything is written)
+    text = text_format(cfg.data)
+    cfg = with_data_settings(cfg, text)
+    data = DataSpec(cfg.data, text, model_image_size(cfg))
+    cfg.data.text_len = data.text_len
+    if data.truncated_at_start:
+        log.warning(
+            "%d conversations are longer than data.text_len %d and are cut there",
+            data.truncated_at_start,
+            data.text_len,
+        )
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ValueError(
             f"train.batch_size: {cfg.train.batch_size} is not divisible by train.grad_accum ({cfg.train.grad_accum})"
         )
-    train_iter = data.train_iterator(cfg.train.batch_size, cfg.data.seed, rows)
+    # ---- mesh
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.logical_rules(cfg.mesh)
+    rows = sharding.process_rows(mesh, cfg.train.batch_size)
     # ---- model
-    model_cfg = build_model_config(cfg, data)
+    model_cfg = build_model_config(cfg, text)
     model, optimizer, plan = build_state_plan(cfg, model_cfg, mesh, rules)
+    keep_run_files(cfg, workdir)
+    train_iter = data.train_iterator(cfg.train.batch_size, cfg.data.seed, rows)
     # ---- checkpoints and resume (onto this mesh, whichever mesh wrote them)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
     restored = checkpointer.restore_latest(plan.abstract)
@@ -217,6 +245,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, float]:
                         values.update(evaluate(eval_step, state.params, data, cfg, mesh, rows))
                 if data.skipped_records:
                     values["skipped_records"] = data.skipped_records
+                if data.truncated_records:
+                    values["truncated_records"] = data.truncated_records
                 metrics_log.write(step, values)
                 progress.set_postfix(
                     loss=f"{loss:.4f}",

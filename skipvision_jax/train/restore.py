@@ -15,9 +15,8 @@ from jax.sharding import Mesh
 
 from skipvision_jax import sharding
 from skipvision_jax.config import ModelConfig
-from skipvision_jax.data.pipeline import DataSpec
 from skipvision_jax.errors import CheckpointError
-from skipvision_jax.experiment import build_model_config, model_image_size, run_config
+from skipvision_jax.experiment import build_model_config, run_config, run_text_format
 from skipvision_jax.interop import hf_llava, llava_layout
 from skipvision_jax.interop.parts import given_parts, load_parts
 from skipvision_jax.train.checkpoint import Checkpointer
@@ -29,18 +28,19 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class RestoredRun:
     cfg: ml_collections.ConfigDict  # the run's train.py config
-    data: DataSpec
+    text: object  # its text format (`data.pipeline.text_format`)
     model_cfg: ModelConfig
     params: dict
 
 
-def restore_run(workdir: str, mesh: Mesh, rules=None) -> RestoredRun:
+def restore_run(workdir: str, mesh: Mesh, rules=None, template: str | None = None) -> RestoredRun:
     """The params of the newest good checkpoint in a train.py workdir,
     restored onto `mesh` under `rules` (default: the run's own), whatever
-    mesh trained them."""
+    mesh trained them. Reads the workdir alone, never the training data;
+    `template` prompts in another template than the run's."""
     cfg = run_config(workdir)
-    data = DataSpec(cfg.data, model_image_size(cfg))
-    model_cfg = build_model_config(cfg, data)
+    text = run_text_format(workdir, cfg, template)
+    model_cfg = build_model_config(cfg, text)
     rules = rules or sharding.logical_rules(cfg.get("mesh"))
     abstract = build_state_plan(cfg, model_cfg, mesh, rules)[2].abstract
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints)
@@ -50,7 +50,7 @@ def restore_run(workdir: str, mesh: Mesh, rules=None) -> RestoredRun:
         checkpointer.close()
     if restored is None:
         raise CheckpointError(f"no checkpoint at {workdir}/checkpoints")
-    return RestoredRun(cfg, data, model_cfg, restored[0].params)
+    return RestoredRun(cfg, text, model_cfg, restored[0].params)
 
 
 def params_of_run(workdir: str, abstract_params: dict, mesh: Mesh, rules) -> dict:

@@ -28,10 +28,14 @@ class TrainState:
 def init_train_state(
     params, optimizer: optax.GradientTransformation, trainable: tuple[str, ...], seed: int
 ) -> TrainState:
+    """The state at step 0. The optimizer's moments are float32 whatever the
+    weights are held in (optax keeps a moment in its parameter's dtype), so
+    bfloat16 weights still accumulate their updates' statistics in float32."""
+    as_float32 = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(split_params(params, trainable)[0]),
+        opt_state=optimizer.init(split_params(as_float32, trainable)[0]),
         rng=jax.random.key_data(jax.random.key(seed)),
         trainable=tuple(trainable),
     )

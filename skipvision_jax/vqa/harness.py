@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import tqdm
 
-from skipvision_jax.batching import bucket_for, collate, length_buckets, prefill_sizes, share_prefixes
+from skipvision_jax.batching import bucket_for, collate, prefill_sizes, share_prefixes
 from skipvision_jax.config import ModelConfig
 from skipvision_jax.data.images import ImageError
 from skipvision_jax.errors import one_line
@@ -88,7 +88,7 @@ class Answerer:
 
     def __init__(self, loaded: LoadedModel, settings: EvalSettings):
         self.loaded, self.settings = loaded, settings
-        self.buckets = length_buckets(loaded.max_text_len)
+        self.buckets = loaded.length_buckets()
         self._generators: dict[tuple[ModelConfig, int], Generator] = {}
         self._warm: set[tuple[ModelConfig, int, int]] = set()
         self.warmup_s = 0.0
