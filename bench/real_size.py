@@ -24,9 +24,9 @@ Per model, each step in a process of its own (its peak RSS is its own):
 4. `peer`: transformers' LlavaForConditionalGeneration in bf16 on the same
    files (sdpa attention): prefill, decode ms/token, peak RSS.
 
-`--layers N` keeps N decoder layers (a dry run: tests/test_real_size.py runs
-it at 2 layers). Prints one JSON line; writes
-bench/results/<device>/real_size.json.
+`--layers N` keeps N decoder layers (tests/test_real_size.py runs it at 2
+layers). Prints one JSON line; writes bench/results/<device>/real_size.json
+(`real_size_<N>layers.json` with `--layers N`).
 """
 
 from __future__ import annotations
@@ -227,13 +227,14 @@ def decode_weight_bytes(params: dict) -> int:
 
 def with_summary_pool(params: dict, width: int, dtype) -> dict:
     """`params` plus a random summary pool (the official model's `ada`), which a plain LLaVA lacks."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from skipvision_jax.nn.projector import SummaryPool
     from skipvision_jax.nn.shapes import held_in
 
-    pool = SummaryPool().init(jax.random.key(7), jnp.zeros((1, 4, width)))["params"]
+    pool = nn.unbox(SummaryPool().init(jax.random.key(7), jnp.zeros((1, 4, width)))["params"])
     return {**params, "visual_tokens": {**params["visual_tokens"], "summary": held_in(pool, dtype)}}
 
 
@@ -401,9 +402,8 @@ def main() -> None:
     sys.path.insert(0, HERE)
     from common import write_result
 
-    print(json.dumps(results))
-    if not args.layers:  # dry runs do not overwrite the results
-        write_result("real_size", results)
+    # a run with fewer layers is kept apart: it never stands for the full size
+    write_result(f"real_size_{args.layers}layers" if args.layers else "real_size", results)
 
 
 if __name__ == "__main__":

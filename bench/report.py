@@ -555,8 +555,10 @@ def section(folder: str, draw: bool) -> list[str]:
         lines += default_seeds_lines(seeds)
     if easy_vqa:
         lines += easy_vqa_lines(easy_vqa)
-    if real_size:
-        lines += real_size_lines(real_size)
+    # the full size, else the runs with fewer layers, each under its own count
+    reduced = [] if real_size else sorted(glob.glob(os.path.join(folder, "real_size_*layers.json")))
+    for study in [real_size] if real_size else [load(folder, os.path.basename(p)) for p in reduced]:
+        lines += real_size_lines(study)
     lines += [f"![{os.path.basename(p)}](results/{device}/{os.path.basename(p)})" for p in figures]
     return lines + [""]
 
@@ -633,9 +635,10 @@ def easy_vqa_lines(study: dict) -> list[str]:
 def real_size_lines(real: dict) -> list[str]:
     """LLaVA-1.5-7B and LLaMA-3-8B + CLIP-L/336 at full size (bench/real_size.py)."""
     lines = [
-        "#### Real size",
+        "#### Real size" if real["layers"] == "all" else f"#### Real widths, {real['layers']} decoder layers",
         "",
-        f"`python bench/real_size.py` (random bf16 weights, {real['layers']} decoder layers, prefill of 576 visual + 64"
+        f"`python bench/real_size.py{'' if real['layers'] == 'all' else ' --layers ' + str(real['layers'])}`"
+        f" (random bf16 weights, {real['layers']} decoder layers, prefill of 576 visual + 64"
         " text tokens, 32 decoded tokens; every time one run after compiling):",
         "",
     ]

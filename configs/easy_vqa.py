@@ -55,8 +55,8 @@ def get_config(directory: str = "data/easy_vqa") -> ConfigDict:
             "train_kind_weights": (),
         }
     )
-    cfg.train.update({"steps": 3000, "batch_size": 32, "eval_every": 500, "eval_batches": 40, "checkpoint_every": 500})
-    cfg.optimizer.update({"lr": 5e-4, "warmup_steps": 200})
+    cfg.train.update({"steps": 1500, "batch_size": 32, "eval_every": 500, "eval_batches": 20, "checkpoint_every": 500})
+    cfg.optimizer.update({"lr": 1e-3, "warmup_steps": 200})
     return cfg
 
 

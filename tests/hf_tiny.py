@@ -133,8 +133,8 @@ def make_hf_llava(directory: str, variant: str = "gqa", seed: int = 0):
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text = LlamaConfig(
-        **{"vocab_size": len(tokenizer), **spec["text"]},  # a variant may give the full vocabulary
-        max_position_embeddings=512,
+        # a variant may give the full vocabulary, or room for a bigger image
+        **{"vocab_size": len(tokenizer), "max_position_embeddings": 512, **spec["text"]},
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,

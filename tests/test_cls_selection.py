@@ -77,7 +77,7 @@ def test_our_tower_keeps_the_tokens_its_cls_attends_most(gqa_dir, tmp_path):
     plain = tiny_config(
         layout=LayoutConfig.plain(TINY_VISION.num_features, image_offset=2), skip=SkipConfig(enabled=False)
     )
-    _, params = init_params(plain, seed=5)
+    _, params = init_params(plain, seed=0)  # a draw whose class token does not rank the first patches top
     shutil.copytree(gqa_dir, str(tmp_path / "hf"), dirs_exist_ok=True)  # tokenizer and processor files
     hf_llava.save(str(tmp_path / "hf"), params, plain, image_token_id=4)
     cfg = tiny_config(layout=LayoutConfig(image_offset=2, num_kept=KEPT, merge_to=5, select="cls_attention"))

@@ -274,16 +274,18 @@ def test_fastv_prunes_the_visual_rows_the_last_prompt_token_attends_least(policy
     _check_against_reference(cfg, policy)
 
 
-def _sharpened(params, factor=10.0):
-    """Queries and keys scaled up: a random model's attention is near uniform,
-    so every head would rank keys alike (by how many queries see them); sharper
-    attention lets the heads disagree, as a trained model's do."""
+def _sharpened(params, std=0.2):
+    """Queries and keys rescaled to a larger spread (entries of std 0.2, against
+    1/sqrt(48) = 0.14 at initialization): a random model's attention is near
+    uniform, so every head would rank keys alike (by how many queries see
+    them); sharper attention lets the heads disagree, as a trained model's do."""
+    rescale = lambda kernel: kernel * (std / np.std(np.asarray(kernel)))
     decoder = {
         name: {
             **layer,
             "attn": {
                 **layer["attn"],
-                **{proj: {"kernel": layer["attn"][proj]["kernel"] * factor} for proj in ("q_proj", "k_proj")},
+                **{proj: {"kernel": rescale(layer["attn"][proj]["kernel"])} for proj in ("q_proj", "k_proj")},
             },
         }
         for name, layer in params["decoder"].items()

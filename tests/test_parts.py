@@ -308,9 +308,9 @@ def test_hf_export_loads_in_transformers_with_our_logits(parts, tmp_path):
 
 
 def test_two_separate_pools_do_not_export_to_the_llava_layout(stages):
-    _, cfg = stages["stage2"]
-    separate = model_config_from_dict(
-        {**cfg.model.to_dict(), "layout": {**cfg.model.layout.to_dict(), "summary_pool": "separate"}}
-    )
+    stage2, _ = stages["stage2"]
+    with open(os.path.join(stage2, "config.json")) as f:
+        model = json.load(f)["model"]  # as the run resolved it (vocabulary, image offset)
+    separate = model_config_from_dict({**model, "layout": {**model["layout"], "summary_pool": "separate"}})
     with pytest.raises(HFCheckpointError, match=r"^layout\.summary_pool: 'separate' has two summary pools"):
         llava_layout.llava_config_from_model(separate)

@@ -61,7 +61,9 @@ LLAMA3_8B_2 = dict(
 LLAVA = dict(vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False)
 VARIANTS.update(
     {
-        "clip_l336": dict(vision=CLIP_L_336, text=VARIANTS["gqa"]["text"], llava=LLAVA),
+        "clip_l336": dict(
+            vision=CLIP_L_336, text={**VARIANTS["gqa"]["text"], "max_position_embeddings": 1024}, llava=LLAVA
+        ),
         "vicuna7b_2": dict(vision=VARIANTS["gqa"]["vision"], text=VICUNA_7B_2, llava=LLAVA),
         "llama3_8b_2": dict(vision=VARIANTS["gqa"]["vision"], text=LLAMA3_8B_2, llava=LLAVA),
     }

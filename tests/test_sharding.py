@@ -112,7 +112,10 @@ def test_two_processes_on_loopback_train_like_one_and_their_checkpoint_restores_
     reference, _ = restore_params(reference_dir, tiny_train_config(**STEPS))
     assert int(state.step) == 5
     for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        # atol: the summary pool's score bias moves a softmax it cannot change, so its
+        # gradient is rounding noise that Adam scales up to steps of ~1e-6 (seen: 2.4e-6
+        # against -0.4e-6); every other weight is held to rtol
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -39,10 +39,11 @@ CONVERSATIONS = [
         ("gpt", " because "),
     ],
 ]
-# The text the tokenizers learn from: every conversation as each template renders it.
+# The text the tokenizers learn from: every conversation as each template renders
+# it (the plain ones take a conversation's first pair, as preprocess_plain).
 CORPUS = [
-    template.render([text for _, text in conversation]).text
-    for template in TEMPLATES.values()
+    template.render([text for _, text in (conversation[:2] if "plain" in name else conversation)]).text
+    for name, template in TEMPLATES.items()
     for conversation in CONVERSATIONS
 ]
 

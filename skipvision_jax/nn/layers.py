@@ -20,6 +20,10 @@ from jaxtyping import Array, Float, Int
 # then started with near-uniform attention and near-linear MLPs, and which
 # step its retrieval skills "clicked" at depended on the seed and on the float
 # rounding of the machine (issue 40). Real-size runs load their weights.
+# Weights are drawn in float32 whatever the config's `param_dtype`, then held
+# in it (nn/shapes.py `held_in`): a bf16 run starts from its float32 twin's
+# weights, rounded.
+DRAW_DTYPE = jnp.float32
 default_kernel_init = nn.initializers.lecun_normal()
 # Token tables: N(0, 1/width) (Flax's Embed default).
 embedding_init = nn.linear.default_embed_init
@@ -39,7 +43,7 @@ def dense(
         axis=axis,
         use_bias=use_bias,
         dtype=dtype,
-        param_dtype=jnp.float32,
+        param_dtype=DRAW_DTYPE,
         kernel_init=logical(default_kernel_init, in_axes + tuple(out_axes)),
         bias_init=logical(nn.initializers.zeros, tuple(out_axes)),
         name=name,
@@ -52,7 +56,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
+        scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (x.shape[-1],), DRAW_DTYPE)
         # Normalize in fp32 whatever the compute dtype: bf16 mean-of-squares loses too much.
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -69,7 +73,7 @@ class LayerNorm(nn.Module):
         return nn.LayerNorm(
             epsilon=self.eps,
             dtype=self.dtype,
-            param_dtype=jnp.float32,
+            param_dtype=DRAW_DTYPE,
             scale_init=logical(nn.initializers.ones, (self.axis_name,)),
             bias_init=logical(nn.initializers.zeros, (self.axis_name,)),
             name="norm",

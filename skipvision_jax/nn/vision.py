@@ -9,7 +9,7 @@ from jaxtyping import Array, Float
 
 from skipvision_jax.config import VisionConfig
 from skipvision_jax.nn.attention import Attention, attend, attention_probs
-from skipvision_jax.nn.layers import LayerNorm, dense, logical
+from skipvision_jax.nn.layers import DRAW_DTYPE, LayerNorm, dense, logical
 
 # The tower's embeddings start as CLIP's do (transformers' CLIPVisionEmbeddings
 # init): the patch embedding and a learned position table N(0, 0.02), the class
@@ -84,16 +84,16 @@ class VisionTower(nn.Module):
             padding="VALID",
             use_bias=False,
             dtype=self.dtype,
-            param_dtype=jnp.float32,
+            param_dtype=DRAW_DTYPE,
             kernel_init=logical(clip_embedding_init, (None, None, None, "embed")),
             name="patch_embed",
         )(pixels.astype(self.dtype))
         batch = patches.shape[0]
         patches = patches.reshape(batch, -1, cfg.width)
         class_init = nn.initializers.normal(stddev=cfg.width**-0.5)
-        cls = self.param("class_embed", logical(class_init, ("embed",)), (cfg.width,), jnp.float32)
+        cls = self.param("class_embed", logical(class_init, ("embed",)), (cfg.width,), DRAW_DTYPE)
         pos_init = sincos2d_init(cfg.patch_grid) if cfg.pos_embed_init == "sincos2d" else clip_embedding_init
-        pos = self.param("pos_embed", logical(pos_init, (None, "embed")), (cfg.num_patches + 1, cfg.width), jnp.float32)
+        pos = self.param("pos_embed", logical(pos_init, (None, "embed")), (cfg.num_patches + 1, cfg.width), DRAW_DTYPE)
         x = jnp.concatenate(
             [jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, cfg.width)), patches], axis=1
         ) + pos.astype(self.dtype)

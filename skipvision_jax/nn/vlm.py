@@ -10,7 +10,7 @@ from skipvision_jax.config import ModelConfig
 from skipvision_jax.kvcache import KVPolicy, LayerCache
 from skipvision_jax.nn.attention import causal_mask
 from skipvision_jax.nn.decoder import DecoderStack
-from skipvision_jax.nn.layers import RMSNorm, dense, embedding_init, logical
+from skipvision_jax.nn.layers import DRAW_DTYPE, RMSNorm, dense, embedding_init, logical
 from skipvision_jax.nn.projector import VisualTokens
 from skipvision_jax.nn.vision import VisionTower
 from skipvision_jax.partition import SequenceLayout, in_range, kept_first_order
@@ -39,7 +39,7 @@ class SkipVisionVLM(nn.Module):
             cfg.decoder.vocab_size,
             cfg.decoder.width,
             dtype=dtype,
-            param_dtype=jnp.float32,
+            param_dtype=DRAW_DTYPE,
             embedding_init=logical(embedding_init, ("vocab", "embed")),
         )
         self.decoder = DecoderStack(
