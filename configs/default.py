@@ -20,7 +20,7 @@ times as often as each other kind (`data.train_kind_weights`; validation asks
 every kind equally often).
 
 Every kind reaches 95% or more for every seed and thread count measured (5
-seeds x 1 and 2 XLA threads: docs/training.md, "The embedded task"). What
+seeds x 1 and 2 XLA threads: docs/training.md, "Robust, not lucky"). What
 made it robust (issue 40): the weights' initial scale. Under the earlier
 N(0, 0.02) for every weight, 4.4x below fan-in scale at width 128, the
 decoder started with near-uniform attention and near-linear MLPs: colour and
