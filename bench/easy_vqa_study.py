@@ -73,12 +73,7 @@ def variant_config(name: str, data: str, steps: int | None):
     cfg = easy_vqa.get_config(data)
     if steps:
         cfg.train.steps = steps
-    for key, value in (VARIANTS[name][0] or {}).items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(VARIANTS[name][0] or {})
     return cfg
 
 

@@ -142,12 +142,7 @@ def variant_config(name: str, steps: int):
     cfg = detail.get_config()
     cfg.train.steps = steps
     cfg.train.checkpoint_every = steps
-    for key, value in (VARIANTS[name][0] or {}).items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(VARIANTS[name][0] or {})
     return cfg
 
 

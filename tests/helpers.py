@@ -44,12 +44,7 @@ TINY_OVERRIDES = {
 
 def tiny_train_config(**overrides):
     cfg = get_config()
-    for key, value in {**TINY_OVERRIDES, **overrides}.items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    cfg.update_from_flattened_dict({**TINY_OVERRIDES, **overrides})
     return cfg
 
 

@@ -122,8 +122,19 @@ class PlainTemplate:
         )
 
 
+class _ChatTemplate:
+    """A template whose training text and generation prompt come from one
+    `_render`: the prompt is a conversation whose answer is still empty."""
+
+    def render(self, messages: Sequence[str]) -> Rendered:
+        return self._render(messages)
+
+    def prompt(self, question: str) -> str:
+        return self._render([question, None]).text
+
+
 @dataclasses.dataclass(frozen=True)
-class RolesTemplate:
+class RolesTemplate(_ChatTemplate):
     """LLaVA's `SeparatorStyle.TWO`: "{system}{sep}{role}: {message}{sep or sep2}...";
     an empty last message renders "{role}:" (the generation prompt)."""
 
@@ -151,12 +162,6 @@ class RolesTemplate:
             out.add(self.sep2 if answer else self.sep, learned=answer)
         return out.rendered()
 
-    def render(self, messages: Sequence[str]) -> Rendered:
-        return self._render(messages)
-
-    def prompt(self, question: str) -> str:
-        return self._render([question, None]).text
-
     def jinja(self) -> str:
         """The same text as a transformers chat template (an exported run's processor)."""
         user, assistant = self.roles
@@ -169,7 +174,7 @@ class RolesTemplate:
 
 
 @dataclasses.dataclass(frozen=True)
-class Llama3Template:
+class Llama3Template(_ChatTemplate):
     """The official Skip-Vision code's LLaMA-3 format (module docstring)."""
 
     name: str
@@ -190,12 +195,6 @@ class Llama3Template:
             out.add((image_first(message) if i == 0 else message).strip(), learned=answer)
             out.add("<|eot_id|>", learned=answer)
         return out.rendered()
-
-    def render(self, messages: Sequence[str]) -> Rendered:
-        return self._render(messages)
-
-    def prompt(self, question: str) -> str:
-        return self._render([question, None]).text
 
     def jinja(self) -> str:
         """The same text as a transformers chat template (an exported run's processor)."""
