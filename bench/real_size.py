@@ -47,7 +47,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT_TOKENS = 64  # the prompt's text, the image after its first IMAGE_OFFSET tokens
 IMAGE_OFFSET = 35  # LLaVA-1.5's vicuna_v1 prompt before the image, in LLaMA's tokenizer
 NEW_TOKENS = 32
-BATCHES = (1, 4)
 
 CLIP_L_336 = {
     "hidden_size": 1024,
@@ -189,9 +188,10 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def generation(cfg, params, batch: int, repeats: int) -> dict:
-    """Prefill and `NEW_TOKENS` decoded tokens under the full cache, compiled
-    first (compile time apart), each timed `repeats` times (median)."""
+def generation(cfg, params, batch: int, repeats: int, decode: bool = True) -> dict:
+    """Prefill and `NEW_TOKENS` decoded tokens under the full cache. The first
+    call of each program compiles and runs it; then each is timed `repeats`
+    times (median), and its compile time is the first call's less that."""
     import jax
 
     from skipvision_jax.generate import Generator
@@ -199,23 +199,23 @@ def generation(cfg, params, batch: int, repeats: int) -> dict:
 
     generator = Generator(cfg, KVPolicy.of("full"), NEW_TOKENS)
     inputs, rng = prompt(cfg, batch), jax.random.key(0)
-    start = time.perf_counter()
-    state = jax.block_until_ready(generator(params, inputs, rng).tokens)  # compiles both programs
-    compile_s = time.perf_counter() - start
+    state, first_prefill = timed(lambda: generator.prefill(params, inputs, rng))
+    kv = cache_bytes(state.caches)
+    first_decode = timed(lambda: generator.decode(params, state))[1] if decode else 0.0
     prefill_s, decode_s = [], []
     for _ in range(repeats):
         state, seconds = timed(lambda: generator.prefill(params, inputs, rng))
         prefill_s.append(seconds)
-        kv = cache_bytes(state.caches)
-        _, seconds = timed(lambda state=state: generator.decode(params, state))
-        decode_s.append(seconds)
-    return {
+        if decode:
+            decode_s.append(timed(lambda state=state: generator.decode(params, state))[1])
+    prefill, decoded = float(np.median(prefill_s)), float(np.median(decode_s)) if decode else 0.0
+    row = {
         "batch": batch,
-        "compile_s": compile_s,
-        "prefill_ms": 1000 * float(np.median(prefill_s)),
-        "decode_ms_per_token": 1000 * float(np.median(decode_s)) / (NEW_TOKENS - 1),
+        "compile_s": first_prefill - prefill + first_decode - decoded,
+        "prefill_ms": 1000 * prefill,
         "kv_bytes": kv,
     }
+    return row | ({"decode_ms_per_token": 1000 * decoded / (NEW_TOKENS - 1)} if decode else {})
 
 
 def decode_weight_bytes(params: dict) -> int:
@@ -238,7 +238,7 @@ def with_summary_pool(params: dict, width: int, dtype) -> dict:
     return {**params, "visual_tokens": {**params["visual_tokens"], "summary": held_in(pool, dtype)}}
 
 
-def ours(directory: str, export_to: str | None, repeats: int) -> dict:
+def ours(directory: str, export_to: str | None, repeats: int, batches: tuple[int, ...]) -> dict:
     import jax
 
     sys.path.insert(0, HERE)
@@ -271,7 +271,7 @@ def ours(directory: str, export_to: str | None, repeats: int) -> dict:
     bandwidth = read_bandwidth(1.0)
     result["memory_read_gb_s"] = bandwidth / 1e9
     result["decode_weight_bytes"] = decode_weight_bytes(params)
-    plain = [generation(cfg, params, batch, repeats) for batch in BATCHES]
+    plain = [generation(cfg, params, batch, repeats) for batch in batches]
     for row in plain:
         row["roofline_ms_per_token"] = 1000 * (result["decode_weight_bytes"] + row["kv_bytes"]) / bandwidth
         row["over_roofline"] = row["decode_ms_per_token"] / row["roofline_ms_per_token"]
@@ -288,7 +288,7 @@ def ours(directory: str, export_to: str | None, repeats: int) -> dict:
         )
     }
     skip_params = with_summary_pool(params, cfg.decoder.width, cfg.param_dtype)
-    skip = generation(skip_cfg, skip_params, 1, repeats)
+    skip = generation(skip_cfg, skip_params, 1, repeats, decode=False)  # its prefill is what is compared
     tower = vision_forward_flops(cfg.vision)  # in both: the prefill times include the tower
     flops = {
         name: tower + sum(forward_flops(model, TEXT_TOKENS, 1).values())
@@ -315,8 +315,12 @@ def cache_plan_bytes(plan, cfg) -> int:
 # ---------------------------------------------------------------- 4. peer
 
 
-def peer(directory: str, repeats: int) -> dict:
-    """transformers' bf16 LLaVA on the same files, batch 1, its generate (greedy, no stop)."""
+def peer(directory: str, new_tokens: int) -> dict:
+    """transformers' bf16 LLaVA on the same files (sdpa attention), batch 1:
+    one greedy `generate` of `new_tokens` tokens on the same prompt as ours,
+    timed token by token (a logits processor notes when each step's logits
+    come), so prefill and decode come from the one call; a short text-only
+    `generate` warms it up first."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -327,29 +331,39 @@ def peer(directory: str, repeats: int) -> dict:
     config = model.config
     rng = np.random.default_rng(1)
     num_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    ids = rng.integers(3, 32000, TEXT_TOKENS)
-    input_ids = np.concatenate([ids[:IMAGE_OFFSET], [config.image_token_index] * num_image, ids[IMAGE_OFFSET:]])
+    text = rng.integers(3, 32000, TEXT_TOKENS)
+    ids = np.concatenate([text[:IMAGE_OFFSET], [config.image_token_index] * num_image, text[IMAGE_OFFSET:]])
     size = config.vision_config.image_size
-    inputs = {
-        "input_ids": torch.tensor(input_ids[None]),
-        "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long),
-        "pixel_values": torch.tensor(rng.standard_normal((1, 3, size, size)), dtype=torch.bfloat16),
-    }
-    prefill_s, total_s = [], []
-    with torch.no_grad():
-        for _ in range(repeats + 1):  # the first run warms up
-            start = time.perf_counter()
-            model(**inputs)
-            prefill_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-            total_s.append(time.perf_counter() - start)
-    prefill, total = float(np.median(prefill_s[1:])), float(np.median(total_s[1:]))
+    pixels = torch.tensor(rng.standard_normal((1, 3, size, size)), dtype=torch.bfloat16)
+    stamps: list[float] = []
+
+    def note_time(input_ids, scores):
+        stamps.append(time.perf_counter())
+        return scores
+
+    def generate(token_ids: np.ndarray, tokens: int, **image) -> float:
+        stamps.clear()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                input_ids=torch.tensor(token_ids[None]),
+                attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                logits_processor=[note_time],
+                **image,
+            )
+        return start
+
+    generate(text, 2)
+    start = generate(ids, new_tokens, pixel_values=pixels)
     return {
         "load_s": load_s,
         "peak_rss_after_load_gb": rss,
-        "prefill_ms": 1000 * prefill,
-        "decode_ms_per_token": 1000 * (total - prefill) / (NEW_TOKENS - 1),
+        "new_tokens": new_tokens,
+        "prefill_ms": 1000 * (stamps[0] - start),
+        "decode_ms_per_token": 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -371,7 +385,9 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/skipvision_real_size", help="where the checkpoints are written")
     parser.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's own)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each program (median)")
+    parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes of the plain layout's runs")
     parser.add_argument("--no-peer", action="store_true", help="leave transformers out")
+    parser.add_argument("--peer-tokens", type=int, default=NEW_TOKENS, help="tokens the peer decodes")
     parser.add_argument("--step", nargs="+", help=argparse.SUPPRESS)  # internal: one step, in its own process
     args = parser.parse_args()
     if args.step:
@@ -379,23 +395,24 @@ def main() -> None:
         if kind == "write":
             out = write(rest[0], rest[1], args.layers or None)
         elif kind == "ours":
-            out = ours(rest[0], rest[1] if len(rest) > 1 else None, args.repeats)
+            batches = tuple(int(b) for b in args.batches.split(","))
+            out = ours(rest[0], rest[1] if len(rest) > 1 else None, args.repeats, batches)
         else:
-            out = peer(rest[0], args.repeats)
+            out = peer(rest[0], args.peer_tokens)
         print(json.dumps(out))
         return
-    results = {"layers": args.layers or "all", "repeats": args.repeats, "models": {}}
+    results = {"layers": args.layers or "all", "repeats": args.repeats, "batches": args.batches, "models": {}}
     for name in args.models.split(","):
         if name not in MODELS:
             parser.error(f"--models: unknown {name!r}, expected some of {tuple(MODELS)}")
         hf_dir, llava_dir = (os.path.join(args.scratch, name, layout) for layout in ("hf", "llava"))
         shutil.rmtree(os.path.join(args.scratch, name), ignore_errors=True)
-        common = ["--layers", str(args.layers), "--repeats", str(args.repeats)]
+        common = ["--layers", str(args.layers), "--repeats", str(args.repeats), "--batches", args.batches]
         row = {"written": step("--step", "write", name, hf_dir, *common)}
         row["ours_hf_layout"] = step("--step", "ours", hf_dir, llava_dir, *common)
         row["ours_llava_layout"] = step("--step", "ours", llava_dir, *common)
         if not args.no_peer:
-            row["transformers"] = step("--step", "peer", hf_dir, *common)
+            row["transformers"] = step("--step", "peer", hf_dir, *common, "--peer-tokens", str(args.peer_tokens))
         results["models"][name] = row
         shutil.rmtree(os.path.join(args.scratch, name), ignore_errors=True)
         print(json.dumps({name: row}), file=sys.stderr)

@@ -637,9 +637,10 @@ def real_size_lines(real: dict) -> list[str]:
     lines = [
         "#### Real size" if real["layers"] == "all" else f"#### Real widths, {real['layers']} decoder layers",
         "",
-        f"`python bench/real_size.py{'' if real['layers'] == 'all' else ' --layers ' + str(real['layers'])}`"
+        f"`python bench/real_size.py{'' if real['layers'] == 'all' else ' --layers ' + str(real['layers'])}{' --batches ' + real['batches'] if real.get('batches', '1,4') != '1,4' else ''}`"
         f" (random bf16 weights, {real['layers']} decoder layers, prefill of 576 visual + 64"
-        " text tokens, 32 decoded tokens; every time one run after compiling):",
+        f" text tokens, 32 decoded tokens, batch {real.get('batches', '1,4').replace(',', ' and ')};"
+        " every time one run after compiling; transformers: one `generate` timed token by token):",
         "",
     ]
     rows = []
@@ -884,11 +885,11 @@ def scale_section(folder: str) -> list[str]:
             )
     lines += [
         "",
-        "Decoding (skip model, `skip_vision` cache, bf16 weights, scanned layers), per device. Scanning"
-        " cut the prefill from 26-37 GB (unrolled: every layer's gathered weights live at once) to what"
-        " the table shows; the decode step instead all-gathers each layer's weights inside the scan where"
-        " the unrolled program all-reduced activations, so it holds more (8B on 8 devices: 8.6 GB against"
-        " 6.2 GB unrolled).",
+        "Decoding (skip model, `skip_vision` cache, bf16 weights, scanned layers), per device: XLA:CPU's"
+        " buffer assignment for the fake devices, under the memory-minding scheduler `skipvision_jax` turns"
+        " on at import (`compilation.bound_cpu_memory`; until issue 42 the unrolled prefill held"
+        " every layer's gathered weights at once, 26-37 GB, and these scanned programs 1-2 GB more per"
+        " device).",
         "",
     ]
     lines += markdown_table(

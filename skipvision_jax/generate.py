@@ -326,6 +326,14 @@ class Generator:
     def step(self, params, rows: Rows) -> tuple[Rows, Int[Array, " B"], Float[Array, "B V"]]:
         """One token for every row: the model's decode step, then each row's
         draw; and the logits it was drawn from."""
+        # Ties the weights to this step's state. A weight's cast is
+        # loop-invariant, and XLA would hoist every one out of the decode loop
+        # and hold them all: on XLA:CPU, which computes a bf16 product in f32
+        # over an f32 copy of its weight, 26 GB beside 7B's 13 GB of bf16
+        # weights (f32 master weights cast to bf16 would add half). Tied, each
+        # copy is made in the step and freed after it
+        # (tests/test_bounded_memory.py). No-op on the values.
+        params, rows = jax.lax.optimization_barrier((params, rows))
         logits, caches = self.next_logits(params, rows.last_token[:, None], rows.next_pos[:, None], rows.caches)
         split = jax.vmap(jax.random.split)(rows.rngs)
         token = sample_rows(logits, split[:, 0], rows.temperature, rows.top_p, self.sampling.top_k, self.greedy)
