@@ -887,9 +887,9 @@ def scale_section(folder: str) -> list[str]:
         "",
         "Decoding (skip model, `skip_vision` cache, bf16 weights, scanned layers), per device: XLA:CPU's"
         " buffer assignment for the fake devices, under the memory-minding scheduler `skipvision_jax` turns"
-        " on at import (`compilation.bound_cpu_memory`; until issue 42 the unrolled prefill held"
-        " every layer's gathered weights at once, 26-37 GB, and these scanned programs 1-2 GB more per"
-        " device).",
+        " on at import (`compilation.bound_cpu_memory`; until issue 42, under XLA's concurrency-optimized"
+        " scheduler, an unrolled prefill held every layer's gathered weights at once, 26-37 GB, and these"
+        " scanned programs 1-2 GB more per device).",
         "",
     ]
     lines += markdown_table(

@@ -15,7 +15,6 @@ than its shard.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -376,12 +375,6 @@ def _to_ours(value: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray
     return value.reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _in_our_layout(value: jax.Array, kind: str, shape: tuple[int, ...], dtype) -> jax.Array:
-    """`_to_ours` and the cast as one program, on the device that holds `value`."""
-    return _to_ours(value, kind, shape).astype(dtype)
-
-
 def _to_hf(value: np.ndarray, kind: str) -> np.ndarray:
     if kind == "conv":
         return value.transpose(3, 2, 0, 1)
@@ -478,12 +471,6 @@ class TensorFiles:
 
     def read(self, normalized: str) -> np.ndarray:
         """One tensor in its stored dtype (bfloat16 as ml_dtypes' numpy type)."""
-        return np.asarray(self.read_array(normalized))
-
-    def read_array(self, normalized: str) -> np.ndarray | jax.Array:
-        """One tensor in its stored dtype, as the file gives it without a
-        further copy: a host-CPU JAX array from safetensors (whose NumPy
-        reader has no bfloat16), a NumPy view of a `.bin` shard's map."""
         file, name = self.names[normalized]
         if file in self._torch:  # a PyTorch state dict, memory-mapped: convert this tensor only
             value = self._torch[file][name]
@@ -492,8 +479,9 @@ class TensorFiles:
 
                 return value.view(torch.int16).numpy().view(jnp.bfloat16)
             return value.numpy()
+        # Read on the host CPU (safetensors' numpy reader has no bfloat16).
         with _open_safetensors(file) as handle, jax.default_device(jax.devices("cpu")[0]):
-            return handle.get_tensor(name)
+            return np.asarray(handle.get_tensor(name))
 
     def release(self, file: str) -> None:
         """Drops a `.bin` shard's memory map once its tensors are read."""
@@ -570,22 +558,16 @@ def load_params(
 
 
 def _placed(files: TensorFiles, name: str, path: str, kind: str, target) -> jax.Array:
-    """One checkpoint tensor in our layout and `target`'s dtype, placed in its
-    sharding. A safetensors tensor is laid out by XLA on the host CPU in one
-    copy (copying it to NumPy and transposing there made the 2-layer 7B load
-    about 8% slower)."""
-    value = files.read_array(name)
+    """One checkpoint tensor in our layout and `target`'s dtype, placed in its sharding."""
+    value = files.read(name)
     try:
-        value = _in_our_layout(value, kind, tuple(target.shape), jnp.dtype(target.dtype))
+        value = _to_ours(value, kind, target.shape).astype(target.dtype, copy=False)
     except ValueError as err:
         raise HFCheckpointError(
             f"{files.names[name][0]}: tensor {files.names[name][1]} of shape {list(value.shape)} does not fit {path} {list(target.shape)}: {err}"
         ) from None
     sharding = getattr(target, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if sharding.is_fully_addressable:
-        return jax.device_put(value, sharding)
-    # Across processes each places its own shards of the (same) tensor.
-    return jax.make_array_from_callback(target.shape, sharding, lambda index: np.asarray(value[index]))
+    return jax.make_array_from_callback(target.shape, sharding, lambda index: value[index])
 
 
 def _is_tied_head(normalized: str, params: dict) -> bool:
